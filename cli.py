@@ -12,6 +12,9 @@ COMMANDS = {
     "plan": ".compiler.commands:plan",
     "dag": ".compiler.commands:dag",
     "schema": ".compiler.commands:schema",
+    "run": ".executors.commands:run",
+    "doctor": ".executors.commands:doctor",
+    "init": ".executors.commands:init",
 }
 
 

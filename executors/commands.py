@@ -1,0 +1,129 @@
+"""The `run`, `doctor` and `init` commands: run a pipeline, check the local setup, write the config."""
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import PipelineError
+
+
+def _fail(err: PipelineError, code: int = 2):
+    click.echo(str(err), err=True)
+    sys.exit(code)
+
+
+@click.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Run the selected steps even if they are up to date.")
+@click.option("--only", multiple=True, metavar="STEP", help="Run only this step (repeatable).")
+@click.option("--from", "from_", metavar="STEP", help="Start at this step (earlier ones are not run).")
+@click.option("--until", metavar="STEP", help="Stop after this step.")
+@click.option("--retry", is_flag=True,
+              help="Retry transient failures (hub downloads, lost connections) and an out-of-memory failure "
+                   "once with the next memory-saving setting.")
+@click.option("--quiet", is_flag=True, help="Print only failures and the final result.")
+@click.option("--plain", is_flag=True, help="Plain progress lines instead of live bars (automatic when not a terminal or CI=true).")
+@click.option("--executor", type=click.Choice(["local", "dry"]), default="local", show_default=True,
+              help="`dry` shows what would run and why, and runs nothing.")
+def run(pipeline, force, only, from_, until, retry, quiet, plain, executor):
+    """Run PIPELINE: skip steps that are up to date, run the rest in musubi-tuner's venv, resume
+    interrupted training. Ctrl-C stops every process the run started."""
+    from ..compiler import compile_file
+    from .local import LocalExecutor, RetryPolicy
+    from .musubi_env import load_config
+    from .terminal import TerminalDisplay, choose_mode
+
+    try:
+        plan = compile_file(pipeline)
+        config = load_config()
+        if executor == "dry":
+            from .dry import DryExecutor
+
+            runner = DryExecutor(config)
+        else:
+            runner = LocalExecutor(config.require())
+    except PipelineError as err:
+        _fail(err)
+    for w in plan.warnings:
+        click.echo(f"warning: {w}", err=True)
+    display = TerminalDisplay(choose_mode(quiet, plain))
+
+    def stop(signum, frame):
+        click.echo("\nmusubi-pipe: stopping the running step…", err=True)
+        runner.cancel()
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = runner.run(plan, [display], force=force, only=only or None, from_=from_, until=until,
+                            retry=RetryPolicy(enabled=retry))
+    except PipelineError as err:
+        display.close()
+        _fail(err)
+    finally:
+        display.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    sys.exit({"succeeded": 0, "dry-run": 0, "cancelled": 130}.get(result.status, 1))
+
+
+@click.command()
+@click.option("--where", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder whose free disk space to report (default: the current folder).")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for musubi's Python to answer.")
+def doctor(where, timeout):
+    """Check the local setup: musubi-tuner, its Python, torch and CUDA, accelerate, tensorboard,
+    lycoris, GPUs and free disk, each problem with its fix."""
+    from .musubi_env import doctor as run_doctor
+    from .musubi_env import load_config
+
+    try:
+        config = load_config()
+    except PipelineError as err:
+        _fail(err)
+    bad = 0
+    for check in run_doctor(config, where, timeout=timeout):
+        mark = "ok " if check.ok else ("warn" if check.warning else "FAIL")
+        bad += not check.ok and not check.warning
+        click.echo(f"[{mark}] {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            click.echo(f"       fix: {check.fix}")
+    sys.exit(1 if bad else 0)
+
+
+@click.command()
+@click.option("--musubi-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Your musubi-tuner checkout (default: $MUSUBI_TUNER_DIR).")
+@click.option("--python", "python", type=click.Path(dir_okay=False, path_type=Path),
+              help="musubi-tuner's Python (default: .venv or venv inside the checkout, found at run time).")
+@click.option("--gpus", help="CUDA_VISIBLE_DEVICES for every step, e.g. 0 or 0,1.")
+@click.option("--allow-output", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder runs may write into (repeatable). Pipelines and workflows cannot write elsewhere.")
+@click.option("--force", is_flag=True, help="Replace an existing config file.")
+def init(musubi_dir, python, gpus, allow_output, force):
+    """Write the local configuration file. accelerate needs no `accelerate config`: musubi-pipe
+    passes explicit `accelerate launch` flags."""
+    import os
+
+    from .musubi_env import DIR_ENV, config_path, venv_python, write_config
+
+    musubi_dir = musubi_dir or (Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else None)
+    if musubi_dir is None:
+        raise click.UsageError(f"give --musubi-dir /path/to/musubi-tuner (or set {DIR_ENV})")
+    musubi_dir = musubi_dir.expanduser().resolve()
+    if not (musubi_dir / "src" / "musubi_tuner").is_dir():
+        raise click.UsageError(f"{musubi_dir} is not a musubi-tuner checkout (no src/musubi_tuner/)")
+    values = {"musubi_tuner_dir": str(musubi_dir), "python": str(python.expanduser().resolve()) if python else None,
+              "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output]}
+    try:
+        path = write_config(config_path(), values, force=force)
+    except PipelineError as err:
+        _fail(err, 1)
+    click.echo(f"wrote {path}")
+    found = python or venv_python(musubi_dir)
+    click.echo(f"musubi-tuner: {musubi_dir}\npython: {found or 'NOT FOUND: create .venv inside the checkout'}")
+    click.echo("accelerate: no `accelerate config` needed; musubi-pipe passes --num_processes, "
+               "--mixed_precision and --num_cpu_threads_per_process itself.")
+    click.echo("next: musubi-pipe doctor")
