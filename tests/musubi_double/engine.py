@@ -9,7 +9,8 @@ TEST DOUBLE, not musubi-tuner: it parses argv with a parser rebuilt from the rec
 Behaviour kept from the real scripts: argparse errors print usage and ``error: ...`` to stderr
 and exit 2; runtime failures print a Python traceback to stderr and exit 1; logging and tqdm
 bars (redrawn with ``\\r``) go to stderr, ``print`` output (``epoch N/M``, ``saving checkpoint``)
-to stdout; no signal handlers (SIGINT -> KeyboardInterrupt traceback, rc 1, nothing saved).
+to stdout; no signal handlers (SIGINT -> KeyboardInterrupt traceback, then CPython exits by
+SIGINT: rc -2, 130 in a shell; nothing saved; SIGTERM kills at once).
 
 Environment variables read by the double:
   MUSUBI_DOUBLE_FAIL        ``<script>:<kind>[,<script>:<kind>...]``; ``<script>`` is a script
@@ -196,8 +197,8 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                 kw["choices"] = a["choices"]
             if a["type"] in TYPES:
                 kw["type"] = TYPES[a["type"]]
-            if a["default"] is not None and a["default"] != "<long text omitted>":
-                kw["default"] = a["default"]
+        if a["default"] is not None and a["default"] != "<long text omitted>":
+            kw["default"] = a["default"]
         if a["required"] and optional:
             kw["required"] = True
         p.add_argument(*a["flags"], **kw)
