@@ -144,9 +144,9 @@ cmd_start() {
     sleep 0.2
   done
   curl -fsS -o /dev/null "http://127.0.0.1:$port/system_stats" || { tail -n 40 "$logf" >&2; cmd_stop "$dir" "$port"; die "ComfyUI did not answer on port $port within 120 s (log: $logf)"; }
-  if grep -E 'IMPORT FAILED' "$logf" | grep -q 'musubi-pipe'; then
+  if grep -E 'IMPORT FAILED' "$logf" | grep -q 'custom_nodes/musubi-pipe$'; then
     # the traceback that ends with this pack's "Cannot import" line
-    awk '/^Traceback/{buf=""} {buf=buf $0 "\n"} /Cannot import .*musubi-pipe/{printf "%s", buf; exit}' "$logf" >&2
+    awk '/^Traceback/{buf=""} {buf=buf $0 "\n"} /Cannot import .*custom_nodes\/musubi-pipe /{printf "%s", buf; exit}' "$logf" >&2
     cmd_stop "$dir" "$port"
     die "the musubi-pipe node pack failed to import (log: $logf)"
   fi
