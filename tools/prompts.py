@@ -1,0 +1,308 @@
+"""Prompt files for musubi: `--from_file` batches for the generate scripts and `--sample_prompts`
+files for training, written so musubi parses back exactly what was meant; and generated outputs
+matched back to their prompts."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import PipelineError, Problem
+
+# Prompt field -> inline option, per parser. The generate scripts' parse_prompt_line (30c658c)
+# splits a line on " --" and reads the first word of each part; FramePack's --f is seconds.
+GENERATE_OPTIONS = {
+    "wan_generate_video": {"width": "w", "height": "h", "frames": "f", "seed": "d", "steps": "s", "guidance": "g",
+                           "cfg_scale": "l", "flow_shift": "fs", "image": "i", "end_image": "ei", "control": "cn",
+                           "negative": "n", "control_images": "ci", "one_frame": "of"},
+    "fpack_generate_video": {"width": "w", "height": "h", "video_seconds": "f", "seed": "d", "steps": "s",
+                             "guidance": "g", "cfg_scale": "l", "flow_shift": "fs", "image": "i", "negative": "n",
+                             "video_sections": "vs", "end_image": "ei", "control_images": "ci", "one_frame": "of"},
+    "hv_1_5_generate_video": {"width": "w", "height": "h", "frames": "f", "seed": "d", "steps": "s", "guidance": "g",
+                              "cfg_scale": "l", "flow_shift": "fs", "image": "i", "negative": "n"},
+}
+# Training's sample prompts (training/sampling_prompts.py line_to_prompt_dict): inline options in
+# .txt, or the same keys spelled out in .json.
+SAMPLE_OPTIONS = {"width": "w", "height": "h", "frames": "f", "seed": "d", "steps": "s", "guidance": "g",
+                  "flow_shift": "fs", "cfg_scale": "l", "negative": "n", "image": "i", "end_image": "ei",
+                  "control": "cn", "control_images": "ci", "one_frame": "of"}
+SAMPLE_JSON_KEYS = {"text": "prompt", "width": "width", "height": "height", "frames": "frame_count", "seed": "seed",
+                    "steps": "sample_steps", "guidance": "guidance_scale", "flow_shift": "discrete_flow_shift",
+                    "cfg_scale": "cfg_scale", "negative": "negative_prompt", "image": "image_path",
+                    "end_image": "end_image_path", "control": "control_video_path",
+                    "control_images": "control_image_path", "one_frame": "one_frame"}
+# The sample parser also tries every option pattern on the prompt text itself (case-insensitive),
+# so "i love my cat" becomes image_path="love my cat".
+_SAMPLE_TEXT_TRAPS = re.compile(r"^(?:[whfds] \d|(?:g|fs|l) [\d.]|(?:n|i|ei|cn|ci|of) .)", re.IGNORECASE)
+INT_FIELDS = {"width", "height", "frames", "seed", "steps", "video_sections"}
+FLOAT_FIELDS = {"guidance", "cfg_scale", "flow_shift", "video_seconds"}
+
+
+@dataclass
+class Prompt:
+    text: str
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None  # video length in frames
+    video_seconds: float | None = None  # FramePack's length
+    video_sections: int | None = None  # FramePack
+    steps: int | None = None
+    guidance: float | None = None  # --g
+    cfg_scale: float | None = None  # --l
+    flow_shift: float | None = None
+    negative: str | None = None
+    image: str | None = None
+    end_image: str | None = None
+    control: str | None = None  # control video
+    control_images: list[str] = field(default_factory=list)
+    one_frame: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Prompt":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown prompt fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _problem(i: int, name: str, message: str, fix: str, file: str) -> Problem:
+    return Problem(message, path=f"prompts[{i}].{name}", file=file, fix=fix)
+
+
+def _check_value(i: int, name: str, value, file: str) -> list[Problem]:
+    """Checks that an option value survives musubi's line parsing unchanged."""
+    if name in INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return [_problem(i, name, f"must be a whole number >= 0, got {value!r}", "give an integer", file)]
+        return []
+    if name in FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            return [_problem(i, name, f"must be a number >= 0, got {value!r}", "give a non-negative number", file)]
+        return []
+    text = str(value)
+    if not text.strip():
+        return [_problem(i, name, "is empty", "remove it or give a value", file)]
+    if "\n" in text or "\r" in text:
+        return [_problem(i, name, "contains a line break: a prompt file holds one prompt per line", "put it on one line", file)]
+    if " --" in text:
+        return [_problem(i, name, f"contains ' --', where musubi splits a line into options: {text!r}",
+                         "remove the space before '--' (or the dashes)", file)]
+    if text != text.strip():
+        return [_problem(i, name, "has leading or trailing spaces, which musubi strips", "remove them", file)]
+    return []
+
+
+def _number(value) -> str:
+    if isinstance(value, int):
+        return str(value)
+    text = repr(float(value))
+    if "e" in text or "E" in text:  # the sample parser reads [\d.]+ only
+        text = f"{value:.12f}".rstrip("0").rstrip(".")
+    return text
+
+
+def _line(prompt: Prompt, i: int, options: dict[str, str], file: str, sample: bool) -> tuple[str, list[Problem]]:
+    problems = []
+    text = prompt.text if isinstance(prompt.text, str) else ""
+    if not text.strip():
+        problems.append(_problem(i, "text", "is empty: musubi skips empty lines, so every later prompt would shift",
+                                 "give a prompt text", file))
+    else:
+        problems += _check_value(i, "text", text, file)
+        if text.lstrip().startswith("#"):
+            problems.append(_problem(i, "text", "starts with '#', which musubi reads as a comment", "reword the start", file))
+        if sample and _SAMPLE_TEXT_TRAPS.match(text):
+            problems.append(_problem(i, "text", f"starts like an inline option, so training's sample parser misreads it: {text[:30]!r}",
+                                     "write the sample prompts as .json (no inline options), or reword the start", file))
+    parts = [text]
+    for name, option in options.items():
+        value = getattr(prompt, name)
+        if value is None or value == [] or value == ():
+            continue
+        for v in (value if name == "control_images" else [value]):
+            found = _check_value(i, name, v, file)
+            problems += found
+            if not found:
+                parts.append(f"--{option} {_number(v) if name in INT_FIELDS | FLOAT_FIELDS else v}")
+    return " ".join(parts), problems
+
+
+def _unsupported(prompt: Prompt, i: int, options: dict[str, str], where: str, file: str) -> list[Problem]:
+    out = []
+    for f in fields(Prompt):
+        value = getattr(prompt, f.name)
+        if f.name != "text" and f.name not in options and value not in (None, [], ()):
+            out.append(_problem(i, f.name, f"{where} has no per-prompt option for {f.name}",
+                                f"remove it, or use one of: {', '.join(sorted(options))}", file))
+    return out
+
+
+def generate_prompt_lines(prompts: Sequence[Prompt | dict], script: str, file: str = "") -> list[str]:
+    """Lines of a `--from_file` prompt file for a generate script; all problems raise at once."""
+    script = Path(script).stem
+    if script not in GENERATE_OPTIONS:
+        has = ", ".join(sorted(GENERATE_OPTIONS))
+        raise PipelineError([Problem(f"{script}.py has no --from_file batch mode (scripts with it: {has})",
+                                     path="script", file=file, fix="run one generate step per prompt for this family")])
+    options = GENERATE_OPTIONS[script]
+    lines, problems = [], []
+    for i, p in enumerate(prompts):
+        p = Prompt.from_dict(p) if isinstance(p, dict) else p
+        problems += _unsupported(p, i, options, f"{script}.py", file)
+        if p.guidance is not None and p.cfg_scale is not None and p.guidance != p.cfg_scale:
+            problems.append(_problem(i, "cfg_scale", "the generate scripts read --g and --l as the same guidance_scale",
+                                     "give only one of guidance and cfg_scale", file))
+        line, found = _line(p, i, options, file, sample=False)
+        problems += found
+        lines.append(line)
+    if not prompts:
+        problems.append(Problem("no prompts", path="prompts", file=file, fix="give at least one prompt"))
+    if problems:
+        raise PipelineError(problems)
+    return lines
+
+
+def write_generate_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLike, script: str) -> Path:
+    """Write a `--from_file` prompt file (UTF-8, one prompt per line) atomically."""
+    path = Path(path)
+    lines = generate_prompt_lines(prompts, script, file=str(path))
+    _atomic_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def sample_prompts_json(prompts: Sequence[Prompt | dict], file: str = "") -> str:
+    """Training sample prompts as musubi's .json format: texts are never parsed for options."""
+    items = [Prompt.from_dict(p) if isinstance(p, dict) else p for p in prompts]
+    problems, out = [], []
+    for i, p in enumerate(items):
+        problems += _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", file)
+        if not isinstance(p.text, str) or not p.text.strip():
+            problems.append(_problem(i, "text", "is empty", "give a prompt text", file))
+        for name in INT_FIELDS | FLOAT_FIELDS:
+            if getattr(p, name, None) is not None:
+                problems += _check_value(i, name, getattr(p, name), file)
+        out.append({SAMPLE_JSON_KEYS[f.name]: getattr(p, f.name) for f in fields(Prompt)
+                    if f.name in SAMPLE_JSON_KEYS and getattr(p, f.name) not in (None, [], ())})
+    if problems:
+        raise PipelineError(problems)
+    return json.dumps(out, ensure_ascii=False, indent=1) + "\n"
+
+
+def write_sample_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLike) -> Path:
+    """Write a training `--sample_prompts` file. `.json` (recommended: prompt texts are never
+    parsed for options) or `.txt` (inline options; texts that musubi would misread are refused)."""
+    path = Path(path)
+    items = [Prompt.from_dict(p) if isinstance(p, dict) else p for p in prompts]
+    problems = []
+    for i, p in enumerate(items):
+        problems += _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", str(path))
+    if path.suffix.lower() == ".json":
+        _atomic_text(path, sample_prompts_json(items, file=str(path)))
+        return path
+    if path.suffix.lower() != ".txt":
+        raise PipelineError([Problem(f"musubi reads sample prompts from .txt, .toml or .json, not {path.suffix or '(no extension)'}",
+                                     file=str(path), fix="name the file prompts.json")])
+    lines = []
+    for i, p in enumerate(items):
+        line, found = _line(p, i, SAMPLE_OPTIONS, str(path), sample=True)
+        problems += found
+        lines.append(line)
+    if problems:
+        raise PipelineError(problems)
+    _atomic_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- outputs back to prompts ---------------------------------------------------------------
+
+# generate scripts save "{YYYYmmdd-HHMMSS-mmm}_{seed}[_{extra}].mp4" (or a .png / a folder of images)
+OUTPUT_NAME = re.compile(r"^(?P<time>\d{8}-\d{6}-\d{3})_(?P<seed>\d+)(?:_(?P<extra>.+))?$")
+MEDIA_SUFFIXES = {".mp4", ".webm", ".png", ".jpg", ".webp", ".gif", ""}
+
+
+@dataclass
+class Output:
+    path: str
+    time: datetime
+    seed: int
+
+
+@dataclass
+class PromptOutput:
+    index: int
+    prompt: Prompt
+    output: str | None  # None when no output was found for it
+
+
+def list_outputs(folder: str | os.PathLike, since: float | None = None) -> list[Output]:
+    """Generated files in `folder`, oldest first, optionally only those made at or after `since`
+    (a time.time() value; one second of slack for clock rounding). Latent files are ignored."""
+    folder = Path(folder)
+    found = []
+    if not folder.is_dir():
+        return found
+    for p in folder.iterdir():
+        stem, suffix = (p.name, "") if p.is_dir() else (p.stem, p.suffix.lower())
+        m = OUTPUT_NAME.match(stem)
+        if not m or suffix not in MEDIA_SUFFIXES or (m["extra"] or "").endswith("latent"):
+            continue
+        when = datetime.strptime(m["time"] + "000", "%Y%m%d-%H%M%S-%f")
+        if since is not None and when.timestamp() < since - 1:
+            continue
+        found.append(Output(str(p), when, int(m["seed"])))
+    found.sort(key=lambda o: (o.time, o.path))
+    return found
+
+
+def match_outputs(prompts: Sequence[Prompt | dict], folder: str | os.PathLike, since: float | None = None) -> list[PromptOutput]:
+    """Pair each prompt of a --from_file batch with the file it produced.
+
+    Rule: the generate scripts decode and save in prompt order, naming each file by a millisecond
+    timestamp and its seed. Outputs made since the batch started are taken oldest first; each
+    prompt gets the first remaining output (after the previous match) whose seed equals its own.
+    A prompt with no seed takes the next output in order. A prompt whose output is missing (a
+    failed prompt) gets None and does not consume another prompt's file."""
+    items = [Prompt.from_dict(p) if isinstance(p, dict) else p for p in prompts]
+    outputs = list_outputs(folder, since)
+    result, cursor = [], 0
+    for i, p in enumerate(items):
+        chosen = None
+        for k in range(cursor, len(outputs)):
+            if p.seed is None or outputs[k].seed == p.seed:
+                chosen = k
+                break
+        if chosen is None:
+            result.append(PromptOutput(i, p, None))
+            continue
+        result.append(PromptOutput(i, p, outputs[chosen].path))
+        cursor = chosen + 1
+    return result
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[Prompt]:
+    """Prompts from a JSON list of objects (the Prompt fields) or a text file of one prompt per line."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        return [Prompt.from_dict(d) if isinstance(d, dict) else Prompt(str(d)) for d in data]
+    return [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
