@@ -1,0 +1,615 @@
+"""From a validated pipeline to a plan: resolve templates and references, check musubi's
+run-time rules before anything runs, and emit each step's argv."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from ..dsl.dataset import DatasetConfig
+from ..dsl.load import Source, format_path, load_dataset_file, load_pipeline
+from ..dsl.model import Pipeline
+from ..errors import PipelineError, Problem
+from . import contract
+from .graph import ARTIFACTS, Reference, build_graph
+from .plan import LAUNCH_ACCELERATE, GeneratedFile, Input, Output, Plan, Step, fingerprint
+from .templates import FamilyTemplate, StageTemplate, family_template
+
+# Fields of the language that are not musubi options of the same name: the compiler turns
+# them into flags (or files) itself.
+LANGUAGE_FIELDS = {
+    "kind", "needs", "extra_args", "description",
+    "output_name", "output_dir", "dit", "expert", "attention", "network_module", "mixed_precision",
+    "sample_prompts", "num_processes", "num_machines", "latents", "text_encoder_cache",
+    "prompt", "section_prompts", "prompts", "loras", "save_path",
+    "checkpoints", "output", "input", "to",
+}
+LYCORIS_MODULES = ("networks.loha", "networks.lokr", "lycoris.kohya")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+# Characters a shell would act on. We never use a shell, but a path with them in a shared
+# pipeline is a mistake or an attempt at injection when someone pastes the plan's commands.
+SHELL_META = re.compile(r"[;|&$`<>\n\r\x00]")
+PATH_FIELDS = {
+    "image_path", "end_image_path", "network_weights", "logging_dir", "output_dir", "save_path", "output", "dit", "input",
+}
+
+
+def compile_file(path: str | Path) -> Plan:
+    pipeline, source = load_pipeline(path)
+    return compile_pipeline(pipeline, source)
+
+
+def compile_pipeline(pipeline: Pipeline, source: Source) -> Plan:
+    """The plan of a pipeline, or PipelineError listing every problem at once."""
+    return _Compiler(pipeline, source).run()
+
+
+class _Compiler:
+    def __init__(self, pipeline: Pipeline, source: Source):
+        self.p = pipeline
+        self.src = source
+        self.problems: list[Problem] = []
+        self.tpl: FamilyTemplate = family_template(pipeline.family)
+        self.task = pipeline.task or self.tpl.default_task
+        self.task_props = self.tpl.task_props(self.task)
+        self.base = source.folder
+        self.workdir = self.path(pipeline.workdir) if pipeline.workdir else str(self.base / "musubi-out" / pipeline.name)
+        self.files: list[GeneratedFile] = []
+        self.steps: dict[str, Step] = {}
+        self.dataset: DatasetConfig | None = None
+        self.dataset_file = ""
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def error(self, path: tuple, message: str, fix: str = "") -> None:
+        self.problems.append(self.src.problem(path, message, fix))
+
+    def warn(self, path: tuple, message: str, fix: str = "") -> None:
+        self.problems.append(self.src.problem(path, message, fix, severity="warning"))
+
+    def path(self, value: str) -> str:
+        """A user path made absolute against the pipeline's folder (Windows paths kept as written)."""
+        if os.path.isabs(value) or re.match(r"^[A-Za-z]:[\\/]", value) or value.startswith("\\\\"):
+            return value
+        return str((self.base / value).resolve())
+
+    def check_path(self, where: tuple, value: str | None) -> None:
+        if not isinstance(value, str):
+            return
+        if SHELL_META.search(value):
+            bad = sorted(set(SHELL_META.findall(value)))
+            self.error(where, f"path {value!r} contains shell metacharacters {' '.join(repr(c) for c in bad)}",
+                       "rename the file or folder without ; | & $ ` < > or line breaks")
+        elif value.startswith("-"):
+            self.error(where, f"path {value!r} starts with '-', so musubi would read it as an option", "write it as ./" + value)
+
+    # --- main ------------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        self.check_task()
+        self.check_paths()
+        self.load_dataset()
+        graph, refs = build_graph(self.p, self.src, self.problems)
+        if any(p.severity == "error" for p in self.problems) and not nx.is_directed_acyclic_graph(graph):
+            raise PipelineError(self.problems)
+        order = list(nx.lexicographical_topological_sort(graph, key=lambda n: list(self.p.stages).index(n)))
+        for name in order:
+            stage = self.p.stages[name]
+            if stage.kind not in self.tpl.stages:
+                self.error(("stages", name, "kind"), f"{self.tpl.title} has no {stage.kind} stage", "remove the stage")
+                continue
+            build = getattr(self, f"build_{stage.kind}")
+            try:
+                step = build(name, stage, self.tpl.stages[stage.kind], {r.field: r for r in refs[name]})
+            except _Skip:
+                continue
+            step = self.finish(name, stage, step, sorted(graph.predecessors(name), key=order.index))
+            self.steps[name] = step
+        errors = [p for p in self.problems if p.severity == "error"]
+        if errors:
+            raise PipelineError(self.problems)
+        return Plan(
+            name=self.p.name,
+            source=self.src.file,
+            workdir=self.workdir,
+            steps=[self.steps[n] for n in order if n in self.steps],
+            files=self.files,
+            warnings=[str(p) for p in self.problems],
+            musubi_contract=contract.CONTRACT,
+        )
+
+    def check_task(self) -> None:
+        if self.tpl.tasks and self.task not in self.tpl.tasks:
+            self.error(("task",), f"{self.p.task!r} is not a {self.tpl.title} task", f"use one of: {', '.join(self.tpl.tasks)}")
+        elif not self.tpl.tasks and self.p.task is not None:
+            self.error(("task",), f"{self.tpl.title} has no tasks", "remove task")
+
+    def check_paths(self) -> None:
+        for slot, value in self.p.models.model_dump(exclude_none=True).items():
+            if slot != "dit_dtype":
+                self.check_path(("models", slot), value)
+        self.check_path(("workdir",), self.p.workdir)
+        for name, stage in self.p.stages.items():
+            for field in PATH_FIELDS & set(type(stage).model_fields):
+                self.check_path(("stages", name, field), getattr(stage, field))
+            for i, lora in enumerate(getattr(stage, "loras", None) or []):
+                self.check_path(("stages", name, "loras", i, "path"), lora.path)
+
+    def load_dataset(self) -> None:
+        data = self.p.dataset
+        if data is None:
+            return
+        if isinstance(data, str):
+            self.check_path(("dataset",), data)
+            file = Path(self.path(data))
+            try:
+                config = load_dataset_file(file)
+            except PipelineError as exc:
+                self.problems.extend(exc.problems)
+                return
+            base, where = file.parent, ()
+            source = Source(file=str(file), text=file.read_text(encoding="utf-8"), format="toml")
+        else:
+            config, base, where, source = data, self.base, ("dataset",), self.src
+        for i, d in enumerate(config.datasets):
+            for key in ("image_directory", "image_jsonl_file", "video_directory", "video_jsonl_file", "cache_directory", "control_directory"):
+                value = getattr(d, key, None)
+                if value and SHELL_META.search(value):
+                    self.problems.append(source.problem(where + ("datasets", i, key), f"path {value!r} contains shell metacharacters", "rename the folder without ; | & $ ` < > or line breaks"))
+        for field, message, fix in config.problems():
+            path = where + tuple(int(x) if x.isdigit() else x for x in re.split(r"[.\[\]]+", field) if x)
+            if message.startswith("warning: "):
+                self.problems.append(source.problem(path, message.removeprefix("warning: "), fix, severity="warning"))
+            else:
+                self.problems.append(source.problem(path, message, fix))
+        if self.task_props.get("control"):
+            for i, d in enumerate(config.datasets):
+                if d.control_directory is None and not getattr(d, "video_jsonl_file", None) and not getattr(d, "image_jsonl_file", None):
+                    self.problems.append(source.problem(where + ("datasets", i), f"task {self.task} (Fun-Control) trains on control videos", "set control_directory for this dataset"))
+        self.dataset = config.with_paths_resolved(base)
+        self.dataset_file = str(Path(self.workdir) / "generated" / "dataset.toml")
+        self.files.append(GeneratedFile(self.dataset_file, self.dataset.to_toml()))
+
+    def need_dataset(self, name: str) -> str:
+        if self.dataset is None:
+            if self.p.dataset is None:
+                self.error(("stages", name), "this stage needs a dataset, and the pipeline has none", "add a [dataset] table or dataset = \"path/to/dataset.toml\"")
+            raise _Skip
+        return self.dataset_file
+
+    # --- option handling -------------------------------------------------------------------
+
+    def settings(self, stage, tpl: StageTemplate) -> dict[str, Any]:
+        """Template defaults, then task defaults, then the stage's own (already merged with the
+        pipeline's [defaults]) values."""
+        values = dict(tpl.defaults)
+        for prop, extra in tpl.task_defaults.items():
+            if self.task_props.get(prop):
+                values.update(extra)
+        values.update(stage.model_dump(exclude_none=True, exclude=set(LANGUAGE_FIELDS) - {"mixed_precision", "attention", "network_module"}))
+        return values
+
+    def options(self, name: str, stage, script: str, values: dict[str, Any]) -> list[str]:
+        known = contract.options(script)
+        args: list[str] = []
+        for key, value in values.items():
+            if key in LANGUAGE_FIELDS:
+                continue
+            if key not in known:
+                fields_set = stage.model_fields_set
+                where = ("stages", name, key) if key in fields_set else ("stages", name)
+                self.error(where, f"{key} is not an option of {script} ({self.tpl.title})", f"remove {key}; musubi-tuner {contract.CONTRACT} does not accept it for this family")
+                continue
+            args += contract.render(script, key, value)
+        return args
+
+    def extra(self, name: str, stage, script: str, taken: set[str]) -> list[str]:
+        known = contract.options(script)
+        args: list[str] = []
+        for key, value in stage.extra_args.items():
+            dest = key.lstrip("-").replace("-", "_")
+            where = ("stages", name, "extra_args", key)
+            if dest not in known:
+                import difflib
+
+                close = difflib.get_close_matches(dest, list(known), n=1)
+                self.error(where, f"{script} has no option {key!r}", f"did you mean {close[0]!r}?" if close else f"see musubi-tuner's {script} --help")
+                continue
+            if dest in type(stage).model_fields or dest in taken:
+                self.error(where, f"{dest} is set by the pipeline language", f"set {dest} on the stage itself, not in extra_args")
+                continue
+            args += contract.render(script, dest, value)
+        return args
+
+    def models(self, name: str, stage, tpl: StageTemplate, script: str, sampling: bool = False, skip: tuple = ()) -> list[str]:
+        args: list[str] = []
+        for slot, mode in tpl.models.items():
+            if slot in skip:
+                continue
+            value = getattr(self.p.models, slot)
+            cond = mode.split(":", 1)[1] if ":" in mode else None
+            wanted = {
+                "required": True,
+                "sampling": sampling,
+            }.get(mode.split(":")[0], None)
+            if mode.startswith("if_task"):
+                wanted = bool(self.task_props.get(cond))
+            elif mode.startswith("sampling_if_task"):
+                wanted = sampling and bool(self.task_props.get(cond))
+            if not wanted:
+                continue
+            if value is None:
+                why = f"for task {self.task}" if cond else ("to make samples during training" if mode.startswith("sampling") else f"for {stage.kind}")
+                self.error(("models", slot), f"models.{slot} is required {why} (stage {name!r})", f"set models.{slot} to the model file")
+                continue
+            args += contract.render(script, slot, self.path(value))
+        return args
+
+    def finish(self, name: str, stage, step: Step, needs: list[str]) -> Step:
+        taken = {o for o in contract.options(step.script) if any(a == contract.options(step.script)[o].flag for a in step.args)}
+        args = step.args + self.extra(name, stage, step.script, taken)
+        reason = contract.check(step.script, args)
+        if reason:
+            self.error(("stages", name), f"musubi's {step.script} would reject this command: {reason}", "fix the option named in the message")
+        upstream = [self.steps[n].fingerprint for n in needs if n in self.steps]
+        files = [f.content for f in self.files if f.path in args]
+        fp = fingerprint(step.script, step.launcher, step.launch_args, args, files, upstream)
+        return Step(
+            id=name, kind=stage.kind, family=self.p.family, script=step.script, args=args,
+            launcher=step.launcher, launch_args=step.launch_args, env=step.env, cwd=str(self.base),
+            needs=needs, inputs=step.inputs, outputs=step.outputs, fingerprint=fp, meta=step.meta,
+        )
+
+    def ref_path(self, ref: Reference) -> str | list[str]:
+        upstream = self.steps.get(ref.stage)
+        if upstream is None:
+            raise _Skip
+        if ref.artifact == "checkpoints":
+            return upstream.meta["checkpoints"]
+        out = upstream.output(ref.artifact)
+        return out.path
+
+    def value_or_ref(self, refs: dict, path: tuple, value: str) -> tuple[str, str]:
+        """(path, producing stage) of a field that is a file path or a reference."""
+        if path in refs:
+            return self.ref_path(refs[path]), refs[path].stage
+        return self.path(value), ""
+
+    # --- stage builders ---------------------------------------------------------------------
+
+    def build_cache_latents(self, name, stage, tpl, refs) -> Step:
+        dataset = self.need_dataset(name)
+        args = ["--dataset_config", dataset] + self.models(name, stage, tpl, tpl.script)
+        values = self.settings(stage, tpl)
+        args += self.options(name, stage, tpl.script, values)
+        return Step(name, stage.kind, self.p.family, tpl.script, args,
+                    inputs=[Input("dataset_config", dataset)],
+                    outputs=self.cache_outputs("latent_cache", f"*_{self.tpl.cache_arch}.safetensors"),
+                    meta={"cache_arch": self.tpl.cache_arch})
+
+    def build_cache_text_encoder(self, name, stage, tpl, refs) -> Step:
+        dataset = self.need_dataset(name)
+        args = ["--dataset_config", dataset] + self.models(name, stage, tpl, tpl.script)
+        args += self.options(name, stage, tpl.script, self.settings(stage, tpl))
+        return Step(name, stage.kind, self.p.family, tpl.script, args,
+                    inputs=[Input("dataset_config", dataset)],
+                    outputs=self.cache_outputs("text_encoder_cache", f"*_{self.tpl.cache_arch}_te.safetensors"),
+                    meta={"cache_arch": self.tpl.cache_arch})
+
+    def cache_outputs(self, name: str, pattern: str) -> list[Output]:
+        assert self.dataset is not None
+        return [Output(name, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
+
+    def build_train(self, name, stage, tpl, refs) -> Step:
+        dataset = self.need_dataset(name)
+        where = ("stages", name)
+        values = self.settings(stage, tpl)
+        script = tpl.script
+        sampling = stage.sample_prompts is not None
+        args: list[str] = []
+        if "task" in contract.options(script):
+            args += ["--task", self.task]
+        dit = self.train_dit(name, stage, tpl, values)
+        if dit:
+            args += ["--dit", dit]
+        args += ["--dataset_config", dataset]
+        args += self.models(name, stage, tpl, script, sampling=sampling, skip=("dit",))
+        # Exactly one attention flag; musubi's training refuses sage attention.
+        attention = values.pop("attention", "sdpa")
+        if attention == "sage_attn":
+            self.error(where + ("attention",), "musubi's training scripts reject sage_attn (it is for inference)", "use sdpa, flash_attn, flash3 or xformers")
+        else:
+            args += contract.render(script, attention, True)
+        module = values.pop("network_module", None) or self.tpl.network_module
+        if module != self.tpl.network_module and module not in LYCORIS_MODULES:
+            self.error(where + ("network_module",), f"{module} is not the {self.tpl.title} LoRA module (musubi fails with 'No LoRA modules found')", f"use {self.tpl.network_module} (or networks.loha / networks.lokr), or leave it unset")
+        args += ["--network_module", module]
+        mixed = self.mixed_precision(name, stage, values.pop("mixed_precision", None))
+        args += ["--mixed_precision", mixed]
+        self.check_train_rules(name, stage, values)
+        args += self.options(name, stage, script, values)
+        output_dir = self.path(stage.output_dir) if stage.output_dir else str(Path(self.workdir) / name)
+        trains = [n for n, s in self.p.stages.items() if s.kind == "train"]
+        output_name = stage.output_name or (self.p.name if len(trains) == 1 else f"{self.p.name}-{name}")
+        if stage.output_name and (SHELL_META.search(output_name) or "/" in output_name or "\\" in output_name):
+            self.error(where + ("output_name",), f"output_name {output_name!r} must be a plain file name", "use letters, digits, '-', '_' and '.'")
+        if sampling:
+            args += ["--sample_prompts", self.prompt_file(name, stage.sample_prompts, "sample")]
+        args += ["--output_dir", output_dir, "--output_name", output_name]
+        processes = stage.num_processes or 1
+        launch = ["--num_cpu_threads_per_process", "1", "--num_processes", str(processes), "--mixed_precision", mixed]
+        if processes > 1:
+            launch.insert(0, "--multi_gpu")
+        if stage.num_machines and stage.num_machines > 1:
+            launch += ["--num_machines", str(stage.num_machines)]
+        checkpoints = self.checkpoint_names(values, output_dir, output_name)
+        save_state = bool(values.get("save_state") or values.get("save_state_on_train_end"))
+        outputs = [
+            Output("lora", "file", str(Path(output_dir) / f"{output_name}.safetensors")),
+            Output("checkpoints", "files", output_dir, f"{output_name}*.safetensors", required=False),
+        ]
+        if save_state:
+            outputs.append(Output("state", "dir", str(Path(output_dir) / f"{output_name}-state"), required=False))
+        inputs = [Input("dit", dit or ""), Input("dataset_config", dataset)]
+        inputs += [Input(r.artifact, "", r.stage) for r in refs.values()]
+        meta = {
+            "output_dir": output_dir, "output_name": output_name, "save_state": save_state,
+            "checkpoints": checkpoints, "mixed_precision": mixed, "task": self.task, "family": self.p.family,
+            "cache_arch": self.tpl.cache_arch,
+        }
+        for key in ("max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_every_n_steps", "gradient_checkpointing",
+                    "fp8_base", "fp8_scaled", "blocks_to_swap", "split_attn", "gradient_accumulation_steps"):
+            if key in values:
+                meta[key] = values[key]
+        if "network_weights" in values or stage.network_weights:
+            pass
+        return Step(name, stage.kind, self.p.family, script, args, launcher=LAUNCH_ACCELERATE, launch_args=launch,
+                    inputs=inputs, outputs=outputs, meta=meta)
+
+    def train_dit(self, name, stage, tpl: StageTemplate, values: dict) -> str | None:
+        where = ("stages", name)
+        if self.task_props.get("a14b"):
+            if stage.expert is None:
+                self.error(where + ("expert",), f"Wan 2.2 {self.task} trains one expert per run", "set expert = \"high\" or \"low\" (one train stage each)")
+                return None
+            expert = tpl.experts[stage.expert]
+            for key in ("min_timestep", "max_timestep"):
+                values.setdefault(key, expert[key])
+            values.setdefault("preserve_distribution_shape", True)
+            slot = expert["model"]
+            if stage.dit:
+                return self.path(stage.dit)
+            if getattr(self.p.models, slot) is None:
+                self.error(("models", slot), f"models.{slot} is required to train the {stage.expert}-noise expert", f"set models.{slot}")
+                return None
+            return self.path(getattr(self.p.models, slot))
+        if stage.expert is not None:
+            self.error(where + ("expert",), f"expert applies to Wan 2.2 A14B tasks, not {self.task or self.tpl.title}", "remove expert")
+        if stage.dit:
+            return self.path(stage.dit)
+        if self.p.models.dit is None:
+            self.error(("models", "dit"), f"models.dit is required to train (stage {name!r})", "set models.dit to the DiT checkpoint")
+            return None
+        return self.path(self.p.models.dit)
+
+    def mixed_precision(self, name: str, stage, requested: str | None) -> str:
+        dtype = self.p.models.dit_dtype or _guess_dtype(stage.dit or self.p.models.dit or "")
+        if requested is None:
+            return {"fp16": "fp16", "bf16": "bf16"}.get(dtype or "", "bf16")
+        if dtype in ("bf16", "fp16") and requested not in ("no", dtype):
+            message = f"mixed_precision {requested} does not match the DiT's {dtype} weights"
+            fix = f"set mixed_precision = \"{dtype}\" (or models.dit_dtype if the file name misleads)"
+            if self.p.family == "wan":
+                self.error(("stages", name, "mixed_precision"), message + " (musubi asserts this for Wan)", fix)
+            else:
+                self.warn(("stages", name, "mixed_precision"), message, fix)
+        return requested
+
+    def check_train_rules(self, name: str, stage, values: dict) -> None:
+        where = ("stages", name)
+        optimizer = str(values.get("optimizer_type", ""))
+        if not optimizer:
+            self.error(where + ("optimizer_type",), "optimizer_type is empty, and musubi's default for it crashes", "set optimizer_type = \"adamw8bit\" (or AdamW, AdaFactor, a dotted class path)")
+        elif optimizer.lower() not in OPTIMIZERS and "." not in optimizer:
+            self.error(where + ("optimizer_type",), f"unknown optimizer {optimizer!r}", "use AdamW, AdamW8bit, AdaFactor, or a dotted class path such as prodigyopt.Prodigy")
+        if values.get("fp8_scaled") and not values.get("fp8_base"):
+            self.error(where + ("fp8_scaled",), "fp8_scaled requires fp8_base (musubi stops with 'fp8_scaled requires fp8_base')", "set fp8_base = true")
+        boundary = values.get("timestep_boundary")
+        if boundary is not None and 0 < boundary < 1:
+            self.error(where + ("timestep_boundary",), f"Wan training takes timestep_boundary as a whole number, got {boundary}", f"write {int(round(boundary * 1000))}")
+        if self.task_props.get("one_frame_only") and not values.get("one_frame"):
+            self.error(where, f"{self.task} trains only as one-frame training (video FLF2V training crashes in musubi)", "set one_frame = true and use a one-frame dataset (docs/wan_1f.md)")
+        if not values.get("max_train_epochs") and not values.get("max_train_steps"):
+            self.error(where, "the training length is not set", "set max_train_epochs (or max_train_steps)")
+        if values.get("save_every_n_steps") and values.get("save_every_n_epochs") and "save_every_n_epochs" not in stage.model_fields_set:
+            values.pop("save_every_n_epochs")  # the user chose step cadence; drop the template's epoch cadence
+
+    def checkpoint_names(self, values: dict, output_dir: str, output_name: str) -> list[str] | None:
+        """The LoRA files training saves, oldest first, when they can be known before it runs."""
+        epochs, every_epochs = values.get("max_train_epochs"), values.get("save_every_n_epochs")
+        steps, every_steps = values.get("max_train_steps"), values.get("save_every_n_steps")
+        names: list[str] = []
+        if epochs and every_epochs and not every_steps:
+            names = [f"{output_name}-{e:06d}.safetensors" for e in range(every_epochs, epochs, every_epochs)]
+        elif every_steps and steps and not epochs:
+            names = [f"{output_name}-step{s:08d}.safetensors" for s in range(every_steps, steps, every_steps)]
+        else:
+            return None
+        keep = values.get("save_last_n_epochs") or values.get("save_last_n_steps")
+        if keep:
+            names = names[-keep:]
+        return [str(Path(output_dir) / n) for n in names] + [str(Path(output_dir) / f"{output_name}.safetensors")]
+
+    def prompt_file(self, name: str, prompts, purpose: str, script: str = "") -> str:
+        """The prompt file a stage passes to musubi, written by the plan (content checked here)."""
+        field = "prompts" if purpose == "batch" else "sample_prompts"
+        if isinstance(prompts, str):
+            self.check_path(("stages", name, field), prompts)
+            return self.path(prompts)
+        from ..tools import prompts as prompt_files
+
+        items = [p.model_dump(exclude_none=True) for p in prompts]
+        # Sample prompts go as JSON: musubi's .txt parser reads options out of the prompt text.
+        suffix = "txt" if purpose == "batch" else "json"
+        path = str(Path(self.workdir) / "generated" / f"{name}-{purpose}-prompts.{suffix}")
+        try:
+            if purpose == "batch":
+                text = "\n".join(prompt_files.generate_prompt_lines(items, script, file=self.src.file)) + "\n"
+            else:
+                text = prompt_files.sample_prompts_json(items, file=self.src.file)
+        except PipelineError as exc:
+            for problem in exc.problems:
+                sub = problem.path.removeprefix("prompts")
+                self.problems.append(Problem(problem.message, path=f"stages.{name}.{field}{sub}", file=self.src.file,
+                                             line=self.src.line_of(("stages", name, field)), fix=problem.fix))
+            return path
+        self.files.append(GeneratedFile(path, text))
+        return path
+
+    def lora_args(self, name, stage, refs, script) -> tuple[list[str], list[Input]]:
+        weights, multipliers, inputs = [], [], []
+        for i, lora in enumerate(stage.loras):
+            path, producer = self.value_or_ref(refs, ("stages", name, "loras", i, "path"), lora.path)
+            weights.append(path)
+            multipliers.append(float(lora.multiplier))
+            inputs.append(Input(f"lora{i}", path, producer))
+        if not weights:
+            return [], inputs
+        # Always one multiplier per LoRA: musubi silently uses 1.0 for a missing one.
+        return contract.render(script, "lora_weight", weights) + contract.render(script, "lora_multiplier", multipliers), inputs
+
+    def build_generate(self, name, stage, tpl, refs) -> Step:
+        where = ("stages", name)
+        script = tpl.script
+        values = self.settings(stage, tpl)
+        args: list[str] = []
+        if "task" in contract.options(script):
+            args += ["--task", self.task]
+        args += self.models(name, stage, tpl, script)
+        lora_args, inputs = self.lora_args(name, stage, refs, script)
+        args += lora_args
+        save_path = self.path(stage.save_path) if stage.save_path else str(Path(self.workdir) / name)
+        texts = [stage.prompt is not None, stage.prompts is not None, stage.section_prompts is not None]
+        if sum(texts) != 1:
+            self.error(where, "a generate stage needs exactly one of prompt, prompts or section_prompts", "set prompt = \"...\" (or prompts = [...] for a batch)")
+        if stage.prompt is not None:
+            args += ["--prompt", stage.prompt]
+        if stage.section_prompts is not None:
+            if self.p.family != "framepack":
+                self.error(where + ("section_prompts",), "section prompts are a FramePack feature", "use prompt")
+            args += ["--prompt", ";;;".join(f"{k}:{v}" for k, v in stage.section_prompts.items())]
+        if stage.prompts is not None:
+            if "from_file" not in contract.options(script):
+                self.error(where + ("prompts",), f"{script} has no batch mode (--from_file)", "make one generate stage per prompt")
+            else:
+                args += ["--from_file", self.prompt_file(name, stage.prompts, "batch", script)]
+        needs_image = self.p.family == "framepack" or self.task_props.get("i2v")
+        if needs_image and stage.image_path is None and stage.prompts is None:
+            self.error(where + ("image_path",), f"{self.tpl.title} {self.task or ''} generation starts from an image".replace("  ", " "), "set image_path (musubi would silently use a black image)" if self.p.family == "framepack" else "set image_path")
+        length = values.get("video_length")
+        if length is not None and (length - 1) % 4:
+            self.error(where + ("video_length",), f"video_length must be 4*N+1, got {length}", f"use {(length - 1) // 4 * 4 + 1} or {((length - 1) // 4 + 1) * 4 + 1}")
+        for key in ("image_path", "end_image_path"):
+            if key in values:
+                values[key] = self.path(values[key])
+        args += self.options(name, stage, script, values)
+        args += ["--save_path", save_path]
+        kind = {"video": "*.mp4", "images": "*", "latent": "*.safetensors", "both": "*.mp4", "latent_images": "*"}.get(values.get("output_type", "video"), "*")
+        return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
+                    outputs=[Output("videos", "files", save_path, kind)],
+                    meta={"save_path": save_path, "prompts": len(stage.prompts or []) or 1})
+
+    def build_merge(self, name, stage, tpl, refs) -> Step:
+        where = ("stages", name)
+        script = tpl.script
+        output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{self.p.name}-merged.safetensors")
+        if not stage.loras:
+            self.error(where + ("loras",), "nothing to merge", "list the LoRAs to merge into the DiT")
+        for i, lora in enumerate(stage.loras):
+            ref = refs.get(where + ("loras", i, "path"))
+            if ref is not None and self.p.stages[ref.stage].kind == "convert" and self.p.stages[ref.stage].to == "comfyui":
+                self.error(where + ("loras", i, "path"), "musubi merges only musubi-format LoRAs, and this one was converted to ComfyUI format", f"refer to the LoRA before conversion, such as '@{self.p.stages[ref.stage].input.lstrip('@')}'")
+        lora_args, inputs = self.lora_args(name, stage, refs, script)
+        if self.tpl.merge_with == "merge_lora":
+            args = self.models(name, stage, tpl, script) + lora_args + ["--save_merged_model", output]
+            if stage.device:
+                args += ["--device", stage.device]
+        else:
+            # Through the generate script. Without --lycoris, Wan and FramePack exit 0 and save nothing
+            # (upstream PR #594); a Wan merge also encodes a prompt before it loads the DiT.
+            args = (["--task", self.task] if "task" in contract.options(script) else []) + self.models(name, stage, tpl, script) + lora_args
+            args += ["--lycoris", "--save_merged_model", output, "--prompt", "merge", "--save_path", str(Path(self.workdir) / name)]
+            self.warn(where, "merging Wan/FramePack LoRAs needs the lycoris-lora package in musubi-tuner's venv", "pip install lycoris-lora there (musubi-pipe doctor checks it)")
+        return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
+                    outputs=[Output("model", "file", output)], meta={"output": output})
+
+    def build_ema(self, name, stage, tpl, refs) -> Step:
+        where = ("stages", name)
+        script = tpl.script
+        if isinstance(stage.checkpoints, str):
+            paths, producer = self.value_or_ref(refs, where + ("checkpoints",), stage.checkpoints)
+            if producer and paths is None:
+                self.error(where + ("checkpoints",), f"the checkpoints of {producer!r} cannot be known before it runs", f"give stage {producer!r} save_every_n_epochs with max_train_epochs (or save_every_n_steps with max_train_steps)")
+                raise _Skip
+            if not producer:
+                self.error(where + ("checkpoints",), "a single file is not a series of checkpoints", "refer to '@<train stage>.checkpoints' or list the files oldest first")
+                raise _Skip
+            inputs = [Input("checkpoints", p, producer) for p in paths]
+        else:
+            paths, inputs = [], []
+            for i, item in enumerate(stage.checkpoints):
+                path, producer = self.value_or_ref(refs, where + ("checkpoints", i), item)
+                paths.append(path)
+                inputs.append(Input(f"checkpoint{i}", path, producer))
+        if len(paths) < 2:
+            self.error(where + ("checkpoints",), f"post-hoc EMA needs at least two checkpoints, got {len(paths)}", "save checkpoints more often (save_every_n_epochs) or list more files")
+        values = self.settings(stage, tpl)
+        for key, low, high in (("beta", 0.0, 1.0), ("beta2", 0.0, 1.0)):
+            if key in values and not low < values[key] < high:
+                self.error(where + (key,), f"{key} must be between 0 and 1, got {values[key]}", f"use a value such as 0.95")
+        if "sigma_rel" in values:
+            if values["sigma_rel"] <= 0:
+                self.error(where + ("sigma_rel",), f"sigma_rel must be positive, got {values['sigma_rel']}", "use a value such as 0.2")
+            if "beta" in values or "beta2" in values:
+                self.warn(where + ("sigma_rel",), "sigma_rel overrides beta and beta2", "remove beta/beta2 or sigma_rel")
+        output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{self.p.name}-ema.safetensors")
+        # Files in training order, and --no_sort: musubi would otherwise order them by mtime.
+        args = list(paths) + ["--no_sort"] + self.options(name, stage, script, values) + ["--output_file", output]
+        return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
+                    outputs=[Output("lora", "file", output)], meta={"output": output})
+
+    def build_convert(self, name, stage, tpl, refs) -> Step:
+        where = ("stages", name)
+        script = tpl.script
+        source, producer = self.value_or_ref(refs, where + ("input",), stage.input)
+        if producer:
+            made_by = self.p.stages[producer]
+            current = made_by.to if made_by.kind == "convert" else "musubi"
+            if current == stage.to:
+                self.error(where + ("to",), f"the LoRA from {producer!r} is already in {stage.to} format", "remove this stage, or convert the other way")
+        stem = Path(source).stem
+        output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{stem}-{stage.to}.safetensors")
+        values = self.settings(stage, tpl)
+        args = ["--input", source, "--output", output, "--target", "other" if stage.to == "comfyui" else "default"]
+        args += self.options(name, stage, script, values)
+        return Step(name, stage.kind, self.p.family, script, args, inputs=[Input("lora", source, producer)],
+                    outputs=[Output("lora", "file", output)], meta={"output": output, "to": stage.to})
+
+
+class _Skip(Exception):
+    """A stage that cannot be built because of problems already reported."""
+
+
+def _guess_dtype(path: str) -> str | None:
+    name = Path(path).name.lower()
+    if "bf16" in name or "bfloat16" in name:
+        return "bf16"
+    if "fp16" in name or "float16" in name:
+        return "fp16"
+    return None
+
+
+__all__ = ["compile_file", "compile_pipeline", "format_path"]

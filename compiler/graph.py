@@ -1,0 +1,138 @@
+"""Stages and the artifacts they refer to, as a networkx graph: references become edges, and
+the graph is checked for unknown stages, artifacts of the wrong kind, and cycles."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import networkx as nx
+
+from ..dsl.load import Source
+from ..dsl.model import Pipeline
+from ..errors import Problem
+
+# What each kind of stage makes, the first being what "@stage" alone means.
+ARTIFACTS = {
+    "cache_latents": ("latent_cache",),
+    "cache_text_encoder": ("text_encoder_cache",),
+    "train": ("lora", "checkpoints", "state"),
+    "ema": ("lora",),
+    "convert": ("lora",),
+    "merge": ("model",),
+    "generate": ("videos",),
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    field: tuple  # where the reference is written, e.g. ("stages", "gen", "loras", 0, "path")
+    stage: str
+    artifact: str
+    expects: tuple[str, ...]  # artifact kinds that make sense there
+
+
+def is_reference(value: object) -> bool:
+    return isinstance(value, str) and value.startswith("@")
+
+
+def parse_reference(value: str) -> tuple[str, str | None]:
+    body = value[1:]
+    stage, _, artifact = body.partition(".")
+    return stage, artifact or None
+
+
+def references(name: str, stage) -> list[tuple[tuple, str, tuple[str, ...]]]:
+    """(field path, reference text, accepted artifact kinds) for every reference in a stage."""
+    base = ("stages", name)
+    found = []
+    for i, lora in enumerate(getattr(stage, "loras", None) or []):
+        found.append((base + ("loras", i, "path"), lora.path, ("lora",)))
+    if stage.kind == "convert":
+        found.append((base + ("input",), stage.input, ("lora",)))
+    if stage.kind == "ema":
+        items = [stage.checkpoints] if isinstance(stage.checkpoints, str) else stage.checkpoints
+        for i, item in enumerate(items):
+            path = base + ("checkpoints",) if isinstance(stage.checkpoints, str) else base + ("checkpoints", i)
+            found.append((path, item, ("checkpoints",) if isinstance(stage.checkpoints, str) else ("lora",)))
+    if stage.kind == "train":
+        for field, kinds in (("network_weights", ("lora",)), ("latents", ("latent_cache",)), ("text_encoder_cache", ("text_encoder_cache",))):
+            value = getattr(stage, field)
+            if value is not None:
+                found.append((base + (field,), value, kinds))
+    return [(path, value, kinds) for path, value, kinds in found if is_reference(value)]
+
+
+def build_graph(pipeline: Pipeline, source: Source, problems: list[Problem]) -> tuple[nx.DiGraph, dict[str, list[Reference]]]:
+    """The stage graph (edges from a stage to those that need it) and each stage's resolved references."""
+    graph = nx.DiGraph()
+    stages = pipeline.stages
+    names = list(stages)
+    graph.add_nodes_from(names)
+    resolved: dict[str, list[Reference]] = {name: [] for name in names}
+
+    def unknown(path: tuple, target: str) -> Problem:
+        close = difflib.get_close_matches(target, names, n=1)
+        fix = f"did you mean '{close[0]}'?" if close else f"use one of the stages: {', '.join(names) or 'none defined'}"
+        return source.problem(path, f"there is no stage named {target!r}", fix)
+
+    for name, stage in stages.items():
+        for i, need in enumerate(stage.needs):
+            if need not in stages:
+                problems.append(unknown(("stages", name, "needs", i), need))
+            elif need == name:
+                problems.append(source.problem(("stages", name, "needs", i), "a stage cannot need itself", "remove it from needs"))
+            else:
+                graph.add_edge(need, name, why="needs")
+        for path, text, expects in references(name, stage):
+            target, artifact = parse_reference(text)
+            if target not in stages:
+                problems.append(unknown(path, target))
+                continue
+            made = ARTIFACTS[stages[target].kind]
+            artifact = artifact or made[0]
+            if artifact not in made:
+                problems.append(source.problem(path, f"stage {target!r} ({stages[target].kind}) makes no {artifact!r}", f"it makes: {', '.join(made)}"))
+                continue
+            if artifact not in expects:
+                problems.append(source.problem(path, f"{text!r} is a {artifact}, but a {' or '.join(expects)} is needed here", _artifact_fix(expects, stages)))
+                continue
+            if target == name:
+                problems.append(source.problem(path, "a stage cannot use its own output", "refer to another stage"))
+                continue
+            resolved[name].append(Reference(path, target, artifact, expects))
+            graph.add_edge(target, name, why=artifact)
+    _link_caches_to_training(pipeline, graph, resolved)
+    for cycle in _cycles(graph):
+        first = cycle[0]
+        loop = " -> ".join(cycle + [first])
+        problems.append(source.problem(("stages", first), f"the stages form a cycle: {loop}", "remove one of these references or needs"))
+    return graph, resolved
+
+
+def _link_caches_to_training(pipeline: Pipeline, graph: nx.DiGraph, resolved: dict[str, list[Reference]]) -> None:
+    """A train stage without explicit cache references uses the pipeline's cache stages."""
+    by_kind: dict[str, list[str]] = {}
+    for name, stage in pipeline.stages.items():
+        by_kind.setdefault(stage.kind, []).append(name)
+    for name, stage in pipeline.stages.items():
+        if stage.kind != "train":
+            continue
+        for field, kind in (("latents", "cache_latents"), ("text_encoder_cache", "cache_text_encoder")):
+            if getattr(stage, field) is None:
+                for cache in by_kind.get(kind, []):
+                    graph.add_edge(cache, name, why=ARTIFACTS[kind][0])
+                    resolved[name].append(Reference(("stages", name, field), cache, ARTIFACTS[kind][0], (ARTIFACTS[kind][0],)))
+
+
+def _artifact_fix(expects: tuple[str, ...], stages) -> str:
+    makers = [f"'@{n}.{a}'" for n, s in stages.items() for a in ARTIFACTS[s.kind] if a in expects]
+    return f"refer to one of: {', '.join(makers)}" if makers else "give a file path instead"
+
+
+def _cycles(graph: nx.DiGraph) -> list[list[str]]:
+    found = []
+    for component in nx.strongly_connected_components(graph):
+        if len(component) > 1:
+            cycle = nx.find_cycle(graph.subgraph(component))
+            found.append([edge[0] for edge in cycle])
+    return found

@@ -1,0 +1,273 @@
+"""The pipeline language: one document (TOML or YAML) from dataset to generated video.
+
+Stage options carry musubi-tuner's own argument names (`network_dim`, `blocks_to_swap`), so a
+user who knows musubi knows the language. A field left unset takes the family template's
+default, then the pipeline's `[defaults.<kind>]`, then the stage's own value.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from .dataset import DatasetConfig
+
+FAMILIES = ("hunyuan_video", "wan", "framepack")
+STAGE_KINDS = ("cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "generate")
+ATTENTION = ("sdpa", "flash_attn", "flash3", "xformers", "sage_attn")
+
+Scalar = Union[StrictBool, StrictInt, float, StrictStr]
+ArgValue = Union[Scalar, list[Scalar]]
+Number = Union[StrictInt, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Models(_Strict):
+    """Model files. Paths relative to the pipeline file are resolved against its folder."""
+
+    dit: StrictStr | None = Field(None, description="DiT checkpoint (for Wan 2.2 A14B: the low-noise expert)")
+    dit_high_noise: StrictStr | None = Field(None, description="Wan 2.2 A14B high-noise expert")
+    vae: StrictStr | None = None
+    t5: StrictStr | None = Field(None, description="Wan text encoder (umT5)")
+    clip: StrictStr | None = Field(None, description="Wan 2.1 I2V/FLF2V CLIP image encoder")
+    text_encoder1: StrictStr | None = Field(None, description="HunyuanVideo/FramePack LLM text encoder")
+    text_encoder2: StrictStr | None = Field(None, description="HunyuanVideo/FramePack CLIP-L text encoder")
+    image_encoder: StrictStr | None = Field(None, description="FramePack SigLIP image encoder")
+    dit_dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
+        None, description="dtype of the DiT weights; guessed from the file name when unset"
+    )
+
+
+class LoraInput(_Strict):
+    path: StrictStr = Field(description="a LoRA file, or a reference such as '@train.lora'")
+    multiplier: Number = 1.0
+
+
+def _lora_list(value: Any) -> Any:
+    # `loras = ["@train.lora"]` is short for `[{ path = "@train.lora" }]`.
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class Prompt(_Strict):
+    """One prompt of a batch generation or of the samples made during training."""
+
+    text: StrictStr
+    negative: StrictStr | None = None
+    seed: StrictInt | None = None
+    width: StrictInt | None = None
+    height: StrictInt | None = None
+    frames: StrictInt | None = None
+    steps: StrictInt | None = None
+    guidance: Number | None = None
+    flow_shift: Number | None = None
+    image: StrictStr | None = None
+    end_image: StrictStr | None = None
+
+
+class _Stage(_Strict):
+    needs: list[StrictStr] = Field(default_factory=list, description="stages that must run first, besides those referenced")
+    extra_args: dict[str, ArgValue] = Field(
+        default_factory=dict,
+        description="musubi options the language does not model, by argument name (checked against musubi's parser)",
+    )
+    description: StrictStr | None = None
+
+
+class CacheLatentsStage(_Stage):
+    kind: Literal["cache_latents"]
+    batch_size: StrictInt | None = None
+    num_workers: StrictInt | None = None
+    device: StrictStr | None = None
+    vae_dtype: StrictStr | None = None
+    skip_existing: StrictBool | None = Field(None, description="keep cache files that already exist (default true)")
+    keep_cache: StrictBool | None = Field(None, description="never delete cache files of items not in the dataset (default true)")
+    vae_tiling: StrictBool | None = None
+    vae_chunk_size: StrictInt | None = None
+    vae_spatial_tile_sample_min_size: StrictInt | None = None
+    vae_cache_cpu: StrictBool | None = None
+    one_frame: StrictBool | None = None
+
+
+class CacheTextEncoderStage(_Stage):
+    kind: Literal["cache_text_encoder"]
+    batch_size: StrictInt | None = None
+    num_workers: StrictInt | None = None
+    device: StrictStr | None = None
+    skip_existing: StrictBool | None = None
+    keep_cache: StrictBool | None = None
+    fp8_llm: StrictBool | None = None
+    fp8_t5: StrictBool | None = None
+    text_encoder_dtype: StrictStr | None = None
+
+
+class TrainStage(_Stage):
+    kind: Literal["train"]
+    output_name: StrictStr | None = Field(None, description="file name of the LoRA, without extension")
+    output_dir: StrictStr | None = None
+    dit: StrictStr | None = Field(None, description="train on this DiT instead of models.dit")
+    expert: Literal["high", "low"] | None = Field(None, description="Wan 2.2 A14B: which expert this run trains")
+    network_module: StrictStr | None = None
+    network_dim: StrictInt | None = None
+    network_alpha: Number | None = None
+    network_args: list[StrictStr] | None = None
+    network_dropout: Number | None = None
+    network_weights: StrictStr | None = Field(None, description="start from this LoRA")
+    learning_rate: Number | None = None
+    optimizer_type: StrictStr | None = None
+    optimizer_args: list[StrictStr] | None = None
+    lr_scheduler: StrictStr | None = None
+    lr_warmup_steps: Number | None = None
+    lr_scheduler_args: list[StrictStr] | None = None
+    max_grad_norm: Number | None = None
+    max_train_epochs: StrictInt | None = None
+    max_train_steps: StrictInt | None = None
+    gradient_accumulation_steps: StrictInt | None = None
+    save_every_n_epochs: StrictInt | None = None
+    save_every_n_steps: StrictInt | None = None
+    save_last_n_epochs: StrictInt | None = None
+    save_last_n_steps: StrictInt | None = None
+    save_state: StrictBool | None = Field(None, description="save optimizer state with each checkpoint, so an interrupted run can resume")
+    save_state_on_train_end: StrictBool | None = None
+    save_last_n_epochs_state: StrictInt | None = None
+    save_last_n_steps_state: StrictInt | None = None
+    save_precision: Literal["fp32", "fp16", "bf16", "float", "float16", "bfloat16"] | None = None
+    seed: StrictInt | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    attention: Literal["sdpa", "flash_attn", "flash3", "xformers", "sage_attn"] | None = None
+    split_attn: StrictBool | None = None
+    gradient_checkpointing: StrictBool | None = None
+    gradient_checkpointing_cpu_offload: StrictBool | None = None
+    fp8_base: StrictBool | None = None
+    fp8_scaled: StrictBool | None = None
+    fp8_llm: StrictBool | None = None
+    blocks_to_swap: StrictInt | None = None
+    use_pinned_memory_for_block_swap: StrictBool | None = None
+    img_in_txt_in_offloading: StrictBool | None = None
+    timestep_sampling: StrictStr | None = None
+    discrete_flow_shift: Number | None = None
+    weighting_scheme: StrictStr | None = None
+    sigmoid_scale: Number | None = None
+    min_timestep: StrictInt | None = None
+    max_timestep: StrictInt | None = None
+    preserve_distribution_shape: StrictBool | None = None
+    timestep_boundary: Number | None = None
+    guidance_scale: Number | None = None
+    max_data_loader_n_workers: StrictInt | None = None
+    persistent_data_loader_workers: StrictBool | None = None
+    logging_dir: StrictStr | None = None
+    log_with: Literal["tensorboard", "wandb", "all"] | None = None
+    log_prefix: StrictStr | None = None
+    sample_prompts: list[Prompt] | StrictStr | None = Field(None, description="prompts for samples during training, or a prompt file")
+    sample_every_n_epochs: StrictInt | None = None
+    sample_every_n_steps: StrictInt | None = None
+    sample_at_first: StrictBool | None = None
+    one_frame: StrictBool | None = None
+    latent_window_size: StrictInt | None = None
+    num_processes: StrictInt | None = Field(None, description="GPUs to train on (accelerate --num_processes)")
+    num_machines: StrictInt | None = None
+    latents: StrictStr | None = Field(None, description="latent cache to train on (default: the pipeline's cache_latents stage)")
+    text_encoder_cache: StrictStr | None = Field(None, description="text-encoder cache (default: the pipeline's cache_text_encoder stage)")
+
+
+class GenerateStage(_Stage):
+    kind: Literal["generate"]
+    prompt: StrictStr | None = None
+    section_prompts: dict[StrictStr, StrictStr] | None = Field(None, description="FramePack: prompt per section index ('0', '1', '-1', '0-2')")
+    prompts: list[Prompt] | None = Field(None, description="many prompts in one run, one model load")
+    negative_prompt: StrictStr | None = None
+    image_path: StrictStr | None = None
+    end_image_path: StrictStr | None = None
+    video_size: tuple[StrictInt, StrictInt] | None = Field(None, description="[height, width]")
+    video_length: StrictInt | None = None
+    video_seconds: Number | None = None
+    video_sections: StrictInt | None = None
+    fps: StrictInt | None = None
+    infer_steps: StrictInt | None = None
+    guidance_scale: Number | None = None
+    embedded_cfg_scale: Number | None = None
+    flow_shift: Number | None = None
+    seed: StrictInt | None = None
+    sample_solver: Literal["unipc", "dpm++", "vanilla"] | None = None
+    attn_mode: StrictStr | None = None
+    loras: list[LoraInput] = Field(default_factory=list)
+    fp8: StrictBool | None = None
+    fp8_scaled: StrictBool | None = None
+    blocks_to_swap: StrictInt | None = None
+    split_attn: StrictBool | None = None
+    vae_chunk_size: StrictInt | None = None
+    vae_spatial_tile_sample_min_size: StrictInt | None = None
+    latent_window_size: StrictInt | None = None
+    f1: StrictBool | None = None
+    output_type: Literal["video", "images", "latent", "both", "latent_images"] | None = None
+    save_path: StrictStr | None = Field(None, description="output folder (musubi names the files)")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _short_loras(cls, value: Any) -> Any:
+        return _lora_list(value)
+
+
+class EmaStage(_Stage):
+    kind: Literal["ema"]
+    checkpoints: StrictStr | list[StrictStr] = Field(description="'@train.checkpoints', or LoRA files oldest first")
+    beta: Number | None = None
+    beta2: Number | None = None
+    sigma_rel: Number | None = None
+    output: StrictStr | None = None
+
+
+class ConvertStage(_Stage):
+    kind: Literal["convert"]
+    input: StrictStr = Field(description="a LoRA file or a reference such as '@train.lora'")
+    to: Literal["comfyui", "musubi"] = Field("comfyui", description="comfyui: diffusion_model.* lora_A/B keys; musubi: lora_unet_* keys")
+    diffusers_prefix: StrictStr | None = None
+    output: StrictStr | None = None
+
+
+class MergeStage(_Stage):
+    kind: Literal["merge"]
+    loras: list[LoraInput] = Field(description="LoRAs to merge into the base DiT")
+    output: StrictStr | None = None
+    device: StrictStr | None = None
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _short_loras(cls, value: Any) -> Any:
+        return _lora_list(value)
+
+
+Stage = Annotated[
+    Union[CacheLatentsStage, CacheTextEncoderStage, TrainStage, GenerateStage, EmaStage, ConvertStage, MergeStage],
+    Field(discriminator="kind"),
+]
+STAGE_MODELS = {
+    "cache_latents": CacheLatentsStage,
+    "cache_text_encoder": CacheTextEncoderStage,
+    "train": TrainStage,
+    "generate": GenerateStage,
+    "ema": EmaStage,
+    "convert": ConvertStage,
+    "merge": MergeStage,
+}
+
+
+class Pipeline(_Strict):
+    """A musubi-pipe pipeline document."""
+
+    version: Literal[1] = 1
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used for output names and folders")
+    family: Literal["hunyuan_video", "wan", "framepack"]
+    task: StrictStr | None = Field(None, description="Wan: t2v-1.3B, i2v-14B, t2v-A14B, ...; FramePack: i2v or f1")
+    workdir: StrictStr | None = Field(None, description="where outputs go (default: musubi-out/<name> beside the pipeline)")
+    vars: dict[str, Scalar] = Field(default_factory=dict, description="values for {{ name }} interpolation")
+    models: Models = Models()
+    dataset: DatasetConfig | StrictStr | None = Field(None, description="musubi's [general] and [[datasets]], or a dataset TOML path")
+    defaults: dict[Literal["cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "generate"], dict[str, Any]] = Field(
+        default_factory=dict, description="option values for every stage of a kind"
+    )
+    stages: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")], Stage] = Field(default_factory=dict)
