@@ -15,6 +15,9 @@ COMMANDS = {
     "run": ".executors.commands:run",
     "doctor": ".executors.commands:doctor",
     "init": ".executors.commands:init",
+    "dataset": ".tools.media_commands:dataset",
+    "video": ".tools.media_commands:video",
+    "monitor": ".tools.media_commands:monitor",
 }
 
 

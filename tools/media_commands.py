@@ -1,0 +1,150 @@
+"""`dataset inspect`, `video extract|encode|info` and `monitor`: the command-line faces of the media tools."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import PipelineError
+
+
+def _fail(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(1)
+
+
+@click.group()
+def dataset():
+    """Look at a musubi dataset the way musubi will see it."""
+
+
+@dataset.command("inspect")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--family", default="wan", show_default=True, help="hv, wan or framepack: picks cache suffix and target fps")
+@click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="also write a contact sheet PNG here")
+@click.option("--no-media", is_flag=True, help="only list files; do not open images and videos")
+def inspect(config, family, as_json, sheet, no_media):
+    """Items, captions, unreadable media, buckets, frame windows and cache files of CONFIG
+    (a musubi dataset TOML/JSON, or a pipeline file holding one)."""
+    from .dataset import inspect_dataset
+
+    try:
+        report = inspect_dataset(config, family, read_media=not no_media)
+    except PipelineError as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(f"error: {exc}")
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1, default=str))
+    else:
+        click.echo(report.format())
+    if sheet:
+        from .contact_sheet import make_contact_sheet, save_png
+
+        items = [i for d in report.datasets for i in d.items]
+        save_png(make_contact_sheet(items, title=f"{config} ({len(items)} items)"), sheet)
+        click.echo(f"contact sheet: {sheet}", err=as_json)
+    errors = [p for p in report.all_problems() if p.severity == "error"]
+    bad = sum(1 for d in report.datasets for i in d.items if i.error)
+    sys.exit(1 if errors or bad else 0)
+
+
+@click.group()
+def video():
+    """Read frames from videos and encode frames to MP4/WebM."""
+
+
+@video.command("info")
+@click.argument("path", type=click.Path(dir_okay=False))
+def info(path):
+    """Size, frame count, frame rate and codec of a video."""
+    from .video import MediaError, probe
+
+    try:
+        click.echo(json.dumps(probe(path).to_dict(), indent=1))
+    except MediaError as exc:
+        _fail(str(exc))
+
+
+@video.command("extract")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--start", type=int, default=0, show_default=True, help="first frame (after --fps)")
+@click.option("--end", type=int, default=None, help="stop before this frame")
+@click.option("--stride", type=int, default=1, show_default=True, help="take every Nth frame")
+@click.option("--count", type=int, default=None, help="at most this many frames")
+@click.option("--fps", type=float, default=None, help="resample to this frame rate first (musubi's frame dropping)")
+@click.option("--allow-truncated", is_flag=True, help="use what can be read of a cut-off file")
+def extract(path, out_dir, start, end, stride, count, fps, allow_truncated):
+    """Write frames of a video to OUT_DIR as PNG files."""
+    from .video import MediaError, read_frames, save_frames_png
+
+    try:
+        frames = read_frames(path, start=start, end=end, stride=stride, count=count, fps=fps, dtype="uint8",
+                             allow_truncated=allow_truncated)
+    except (MediaError, ValueError) as exc:
+        _fail(str(exc))
+    paths = save_frames_png(frames, out_dir)
+    click.echo(f"{len(paths)} frames written to {out_dir}")
+
+
+@video.command("encode")
+@click.argument("frames_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--fps", type=float, default=16.0, show_default=True)
+@click.option("--crf", type=int, default=None, help="quality: lower is better (default 18 H.264, 32 VP9/AV1)")
+@click.option("--codec", type=click.Choice(["h264", "vp9", "av1"]), default=None, help="default: h264 for .mp4, vp9 for .webm")
+def encode(frames_dir, output, fps, crf, codec):
+    """Encode the images of FRAMES_DIR (sorted by name) to OUTPUT (.mp4 or .webm)."""
+    import numpy as np
+    from PIL import Image
+
+    from .video import MediaError, write_video
+
+    files = sorted(p for p in Path(frames_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    if not files:
+        _fail(f"{frames_dir}: no images (.png, .jpg, .webp, .bmp) to encode")
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    if len({f.shape for f in frames}) > 1:
+        _fail(f"{frames_dir}: the images differ in size; resize them to one size first")
+    try:
+        write_video(np.stack(frames), output, fps=fps, codec=codec, crf=crf)
+    except MediaError as exc:
+        _fail(str(exc))
+    click.echo(f"{len(frames)} frames encoded to {output}")
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--follow", is_flag=True, help="keep polling until the run ends (Ctrl+C to stop)")
+@click.option("--png", type=click.Path(dir_okay=False), help="write the loss/lr chart here (rewritten each poll)")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls with --follow")
+@click.option("--smoothing", type=click.FloatRange(0, 0.999), default=0.6, show_default=True, help="TensorBoard-style EMA weight")
+@click.option("--step", "step_id", default=None, help="only this plan step's events")
+@click.option("--json", "as_json", is_flag=True, help="print the status as JSON")
+def monitor(path, follow, png, interval, smoothing, step_id, as_json):
+    """Loss, learning rate, progress, ETA and samples of a run folder or a TensorBoard log folder."""
+    from .contact_sheet import save_png
+    from .monitor import TrainingMonitor, draw_chart
+
+    mon = TrainingMonitor(path, step=step_id)
+    try:
+        while True:
+            status = mon.poll()
+            if as_json:
+                click.echo(json.dumps(status.to_dict(smoothing)))
+            else:
+                click.echo(status.summary_line())
+            for warning in status.warnings:
+                click.echo(f"warning: {warning}", err=True)
+            if png:
+                save_png(draw_chart(status, smoothing=smoothing), png)
+            if not follow or status.finished:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
