@@ -384,8 +384,6 @@ class LocalExecutor:
             f.write((prefix + " " if prefix else "") + shlex.join(argv) + "\n\n")
 
     def _run_step(self, plan: Plan, step: Step, reason: str, exclude: list[str]) -> str:
-        from .failures import classify, next_memory_setting
-
         log_path = self.run_dir / f"{step.id}.log"
         previous = self.state.record(step.id)
         resume = plan_resume(step, previous)
@@ -437,6 +435,8 @@ class LocalExecutor:
                         ", training resumes from its newest saved state" if (step.meta or {}).get("save_state") else ""),
                     "changes": changes}))
                 return CANCELLED
+            from .failures import classify, next_memory_setting
+
             failure = classify(_tail(log_path), rc, step.kind, step.meta or {})
             cause, fix = failure.cause, failure.fix
             if rc == 0:
@@ -527,11 +527,12 @@ class LocalExecutor:
                         for e in found:
                             self._note_progress(record, e)
                             self._emit(e)
-                rest = decoder.decode(b"", final=True) + "\n"  # end an unterminated last line
-                with parse_lock:
-                    found = parser.feed(name, rest)
-                for e in found:
-                    self._emit(e)
+                rest = decoder.decode(b"", final=True)
+                if rest:
+                    with parse_lock:
+                        found = parser.feed(name, rest)
+                    for e in found:
+                        self._emit(e)
 
             threads = [threading.Thread(target=pump, args=(n, p), daemon=True)
                        for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
@@ -555,6 +556,8 @@ class LocalExecutor:
             _kill_group(proc.pid)  # nothing the step started may outlive it
             for t in threads:
                 t.join(timeout=5)
+            for e in parser.flush():  # an unterminated last line is still a line
+                self._emit(e)
             for pipe in (proc.stdout, proc.stderr):
                 pipe.close()
             log.write(f"\n=== musubi-pipe: exit code {rc}{' (cancelled)' if cancelled else ''}\n".encode())

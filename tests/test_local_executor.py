@@ -1,0 +1,296 @@
+"""The local executor against the musubi-tuner test double: runs, records, skips, re-runs what
+changed, checks outputs, classifies failures, retries, refuses unsafe plans."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from executor_plans import Recorder, config_for, wan_plan
+from musubi_double import make_fake_checkout
+from musubi_pipe.compiler.plan import Output
+from musubi_pipe.errors import PipelineError
+from musubi_pipe.executors.dry import DryExecutor
+from musubi_pipe.executors.local import LocalExecutor, RetryPolicy, set_flag
+from musubi_pipe.executors.state import StateFile, state_path
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    return make_fake_checkout(tmp_path_factory.mktemp("double") / "musubi-tuner")
+
+
+@pytest.fixture
+def double(checkout, tmp_path, monkeypatch):
+    """The checkout with fresh fail-once markers, and a record of every script the double ran."""
+    shutil.rmtree(checkout / ".double-state", ignore_errors=True)
+    record = tmp_path / "double-runs.jsonl"
+    monkeypatch.setenv("MUSUBI_DOUBLE_RECORD", str(record))
+    for k in ("MUSUBI_DOUBLE_FAIL", "MUSUBI_DOUBLE_FAIL_ONCE", "MUSUBI_DOUBLE_FAIL_AT", "MUSUBI_DOUBLE_STEP_SECONDS"):
+        monkeypatch.delenv(k, raising=False)
+
+    def runs():
+        return [json.loads(line)["script"] for line in record.read_text().splitlines()] if record.exists() else []
+
+    return SimpleNamespace(path=checkout, runs=runs)
+
+
+def run(checkout, plan, **kw):
+    rec = Recorder()
+    result = LocalExecutor(config_for(checkout.path)).run(plan, [rec], **kw)
+    return result, rec
+
+
+def test_run_completes_with_progress_records_and_outputs(double, tmp_path):
+    project = tmp_path / "my project ü"  # spaces and non-ASCII in every path
+    plan = wan_plan(project)
+    result, rec = run(double, plan)
+    assert result.status == "succeeded", rec.ended()
+    assert list(result.steps.values()) == ["succeeded"] * 5
+    assert double.runs() == ["wan_cache_latents", "wan_cache_text_encoder_outputs", "wan_train_network",
+                             "lora_post_hoc_ema", "convert_lora"]
+    assert (project / "out" / "lora_comfy.safetensors").exists()
+    # progress: training steps with total, epoch, loss
+    train = [e for e in rec.kinds("progress") if e.step == "train" and e.phase == "training" and e.current]
+    assert train[-1].current == train[-1].total == 4 and train[-1].epochs == 2 and train[-1].loss > 0
+    # the run folder: plan, commands, environment, raw logs, events
+    run_dir = result.run_dir
+    assert run_dir.parent == project / "runs"
+    assert json.loads((run_dir / "plan.json").read_text())["name"] == "wan-test"
+    commands = (run_dir / "commands.txt").read_text()
+    assert "-m accelerate.commands.launch --num_processes 1" in commands
+    assert f"'{project}/out/lora_comfy.safetensors'" in commands  # shell-quoted
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["musubi_tuner"]["version"] == "0.3.4"
+    assert "steps:" in (run_dir / "train.log").read_text(encoding="utf-8")
+    logged = [json.loads(line)["kind"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert logged[0] == "plan" and logged[-1] == "run_end" and "progress" in logged
+    outputs = {e.data["path"] for e in rec.kinds("output")}
+    assert str(project / "out" / "lora.safetensors") in outputs
+    assert StateFile(state_path(plan)).record("convert")["status"] == "succeeded"
+
+
+def test_second_run_skips_every_step(double, tmp_path):
+    plan = wan_plan(tmp_path)
+    run(double, plan)
+    before = len(double.runs())
+    result, rec = run(double, wan_plan(tmp_path))
+    assert result.status == "succeeded" and result.run_dir is None  # nothing ran: no run folder
+    assert rec.skipped() == dict.fromkeys([s.id for s in plan.steps], "up to date")
+    assert len(double.runs()) == before
+
+
+def test_changing_a_training_setting_reruns_training_and_what_follows(double, tmp_path):
+    run(double, wan_plan(tmp_path))
+    first = len(double.runs())
+    result, rec = run(double, wan_plan(tmp_path, network_dim=8))
+    assert result.status == "succeeded"
+    assert double.runs()[first:] == ["wan_train_network", "lora_post_hoc_ema", "convert_lora"]
+    assert rec.skipped() == {"cache_latents": "up to date", "cache_text": "up to date"}
+    assert rec.kinds("plan")[0].data["reasons"]["train"] == "settings changed"
+
+
+def test_a_new_image_reruns_caching_and_everything_after(double, tmp_path):
+    run(double, wan_plan(tmp_path))
+    from executor_plans import make_images
+
+    make_images(tmp_path / "imgs", names=("c",))
+    result, rec = run(double, wan_plan(tmp_path))
+    assert rec.skipped() == {}
+    assert result.status == "succeeded"
+
+
+def test_deleted_output_reruns_only_its_step_and_followers(double, tmp_path):
+    run(double, wan_plan(tmp_path))
+    (tmp_path / "out" / "lora_ema.safetensors").unlink()
+    first = len(double.runs())
+    result, rec = run(double, wan_plan(tmp_path))
+    assert double.runs()[first:] == ["lora_post_hoc_ema", "convert_lora"]
+    assert rec.kinds("plan")[0].data["reasons"]["ema"].startswith("output missing")
+
+
+def test_only_from_until_and_force_select_steps(double, tmp_path):
+    result, rec = run(double, wan_plan(tmp_path), until="cache_text")
+    assert double.runs() == ["wan_cache_latents", "wan_cache_text_encoder_outputs"]
+    assert rec.skipped()["train"] == "not selected (never ran)"
+    run(double, wan_plan(tmp_path))
+    n = len(double.runs())
+    run(double, wan_plan(tmp_path), only=["ema"], force=True)
+    assert double.runs()[n:] == ["lora_post_hoc_ema"]
+    with pytest.raises(PipelineError, match="no step named 'trian'"):
+        run(double, wan_plan(tmp_path), from_="trian")
+
+
+def test_exit_0_without_the_promised_file_is_a_failure(double, tmp_path):
+    plan = wan_plan(tmp_path)
+    convert = plan.step("convert")
+    promised = Output("lora", "file", str(tmp_path / "out" / "never_written.safetensors"))
+    plan.steps[-1] = replace(convert, outputs=[promised])
+    result, rec = run(double, plan)
+    end = rec.ended()["convert"]
+    assert result.status == "failed" and end["returncode"] == 0
+    assert end["cause"].startswith(f"exited 0 but did not write {promised.path}")
+    assert StateFile(state_path(plan)).record("convert")["status"] == "failed"
+
+
+def test_failure_names_cause_fix_and_log_and_stops_what_follows(double, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_train_network:network_module")
+    result, rec = run(double, wan_plan(tmp_path))
+    end = rec.ended()["train"]
+    assert result.status == "failed" and end["status"] == "failed" and end["returncode"] == 1
+    assert "network module" in (end["cause"] + end["fix"]).lower()
+    assert Path(end["log"]).exists() and "No LoRA modules found" in Path(end["log"]).read_text()
+    assert rec.skipped() == {"ema": "not run: train failed", "convert": "not run: train failed"}
+    # the caches stay done: the next run starts at training
+    n = len(double.runs())
+    monkeypatch.delenv("MUSUBI_DOUBLE_FAIL")
+    result, rec = run(double, wan_plan(tmp_path))
+    assert result.status == "succeeded" and double.runs()[n] == "wan_train_network"
+
+
+def test_transient_failure_is_retried_when_asked(double, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_cache_text_encoder_outputs:hub_download")
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL_ONCE", "1")
+    result, rec = run(double, wan_plan(tmp_path), retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
+    assert result.status == "succeeded"
+    assert double.runs().count("wan_cache_text_encoder_outputs") == 2
+    assert "retrying" in rec.ended()["cache_text"]["changes"][0]
+
+
+def test_transient_failure_is_not_retried_by_default(double, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_cache_text_encoder_outputs:hub_download")
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL_ONCE", "1")
+    result, _ = run(double, wan_plan(tmp_path))
+    assert result.status == "failed" and double.runs().count("wan_cache_text_encoder_outputs") == 1
+
+
+def test_out_of_memory_is_retried_once_with_a_memory_setting(double, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_train_network:oom")
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL_ONCE", "1")
+    result, rec = run(double, wan_plan(tmp_path), retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
+    assert result.status == "succeeded", rec.ended()
+    change = rec.ended()["train"]["changes"][0]
+    assert change.startswith("out of memory; retrying once with --")
+    flag = change.split("with ", 1)[1].split()[0]
+    commands = (result.run_dir / "commands.txt").read_text().split("# train")
+    assert flag not in commands[1] and flag in commands[2]  # the record shows what changed
+    assert StateFile(state_path(wan_plan(tmp_path))).record("train")["changes"] == [change]
+
+
+def test_generated_files_never_overwrite_a_users_file(double, tmp_path):
+    plan = wan_plan(tmp_path)
+    (tmp_path / "dataset.toml").write_text("# my own dataset config\n")
+    with pytest.raises(PipelineError, match="was not written by musubi-pipe"):
+        run(double, plan)
+    assert (tmp_path / "dataset.toml").read_text() == "# my own dataset config\n"
+    (tmp_path / "dataset.toml").unlink()
+    run(double, plan)
+    gen = plan.files[0]
+    plan.files[0] = replace(gen, content=gen.content + "# changed by the pipeline\n")
+    run(double, plan)  # ours: replaced without complaint
+    assert (tmp_path / "dataset.toml").read_text().endswith("# changed by the pipeline\n")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("script", "../../../bin/evil.py", "not a musubi-tuner script name"),
+    ("launch_args", ["--no_python"], "accelerate launch flag '--no_python' is not allowed"),
+    ("env", {"LD_PRELOAD": "/tmp/x.so"}, "LD_PRELOAD may not be set"),
+    ("env", {"PYTHONPATH": "/tmp"}, "PYTHONPATH may not be set"),
+])
+def test_a_plan_cannot_choose_another_program(double, tmp_path, field, value, message):
+    plan = wan_plan(tmp_path)
+    plan.steps[0] = replace(plan.steps[0], **{field: value})
+    with pytest.raises(PipelineError, match=message):
+        run(double, plan)
+    assert double.runs() == []
+
+
+def test_outputs_outside_the_allowed_roots_are_refused(double, tmp_path):
+    plan = wan_plan(tmp_path / "p")
+    cfg = config_for(double.path)
+    cfg.allowed_output_roots = [tmp_path / "elsewhere"]
+    with pytest.raises(PipelineError, match="outside the allowed output folders"):
+        LocalExecutor(cfg).run(plan)
+    cfg.allowed_output_roots = [tmp_path / "p"]
+    assert LocalExecutor(cfg).run(plan).status == "succeeded"
+
+
+def test_gpus_from_the_configuration_reach_the_step(double, tmp_path):
+    cfg = config_for(double.path)
+    cfg.gpus = "1"
+    plan = wan_plan(tmp_path)
+    LocalExecutor(cfg).run(plan, until="cache_latents")
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert "CUDA_VISIBLE_DEVICES=1 " in (run_dir / "commands.txt").read_text()
+
+
+def test_dry_run_emits_the_same_events_and_runs_nothing(double, tmp_path):
+    rec = Recorder()
+    result = DryExecutor(config_for(double.path)).run(wan_plan(tmp_path), [rec])
+    assert result.status == "dry-run"
+    assert [e.step for e in rec.kinds("step_start")] == ["cache_latents", "cache_text", "train", "ema", "convert"]
+    assert "accelerate.commands.launch" in rec.kinds("step_start")[2].data["argv"]
+    assert double.runs() == [] and not (tmp_path / "runs").exists() and not (tmp_path / "dataset.toml").exists()
+
+
+def test_set_flag_replaces_or_appends():
+    assert set_flag(["--a", "1", "--b"], "--a", "2") == ["--b", "--a", "2"]
+    assert set_flag(["--a=1"], "--a", "2") == ["--a", "2"]
+    assert set_flag(["--x", "1"], "--fp8_base") == ["--x", "1", "--fp8_base"]
+
+
+# ------------------------------------------------------------- a real musubi-tuner checkout
+
+
+@pytest.mark.skipif(not os.environ.get("MUSUBI_TUNER_DIR"), reason="set MUSUBI_TUNER_DIR to run against a real checkout")
+def test_real_checkout_runs_post_hoc_ema_and_convert_on_cpu(tmp_path):
+    """convert_lora and lora_post_hoc_ema of a real musubi-tuner, over LoRA files made here."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from musubi_pipe.compiler.plan import Plan, Step, fingerprint
+    from musubi_pipe.executors.musubi_env import load_config
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    ckpts = []
+    for i in range(3):
+        tensors = {}
+        for mod in ("blocks_0_self_attn_q", "blocks_0_cross_attn_k"):
+            tensors[f"lora_unet_{mod}.lora_down.weight"] = rng.standard_normal((4, 16)).astype(np.float32)
+            tensors[f"lora_unet_{mod}.lora_up.weight"] = rng.standard_normal((16, 4)).astype(np.float32)
+            tensors[f"lora_unet_{mod}.alpha"] = np.array(4.0, dtype=np.float32)
+        path = out / f"lora-{i + 1:06d}.safetensors"
+        save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora_wan"})
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # post-hoc EMA orders by modification time
+        ckpts.append(path)
+    ema_out, comfy_out = out / "lora_ema.safetensors", out / "lora_comfy.safetensors"
+    steps = [
+        Step(id="ema", kind="ema", family="wan", script="lora_post_hoc_ema.py",
+             args=[*map(str, ckpts), "--beta", "0.5", "--output_file", str(ema_out)],
+             outputs=[Output("lora", "file", str(ema_out))]),
+        Step(id="convert", kind="convert", family="wan", script="convert_lora.py", needs=["ema"],
+             args=["--input", str(ema_out), "--output", str(comfy_out), "--target", "other"],
+             outputs=[Output("lora", "file", str(comfy_out))]),
+    ]
+    steps = [replace(s, fingerprint=fingerprint(s.args)) for s in steps]
+    plan = Plan(name="real", source=str(tmp_path / "p.toml"), workdir=str(tmp_path), steps=steps)
+    rec = Recorder()
+    result = LocalExecutor(load_config()).run(plan, [rec])
+    assert result.status == "succeeded", rec.ended()
+    ema = load_file(str(ema_out))
+    expect = ((ckpts_w := [load_file(str(c)) for c in ckpts])[0]["lora_unet_blocks_0_self_attn_q.lora_down.weight"] * 0.25
+              + ckpts_w[1]["lora_unet_blocks_0_self_attn_q.lora_down.weight"] * 0.25
+              + ckpts_w[2]["lora_unet_blocks_0_self_attn_q.lora_down.weight"] * 0.5)
+    assert np.allclose(ema["lora_unet_blocks_0_self_attn_q.lora_down.weight"], expect, atol=1e-5)
+    comfy_keys = set(load_file(str(comfy_out)))
+    assert any(k.startswith("diffusion_model.blocks.0.self_attn.q.lora_A") for k in comfy_keys), sorted(comfy_keys)
+    rec2 = Recorder()
+    LocalExecutor(load_config()).run(plan, [rec2])
+    assert rec2.skipped() == {"ema": "up to date", "convert": "up to date"}
