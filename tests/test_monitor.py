@@ -172,3 +172,12 @@ def test_reads_files_written_by_torch_style_writer(tmp_path):
     w.close()
     st = M.TrainingMonitor(tmp_path).poll()
     assert st.series["lr/unet"].values == pytest.approx([0.001, 0.002])
+
+
+def test_fast_and_general_decoders_agree():
+    one = M.encode_event(12.5, 300, {"loss/current": 0.125})
+    assert M._decode_simple(one) == (12.5, 300, "loss/current", 0.125)
+    two = M.encode_event(12.5, 300, {"loss/current": 0.125, "lr/unet": 0.5})
+    assert M._decode_simple(two) is None  # not the single-scalar layout: the general decoder runs
+    assert M.decode_event(two) == (12.5, 300, [("loss/current", 0.125), ("lr/unet", 0.5)])
+    assert M.decode_event(two, frozenset({"lr/unet"})) == (12.5, 300, [("lr/unet", 0.5)])

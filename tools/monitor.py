@@ -110,9 +110,44 @@ def _tensor_scalar(buf: bytes) -> float | None:
     return None
 
 
+_DOUBLE = struct.Struct("<d").unpack_from
+_FLOAT = struct.Struct("<f").unpack_from
+
+
+def _decode_simple(data: bytes) -> tuple[float, int, str, float] | None:
+    """Fast path for the one layout torch's SummaryWriter writes for add_scalar: wall_time, step,
+    and a summary with one simple_value. None for anything else (the general decoder handles it)."""
+    if len(data) < 20 or data[0] != 0x09 or data[9] != 0x10:
+        return None
+    pos, step, shift = 10, 0, 0
+    while True:
+        b = data[pos]
+        pos += 1
+        step |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+    # summary (field 5) > value (field 1) > tag (field 1), simple_value (field 2, fixed32); each
+    # length fits one byte for a scalar event
+    if data[pos] != 0x2A or data[pos + 2] != 0x0A or data[pos + 4] != 0x0A:
+        return None
+    n_summary, n_value, n_tag = data[pos + 1], data[pos + 3], data[pos + 5]
+    tag_end = pos + 6 + n_tag
+    if (n_summary >= 0x80 or n_value >= 0x80 or n_tag >= 0x80 or pos + 2 + n_summary != len(data)
+            or n_summary != n_value + 2 or n_value != n_tag + 7 or data[tag_end] != 0x15):
+        return None
+    if step >= 1 << 63:
+        step -= 1 << 64
+    return _DOUBLE(data, 1)[0], step, data[pos + 6:tag_end].decode("utf-8", "replace"), _FLOAT(data, tag_end + 1)[0]
+
+
 def decode_event(data: bytes, tags: frozenset | None = None) -> tuple[float, int, list[tuple[str, float]]]:
     """(wall_time, step, [(tag, value)...]) of one serialized tf.Event; scalars come from
     simple_value (torch's SummaryWriter, which accelerate uses) or from a scalar tensor."""
+    fast = _decode_simple(data)
+    if fast is not None:
+        wall, step, tag, value = fast
+        return wall, step, [(tag, value)] if tags is None or tag in tags else []
     wall, step, values = 0.0, 0, []
     for number, wire, value in _fields(data):
         if number == 1 and wire == 1:
@@ -227,7 +262,7 @@ class EventFileReader:
         if size == self.offset:
             return out
         unpack_q, unpack_i = struct.Struct("<Q").unpack_from, struct.Struct("<I").unpack_from
-        tags = self.tags
+        tags, decode_simple, good_headers = self.tags, _decode_simple, set()
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             pending = b""
@@ -239,10 +274,13 @@ class EventFileReader:
                 pos, n = 0, len(buf)
                 while pos + 12 <= n:
                     length = unpack_q(buf, pos)[0]
-                    if unpack_i(buf, pos + 8)[0] != masked_crc(buf[pos:pos + 8]):
-                        self.corrupt = f"{self.path}: damaged record header at byte {self.offset + pos}; reading stopped there"
-                        self.offset += pos
-                        return out
+                    header = buf[pos:pos + 12]
+                    if header not in good_headers:
+                        if unpack_i(buf, pos + 8)[0] != masked_crc(buf[pos:pos + 8]):
+                            self.corrupt = f"{self.path}: damaged record header at byte {self.offset + pos}; reading stopped there"
+                            self.offset += pos
+                            return out
+                        good_headers.add(header)  # records of one length share a header: check it once
                     end = pos + 12 + length + 4
                     if end > n:
                         break
@@ -251,9 +289,14 @@ class EventFileReader:
                         self.corrupt = f"{self.path}: damaged record data at byte {self.offset + pos}; reading stopped there"
                         self.offset += pos
                         return out
-                    wall, step, values = decode_event(data, tags)
-                    for tag, value in values:
-                        out.append((wall, step, tag, value))
+                    fast = decode_simple(data)
+                    if fast is not None:
+                        if tags is None or fast[2] in tags:
+                            out.append(fast)
+                    else:
+                        wall, step, values = decode_event(data, tags)
+                        for tag, value in values:
+                            out.append((wall, step, tag, value))
                     pos = end
                 self.offset += pos
                 pending = buf[pos:]
