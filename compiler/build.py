@@ -60,6 +60,7 @@ class _Compiler:
         self.files: list[GeneratedFile] = []
         self.steps: dict[str, Step] = {}
         self.dataset: DatasetConfig | None = None
+        self.reported = 0  # problems known before the current stage was built
         self.dataset_file = ""
 
     # --- helpers -------------------------------------------------------------------------
@@ -102,6 +103,7 @@ class _Compiler:
                 self.error(("stages", name, "kind"), f"{self.tpl.title} has no {stage.kind} stage", "remove the stage")
                 continue
             build = getattr(self, f"build_{stage.kind}")
+            self.reported = len(self.problems)
             try:
                 step = build(name, stage, self.tpl.stages[stage.kind], {r.field: r for r in refs[name]})
             except _Skip:
@@ -173,11 +175,13 @@ class _Compiler:
         self.dataset_file = str(Path(self.workdir) / "generated" / "dataset.toml")
         self.files.append(GeneratedFile(self.dataset_file, self.dataset.to_toml()))
 
-    def need_dataset(self, name: str) -> str:
+    def need_dataset(self, name: str, skip: bool = True) -> str:
+        """The generated dataset config; without a dataset, report it and (if skip) stop building the stage."""
         if self.dataset is None:
             if self.p.dataset is None:
                 self.error(("stages", name), "this stage needs a dataset, and the pipeline has none", "add a [dataset] table or dataset = \"path/to/dataset.toml\"")
-            raise _Skip
+            if skip:
+                raise _Skip
         return self.dataset_file
 
     # --- option handling -------------------------------------------------------------------
@@ -251,7 +255,9 @@ class _Compiler:
     def finish(self, name: str, stage, step: Step, needs: list[str]) -> Step:
         taken = {o for o in contract.options(step.script) if any(a == contract.options(step.script)[o].flag for a in step.args)}
         args = step.args + self.extra(name, stage, step.script, taken)
-        reason = contract.check(step.script, args)
+        # musubi's parser is the last word, but only on a stage whose own problems are fixed.
+        reported = any(p.severity == "error" for p in self.problems[self.reported:])
+        reason = None if reported else contract.check(step.script, args)
         if reason:
             self.error(("stages", name), f"musubi's {step.script} would reject this command: {reason}", "fix the option named in the message")
         upstream = [self.steps[n].fingerprint for n in needs if n in self.steps]
@@ -304,7 +310,7 @@ class _Compiler:
         return [Output(name, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
 
     def build_train(self, name, stage, tpl, refs) -> Step:
-        dataset = self.need_dataset(name)
+        dataset = self.need_dataset(name, skip=False)
         where = ("stages", name)
         values = self.settings(stage, tpl)
         script = tpl.script

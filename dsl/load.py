@@ -253,8 +253,8 @@ def _pydantic_problems(exc: ValidationError, data: dict, source: Source) -> list
     problems: list[Problem] = []
     seen: set[tuple] = set()
     for err in exc.errors(include_url=False):
-        loc = _clean_loc(err["loc"], data)
         kind = err["type"]
+        loc = _clean_loc(err["loc"], data, missing_ok=kind == "missing")
         if kind == "extra_forbidden":
             key = loc[-1]
             parent = _model_at(loc[:-1], data)
@@ -284,9 +284,10 @@ def _pydantic_problems(exc: ValidationError, data: dict, source: Source) -> list
     return _drop_union_noise(problems)
 
 
-def _clean_loc(loc: tuple, data: dict) -> tuple:
+def _clean_loc(loc: tuple, data: dict, missing_ok: bool = False) -> tuple:
     """Keep the parts of a pydantic location that exist in the document, dropping union
-    branch names ('DatasetConfig', 'video', 'train', ...); the last part may be a missing key."""
+    branch names ('DatasetConfig', 'video', 'train', ...); with missing_ok, the last part may
+    be a key the document lacks."""
     out: list = []
     node: Any = data
     for i, part in enumerate(loc):
@@ -294,7 +295,7 @@ def _clean_loc(loc: tuple, data: dict) -> tuple:
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
-        elif i != len(loc) - 1:
+        elif not (missing_ok and i == len(loc) - 1):
             continue
         out.append(part)
     return tuple(out)
@@ -330,8 +331,8 @@ def _model_at(loc: tuple, data: dict):
 
 def _drop_union_noise(problems: list[Problem]) -> list[Problem]:
     # `dataset` is a table or a path: when the table is wrong, pydantic also says "not a string".
-    paths_with_detail = {p.path for p in problems if p.path.startswith("dataset.")}
-    return [p for p in problems if not (p.path == "dataset" and paths_with_detail)]
+    detailed = any(p.path.startswith("dataset.") for p in problems)
+    return [p for p in problems if not (p.path == "dataset" and detailed)]
 
 
 def _show(value: Any) -> str:
@@ -354,6 +355,8 @@ def _type_fix(loc: tuple, err: dict) -> str:
         return f"write {name} as a list, such as [1, 2]"
     if kind.startswith("dict") or kind.startswith("model"):
         return f"write {name} as a table"
+    if kind == "value_error" and "float" in str(err.get("msg", "")):
+        return f"write {name} with a decimal point, such as {err.get('input')}.0"
     return ""
 
 
@@ -382,7 +385,7 @@ def load_dataset_file(path: str | Path):
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):
-            loc = _clean_loc(err["loc"], data)
+            loc = _clean_loc(err["loc"], data, missing_ok=err["type"] == "missing")
             if err["type"] == "extra_forbidden":
                 problems.append(source.problem(loc, f"unknown key {loc[-1]!r} (musubi: extra keys not allowed)", _dataset_key_fix(loc, data)))
             elif err["type"] == "value_error":
