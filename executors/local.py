@@ -204,7 +204,7 @@ def plan_resume(step: Step, record: dict | None) -> Resume | None:
     attempt_name = f"{name}-resume{k}"
     args = set_flag(step.args, "--resume", str(state_dir))
     args = set_flag(args, "--output_name", attempt_name)
-    if done_epochs is not None and total_epochs and (done_steps is None or not total_steps):
+    if done_epochs is not None and total_epochs:  # an epoch state of an epoch-length run: count epochs
         left = total_epochs - done_epochs
         if left <= 0:
             return None

@@ -106,7 +106,7 @@ def input_identities(step: Step, exclude: list[str]) -> list[dict]:
     upstream step's stamp instead."""
     out = []
     for inp in step.inputs:
-        if inp.from_step:
+        if inp.from_step or not inp.path:  # made upstream, or a slot the stage leaves empty
             continue
         p = Path(inp.path)
         out.append(dir_identity(p, exclude) if p.is_dir() else file_identity(p))
