@@ -3,7 +3,6 @@ incremental polls that follow (only appended bytes are read). Prints figures; as
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

@@ -269,3 +269,19 @@ def test_contact_sheet_draws_flags_and_saves(image_set, tmp_path):
     px = np.asarray(back.convert("RGB")).astype(int)
     assert ((px[..., 0] > 180) & (px[..., 1] < 80) & (px[..., 2] < 80)).sum() > 100
     assert not list(tmp_path.glob(".sheet*"))  # no temp file left behind
+
+
+def test_cli_dataset_inspect_json_sheet_and_exit_code(image_set, tmp_path):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    _, toml = image_set
+    res = CliRunner().invoke(main, ["dataset", "inspect", str(toml), "--family", "framepack", "--json",
+                                    "--sheet", str(tmp_path / "s.png")])
+    assert res.exit_code == 1  # broken.png is unreadable
+    data = json.loads(res.stdout)
+    assert data["suffix"] == "fp" and data["datasets"][0]["summary"]["unreadable"] == 1
+    assert (tmp_path / "s.png").stat().st_size > 0
+    res = CliRunner().invoke(main, ["dataset", "inspect", str(toml), "--family", "sdxl"])
+    assert res.exit_code == 1 and "unknown family" in res.output

@@ -181,3 +181,20 @@ def test_fast_and_general_decoders_agree():
     assert M._decode_simple(two) is None  # not the single-scalar layout: the general decoder runs
     assert M.decode_event(two) == (12.5, 300, [("loss/current", 0.125), ("lr/unet", 0.5)])
     assert M.decode_event(two, frozenset({"lr/unet"})) == (12.5, 300, [("lr/unet", 0.5)])
+
+
+def test_cli_monitor_writes_chart_and_json(tmp_path):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    w = M.EventFileWriter(tmp_path / "logs" / "events.out.tfevents.7")
+    for s in range(1, 30):
+        w.add_scalars(s, {"loss/current": 1.0 / s})
+    w.close()
+    res = CliRunner().invoke(main, ["monitor", str(tmp_path), "--json", "--png", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.splitlines()[0])["points"]["loss/current"] == 29
+    from PIL import Image
+
+    assert Image.open(tmp_path / "c.png").size == (800, 400)
