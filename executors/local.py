@@ -401,6 +401,10 @@ class LocalExecutor:
             + (1 if resume else 0),
         }
         self.state.put(step.id, record)
+        for out in step.outputs:  # musubi's savers do not create missing folders
+            folder = Path(out.path) if out.pattern else Path(out.path).parent
+            if out.path:
+                folder.mkdir(parents=True, exist_ok=True)
         transient_left = self._retry.transient_tries if self._retry.enabled else 0
         oom_left = 1 if self._retry.enabled and self._retry.oom_retry else 0
         attempt = 0
@@ -451,7 +455,7 @@ class LocalExecutor:
                 retry_note = f"attempt {attempt} failed ({cause}); retrying in {delay:.0f} s"
             elif failure.category == "oom" and oom_left > 0:
                 oom_left -= 1
-                change = next_memory_setting(step.kind, _settings(args))
+                change = next_memory_setting(step.kind, _settings(args), step.family)
                 if change:
                     args, what = _apply_setting(args, change)
                     retry_note = f"out of memory; retrying once with {what}"
@@ -642,7 +646,11 @@ def _settings(args: list[str]) -> dict:
 
 
 def _apply_setting(args: list[str], change) -> tuple[list[str], str]:
-    """Apply a memory setting from next_memory_setting to the argv: add or replace the flag."""
-    flag, value = change["flag"], change.get("value")
-    value = None if value in (None, True) else str(value)
-    return set_flag(args, flag, value), change.get("description") or " ".join(filter(None, [flag, value]))
+    """Apply a memory setting from next_memory_setting to the argv: add or replace its flag and
+    the flags that must come with it (fp8_scaled needs fp8_base)."""
+    words = []
+    for item in [{"flag": change["flag"], "value": change.get("value")}, *change.get("also", [])]:
+        value = None if item["value"] in (None, True) else str(item["value"])
+        args = set_flag(args, item["flag"], value)
+        words.append(" ".join(filter(None, [item["flag"], value])))
+    return args, " ".join(words) + (f": {change.get('description')}" if change.get("description") else "")

@@ -247,17 +247,33 @@ def test_set_flag_replaces_or_appends():
 # ------------------------------------------------------------- a real musubi-tuner checkout
 
 
+REAL_PIPELINE = """
+name = "real-ema"
+family = "wan"
+
+[stages.ema]
+kind = "ema"
+checkpoints = ["out/lora-000001.safetensors", "out/lora-000002.safetensors", "out/lora-000003.safetensors"]
+beta = 0.5
+
+[stages.comfy]
+kind = "convert"
+input = "@ema.lora"
+to = "comfyui"
+"""
+
+
 @pytest.mark.skipif(not os.environ.get("MUSUBI_TUNER_DIR"), reason="set MUSUBI_TUNER_DIR to run against a real checkout")
-def test_real_checkout_runs_post_hoc_ema_and_convert_on_cpu(tmp_path):
-    """convert_lora and lora_post_hoc_ema of a real musubi-tuner, over LoRA files made here."""
+def test_real_checkout_runs_post_hoc_ema_and_convert_on_cpu(tmp_path, monkeypatch):
+    """`musubi-pipe run` of post-hoc EMA and convert with a real musubi-tuner, over LoRA files made here."""
     import numpy as np
+    from click.testing import CliRunner
     from safetensors.numpy import load_file, save_file
 
-    from musubi_pipe.compiler.plan import Plan, Step, fingerprint
-    from musubi_pipe.executors.musubi_env import load_config
+    from musubi_pipe.cli import main
 
-    out = tmp_path / "out"
-    out.mkdir()
+    monkeypatch.setenv("MUSUBI_PIPE_CONFIG", str(tmp_path / "no-config.toml"))
+    (tmp_path / "out").mkdir()
     rng = np.random.default_rng(0)
     ckpts = []
     for i in range(3):
@@ -266,31 +282,19 @@ def test_real_checkout_runs_post_hoc_ema_and_convert_on_cpu(tmp_path):
             tensors[f"lora_unet_{mod}.lora_down.weight"] = rng.standard_normal((4, 16)).astype(np.float32)
             tensors[f"lora_unet_{mod}.lora_up.weight"] = rng.standard_normal((16, 4)).astype(np.float32)
             tensors[f"lora_unet_{mod}.alpha"] = np.array(4.0, dtype=np.float32)
-        path = out / f"lora-{i + 1:06d}.safetensors"
+        path = tmp_path / "out" / f"lora-{i + 1:06d}.safetensors"
         save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora_wan"})
-        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # post-hoc EMA orders by modification time
-        ckpts.append(path)
-    ema_out, comfy_out = out / "lora_ema.safetensors", out / "lora_comfy.safetensors"
-    steps = [
-        Step(id="ema", kind="ema", family="wan", script="lora_post_hoc_ema.py",
-             args=[*map(str, ckpts), "--beta", "0.5", "--output_file", str(ema_out)],
-             outputs=[Output("lora", "file", str(ema_out))]),
-        Step(id="convert", kind="convert", family="wan", script="convert_lora.py", needs=["ema"],
-             args=["--input", str(ema_out), "--output", str(comfy_out), "--target", "other"],
-             outputs=[Output("lora", "file", str(comfy_out))]),
-    ]
-    steps = [replace(s, fingerprint=fingerprint(s.args)) for s in steps]
-    plan = Plan(name="real", source=str(tmp_path / "p.toml"), workdir=str(tmp_path), steps=steps)
-    rec = Recorder()
-    result = LocalExecutor(load_config()).run(plan, [rec])
-    assert result.status == "succeeded", rec.ended()
-    ema = load_file(str(ema_out))
-    expect = ((ckpts_w := [load_file(str(c)) for c in ckpts])[0]["lora_unet_blocks_0_self_attn_q.lora_down.weight"] * 0.25
-              + ckpts_w[1]["lora_unet_blocks_0_self_attn_q.lora_down.weight"] * 0.25
-              + ckpts_w[2]["lora_unet_blocks_0_self_attn_q.lora_down.weight"] * 0.5)
-    assert np.allclose(ema["lora_unet_blocks_0_self_attn_q.lora_down.weight"], expect, atol=1e-5)
-    comfy_keys = set(load_file(str(comfy_out)))
+        ckpts.append(load_file(str(path)))
+    pipeline = tmp_path / "real.toml"
+    pipeline.write_text(REAL_PIPELINE)
+    r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
+    assert r.exit_code == 0, r.output
+    work = tmp_path / "musubi-out" / "real-ema"
+    ema = load_file(str(work / "ema" / "real-ema-ema.safetensors"))
+    key = "lora_unet_blocks_0_self_attn_q.lora_down.weight"
+    # beta 0.5 over three files in the given order: 0.25, 0.25, 0.5
+    assert np.allclose(ema[key], 0.25 * ckpts[0][key] + 0.25 * ckpts[1][key] + 0.5 * ckpts[2][key], atol=1e-5)
+    comfy_keys = set(load_file(str(work / "comfy" / "real-ema-ema-comfyui.safetensors")))
     assert any(k.startswith("diffusion_model.blocks.0.self_attn.q.lora_A") for k in comfy_keys), sorted(comfy_keys)
-    rec2 = Recorder()
-    LocalExecutor(load_config()).run(plan, [rec2])
-    assert rec2.skipped() == {"ema": "up to date", "convert": "up to date"}
+    r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
+    assert r.exit_code == 0 and "- ema skipped: up to date" in r.output and "- comfy skipped: up to date" in r.output
