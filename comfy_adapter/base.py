@@ -1,0 +1,472 @@
+"""What every MusubiTuner node shares: the pipeline document travelling between nodes, model
+pickers over ComfyUI's folders, and running a compiled plan inside ComfyUI with progress and cancel.
+
+Node API: the legacy ("V1") class API (INPUT_TYPES/RETURN_TYPES/FUNCTION). ComfyUI 0.3.x and the
+current releases load it unchanged, while the V3 `comfy_api.latest` schema changed between
+0.3.x releases; and a pack exporting NODE_CLASS_MAPPINGS is never read through the V3 entrypoint.
+
+ComfyUI modules (folder_paths, comfy.*, server) are imported inside functions: the pack imports
+without ComfyUI (tests, the command line) and without torch.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PIPELINE = "MUSUBI_PIPELINE"  # {"document": pipeline dict, "base": folder relative paths resolve against}
+LORA = "MUSUBI_LORA"  # {"ref": "@stage.lora" or "", "path": file}
+NONE = "(none)"
+UNSET_HELP = "0 = the family template's default"
+
+# Which ComfyUI model folder each model slot of the pipeline language is picked from.
+MODEL_FOLDERS = {
+    "dit": "diffusion_models", "dit_high_noise": "diffusion_models", "vae": "vae", "t5": "text_encoders",
+    "clip": "clip_vision", "text_encoder1": "text_encoders", "text_encoder2": "text_encoders",
+    "image_encoder": "clip_vision",
+}
+MODEL_HELP = {
+    "dit": "DiT checkpoint (diffusion_models folder)", "dit_high_noise": "Wan 2.2 A14B high-noise expert",
+    "vae": "VAE (vae folder)", "t5": "Wan umT5 text encoder (text_encoders folder)",
+    "clip": "Wan 2.1 I2V/FLF2V CLIP image encoder (clip_vision folder)",
+    "text_encoder1": "LLM text encoder (text_encoders folder)", "text_encoder2": "CLIP-L text encoder (text_encoders folder)",
+    "image_encoder": "FramePack SigLIP image encoder (clip_vision folder)",
+}
+
+
+class NodeError(Exception):
+    """A failure shown on the node: one line of cause and fix, no stack trace needed."""
+
+
+# ----------------------------------------------------------------------------- widgets
+
+
+def tip(kind: Any, tooltip: str, **options: Any) -> tuple:
+    return (kind, {"tooltip": tooltip, **options})
+
+
+def model_inputs(*slots: str, optional: bool = True) -> dict[str, tuple]:
+    """A picker over ComfyUI's model folder plus a free path (the path wins when set) per slot."""
+    out: dict[str, tuple] = {}
+    for slot in slots:
+        out[slot] = ([NONE, *_filenames(MODEL_FOLDERS[slot])],
+                     {"default": NONE, "tooltip": f"{MODEL_HELP[slot]}; {NONE} if unused or given as a path"})
+        out[f"{slot}_path"] = ("STRING", {"default": "", "tooltip": f"{MODEL_HELP[slot]} as a file path (overrides the picker)"})
+    return out
+
+
+def _filenames(folder: str) -> list[str]:
+    try:
+        import folder_paths
+    except ImportError:  # outside ComfyUI
+        return []
+    try:
+        return folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+
+
+def picked_models(kwargs: dict, slots: tuple[str, ...]) -> dict[str, str]:
+    models = {}
+    for slot in slots:
+        path = (kwargs.get(f"{slot}_path") or "").strip()
+        name = kwargs.get(slot) or NONE
+        if path:
+            models[slot] = path
+        elif name != NONE:
+            import folder_paths
+
+            full = folder_paths.get_full_path(MODEL_FOLDERS[slot], name)
+            if full is None:
+                raise NodeError(f"{slot}: {name} is not in ComfyUI's {MODEL_FOLDERS[slot]} folder any more; pick another file")
+            models[slot] = full
+    return models
+
+
+def parse_options(text: str, what: str = "options") -> dict[str, Any]:
+    """Extra stage fields written as TOML (`name = value` lines), for settings without a widget."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise NodeError(f"{what}: not valid TOML ({exc}); write one `name = value` per line, strings in quotes") from None
+
+
+def options_text(values: dict[str, Any]) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(values) if values else ""
+
+
+# ------------------------------------------------------------------- the pipeline document
+
+
+def new_pipeline(name: str, base: str = "", workdir: str = "", dataset: Any = None) -> dict:
+    doc: dict[str, Any] = {"name": name}
+    if workdir:
+        doc["workdir"] = workdir
+    if dataset is not None:
+        doc["dataset"] = dataset
+    doc["stages"] = {}
+    return {"document": doc, "base": base}
+
+
+def ensure_pipeline(pipe: dict | None, name: str = "comfyui") -> dict:
+    """A private copy of an incoming pipeline (or a new one): nodes never change their inputs,
+    ComfyUI caches and reuses them."""
+    return copy.deepcopy(pipe) if pipe else new_pipeline(name)
+
+
+def merge_pipelines(pipe: dict, other: dict | None) -> dict:
+    """Stages of `other` that `pipe` lacks are added (a node fed by two branches)."""
+    if not other:
+        return pipe
+    doc, add = pipe["document"], other["document"]
+    for key, value in add.items():
+        if key == "stages":
+            for name, stage in value.items():
+                if name in doc["stages"] and doc["stages"][name] != stage:
+                    raise NodeError(f"two branches both have a stage {name!r} with different settings; give one another stage_name")
+                doc["stages"][name] = stage
+        elif key == "models":
+            set_models(pipe, value)
+        elif key not in doc:
+            doc[key] = value
+    return pipe
+
+
+def set_family(pipe: dict, family: str, task: str | None) -> None:
+    doc = pipe["document"]
+    if doc.get("family", family) != family:
+        raise NodeError(f"this node is for {family}, but the pipeline it extends is {doc['family']}; use the {doc['family']} node")
+    doc["family"] = family
+    if task:
+        if doc.get("task", task) != task:
+            raise NodeError(f"task {task} differs from the pipeline's task {doc['task']}; one pipeline has one task")
+        doc["task"] = task
+
+
+def set_models(pipe: dict, models: dict[str, str]) -> None:
+    current = pipe["document"].setdefault("models", {})
+    for slot, path in models.items():
+        if slot in current and current[slot] != path:
+            raise NodeError(f"models.{slot} is {current[slot]} upstream and {path} here; one pipeline uses one {slot}")
+        current[slot] = path
+
+
+def add_stage(pipe: dict, name: str, stage: dict[str, Any]) -> str:
+    name = (name or "").strip() or stage["kind"]
+    stages = pipe["document"].setdefault("stages", {})
+    if name in stages and stages[name] != stage:
+        raise NodeError(f"the pipeline already has a stage {name!r}; give this node another stage_name")
+    stages[name] = stage
+    return name
+
+
+def lora_value(lora: dict | None, *pipes: dict | None, artifact: str = "") -> str | None:
+    """A LoRA socket as the language writes it: a reference when its stage is in one of these
+    pipelines (`artifact` picks another output of that stage, e.g. checkpoints), else its file."""
+    if not lora:
+        return None
+    ref = lora.get("ref") or ""
+    stage = ref[1:].split(".")[0]
+    if ref and any(p and stage in p["document"].get("stages", {}) for p in pipes):
+        return f"@{stage}.{artifact}" if artifact else ref
+    return lora["path"]
+
+
+def compile_pipeline(pipe: dict):
+    """The plan of the document, through the same loader and compiler as `musubi-pipe plan`."""
+    import tomli_w
+
+    from ..compiler.build import compile_pipeline as compile_
+    from ..dsl.load import Source, validate_pipeline
+    from ..errors import PipelineError
+
+    doc = pipe["document"]
+    base = pipe.get("base") or default_base()
+    file = str(Path(base) / f"{doc.get('name', 'comfyui')}.workflow.toml")
+    try:
+        text = tomli_w.dumps(doc)
+    except (TypeError, ValueError):
+        text = ""
+    source = Source(file=file, text=text, format="toml")
+    try:
+        pipeline = validate_pipeline(copy.deepcopy(doc), source)
+        return compile_(pipeline, source)
+    except PipelineError as err:
+        raise NodeError(one_line(err)) from None
+
+
+def one_line(err) -> str:
+    problems = [p for p in getattr(err, "problems", []) if getattr(p, "severity", "error") == "error"] or getattr(err, "problems", [])
+    if not problems:
+        return str(err)
+    first = problems[0]
+    where = f"{first.path}: " if first.path else ""
+    text = f"{where}{first.message}" + (f" (fix: {first.fix})" if first.fix else "")
+    return text + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def default_base() -> str:
+    """Where a pipeline built in ComfyUI keeps its records and default outputs."""
+    try:
+        import folder_paths
+
+        return str(Path(folder_paths.get_output_directory()) / "musubi-pipe")
+    except ImportError:
+        return str(Path.cwd() / "musubi-out")
+
+
+def loras_folder() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def comfy_config():
+    """The local configuration, writing only inside its own roots plus ComfyUI's output, temp
+    and LoRA folders: a shared workflow cannot write anywhere else."""
+    import dataclasses
+
+    import folder_paths
+
+    from ..errors import PipelineError
+    from ..executors.musubi_env import load_config
+
+    try:
+        config = load_config()
+    except PipelineError as err:
+        raise NodeError(one_line(err)) from None
+    roots = list(config.allowed_output_roots) + [Path(folder_paths.get_output_directory()), Path(folder_paths.get_temp_directory())]
+    roots += [Path(p) for p in folder_paths.get_folder_paths("loras") + folder_paths.get_folder_paths("diffusion_models")]
+    problems = config.problems()
+    if problems:
+        raise NodeError(one_line(type("E", (), {"problems": problems})()))
+    return dataclasses.replace(config, allowed_output_roots=roots)
+
+
+class Run:
+    """One run of a plan inside ComfyUI: progress bar, progress text, loss chart, cancel."""
+
+    def __init__(self, node_id: str | None, chart: bool = False):
+        self.node_id = node_id
+        self.chart = chart
+        self.outputs: dict[str, list[str]] = {}
+        self.failure: dict | None = None
+        self.run_dir = ""
+        self._last_chart = 0.0
+        self._monitor = None
+        self._pbar = None
+
+    def listener(self, e) -> None:
+        from ..executors import events as ev
+        from ..executors.terminal import progress_text
+
+        if e.kind == ev.PLAN:
+            self.run_dir = e.data.get("run_dir", "")
+        elif e.kind == ev.OUTPUT:
+            self.outputs.setdefault(e.step, []).append(e.data.get("path", ""))
+        elif e.kind == ev.STEP_END and e.data.get("status") not in ("succeeded", None):
+            self.failure = {"step": e.step, **e.data}
+        elif e.kind == ev.PROGRESS:
+            total = e.total or 0
+            preview = self._chart(e) if self.chart and e.phase == "training" else None
+            if self._pbar is not None and total:
+                self._pbar.update_absolute(min(e.current or 0, total), total, preview)
+            self._text(f"{e.step}: {progress_text(e)}")
+        elif e.kind == ev.STEP_START:
+            self._text(f"{e.step}: starting")
+        elif e.kind == ev.STEP_SKIPPED:
+            self._text(f"{e.step}: skipped ({e.data.get('reason', '')})")
+
+    def _text(self, text: str) -> None:
+        try:
+            from server import PromptServer
+
+            if self.node_id is not None and PromptServer.instance is not None:
+                PromptServer.instance.send_progress_text(text, self.node_id)
+        except Exception:  # progress text is a nicety; never fail a run over it
+            pass
+
+    def _chart(self, e):
+        now = time.monotonic()
+        if now - self._last_chart < 2.0 or not self.run_dir:
+            return None
+        self._last_chart = now
+        try:
+            from ..tools.monitor import TrainingMonitor, draw_chart
+
+            if self._monitor is None:
+                self._monitor = TrainingMonitor(self.run_dir, step=e.step)
+            return ("PNG", draw_chart(self._monitor.poll(), 640, 320), 640)
+        except Exception:
+            return None
+
+    def execute(self, plan, force: bool = False):
+        """Run the plan (steps already done are skipped); raise NodeError on failure."""
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from ..errors import PipelineError
+        from ..executors.local import LocalExecutor
+
+        config = comfy_config()
+        # musubi loads its models on the same GPU: give it the memory ComfyUI holds.
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        self._pbar = comfy.utils.ProgressBar(100, node_id=self.node_id)
+        executor = LocalExecutor(config)
+        box: dict[str, Any] = {}
+
+        def work():
+            try:
+                box["result"] = executor.run(plan, [self.listener], force=force)
+            except PipelineError as err:
+                box["error"] = one_line(err)
+            except Exception as exc:  # shown on the node, not lost in a thread
+                box["error"] = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=work, name="musubi-pipe-run", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if mm.processing_interrupted():
+                executor.cancel()
+        if "error" in box:
+            raise NodeError(box["error"])
+        result = box["result"]
+        if result.status == "cancelled":
+            mm.throw_exception_if_processing_interrupted()
+            raise NodeError("cancelled: the run was stopped and its processes ended")
+        if result.status != "succeeded":
+            f = self.failure or {}
+            cause = f.get("cause") or f"step {f.get('step', '?')} {result.status}"
+            fix = f.get("fix")
+            log = f.get("log")
+            raise NodeError(f"{f.get('step', '')}: {cause}" + (f" (fix: {fix})" if fix else "") + (f" [log: {log}]" if log else ""))
+        self._pbar.update_absolute(100, 100)
+        return result
+
+
+def run_pipeline(pipe: dict, node_id: str | None, chart: bool = False):
+    plan = compile_pipeline(pipe)
+    run = Run(node_id, chart=chart)
+    run.execute(plan)
+    return plan, run
+
+
+def side_effect_key(*parts: Any) -> str:
+    """IS_CHANGED value for nodes that run musubi: the same inputs give the same key, so ComfyUI
+    re-runs them only when a setting changed; a vanished output is caught by the executor's
+    own skip logic when it does run."""
+    from ..compiler.plan import fingerprint
+
+    return fingerprint(*parts)
+
+
+def newest(paths: list[str], suffixes: tuple[str, ...]) -> str | None:
+    files = [p for p in paths if p.lower().endswith(suffixes) and os.path.isfile(p)]
+    return max(files, key=os.path.getmtime) if files else None
+
+
+# Output files each node made on its last run, by node id: IS_CHANGED re-runs a node whose
+# outputs were deleted since (ComfyUI would otherwise serve its cached result).
+_MADE: dict[str, list[str]] = {}
+
+
+def remember_outputs(node_id: str | None, paths: list[str]) -> None:
+    if node_id is not None:
+        _MADE[str(node_id)] = [p for p in paths if p]
+
+
+def outputs_key(node_id: str | None) -> str:
+    paths = _MADE.get(str(node_id), [])
+    if any(not os.path.exists(p) for p in paths):
+        return f"missing {time.time()}"
+    return side_effect_key(paths)
+
+
+# ------------------------------------------------------------------ stage node skeleton
+
+
+def stage_inputs(default_name: str, pipeline_required: bool = True) -> tuple[dict, dict, dict]:
+    """(required, optional, hidden) inputs every stage node has."""
+    pipe = (PIPELINE, {"tooltip": "the pipeline so far (from Dataset Config or an earlier stage)"})
+    required = {"pipeline": pipe} if pipeline_required else {}
+    required["stage_name"] = tip("STRING", "name of this stage in the pipeline (unique; other stages refer to it)", default=default_name)
+    optional = {} if pipeline_required else {"pipeline": pipe}
+    optional["options"] = tip("STRING", "more settings of this stage in the pipeline language, one `name = value` per line "
+                              "(e.g. batch_size = 4)", multiline=True, default="")
+    optional["more"] = (PIPELINE, {"tooltip": "a second branch whose stages this one also uses (e.g. two trained LoRAs)"})
+    return required, optional, {"unique_id": "UNIQUE_ID"}
+
+
+def set_if(stage: dict, field: str, value: Any, unset: Any = 0) -> None:
+    """Widgets use a sentinel (0, -1, "") for 'the template's default'."""
+    if value != unset and value is not None:
+        stage[field] = value
+
+
+def build_stage(kw: dict, kind: str, family: str | None, task: str | None, slots: tuple[str, ...],
+                fields: dict[str, Any], *configs: dict | None) -> tuple[dict, str]:
+    """The pipeline with this node's stage added: incoming stages, models, config sockets,
+    widget fields, then the options text (later wins). Returns (pipeline, stage name)."""
+    pipe = ensure_pipeline(kw.get("pipeline"), name=kw.get("stage_name") or kind)
+    merge_pipelines(pipe, kw.get("more"))
+    if family:
+        set_family(pipe, family, task or None)
+    set_models(pipe, picked_models(kw, slots))
+    stage: dict[str, Any] = {"kind": kind}
+    for config in configs:
+        stage.update(config or {})
+    stage.update(fields)
+    stage.update(parse_options(kw.get("options", "")))
+    stage["kind"] = kind
+    name = add_stage(pipe, kw.get("stage_name", kind), stage)
+    return pipe, name
+
+
+def finish_stage(pipe: dict, name: str, node_id, chart: bool = False):
+    """Compile and run the pipeline (steps already done are skipped); return (plan, step, run)."""
+    plan, run = run_pipeline(pipe, node_id, chart=chart)
+    step = plan.step(name)
+    made = [o.path for o in step.outputs if o.kind == "file"] + run.outputs.get(name, [])
+    remember_outputs(node_id, made)
+    return plan, step, run
+
+
+def step_files(step, output: str) -> list[str]:
+    """Files of one of a step's outputs as they are on disk now (a skipped step made them earlier)."""
+    import glob
+
+    files: list[str] = []
+    for out in step.outputs:
+        if out.name != output:
+            continue
+        if out.kind == "file":
+            files += [out.path] if os.path.isfile(out.path) else []
+        else:
+            files += sorted(glob.glob(os.path.join(glob.escape(out.path), out.pattern or "*")))
+    return files
+
+
+class StageNode:
+    """Shared by nodes that add a stage and run it."""
+
+    FUNCTION = "run"
+    OUTPUT_NODE = True  # runs even when nothing is connected downstream: its product is files
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return outputs_key(kw.get("unique_id"))

@@ -1,0 +1,70 @@
+"""Cache nodes: VAE latents and text-encoder outputs, for every family, before training."""
+from __future__ import annotations
+
+from .base import PIPELINE, StageNode, build_stage, finish_stage, model_inputs, set_if, stage_inputs, tip
+
+FAMILIES = ["wan", "hunyuan_video", "framepack"]
+
+
+def _family_inputs() -> dict:
+    return {
+        "family": (FAMILIES, {"default": "wan", "tooltip": "model family the caches are for"}),
+        "task": tip("STRING", "Wan: t2v-14B, i2v-14B, t2v-A14B, ...; FramePack: i2v or f1; empty = the family's default", default=""),
+    }
+
+
+class VAELatentCache(StageNode):
+    DESCRIPTION = ("Encodes the dataset with the VAE into latent cache files (Wan I2V also with the CLIP image encoder, "
+                   "FramePack with its SigLIP image encoder). Files already cached are kept.")
+    CATEGORY = "MusubiTuner/Cache"
+    RETURN_TYPES = (PIPELINE, "STRING")
+    RETURN_NAMES = ("pipeline", "cache_folder")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage", "folder of the latent cache files")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("cache_latents")
+        required.update(_family_inputs())
+        required.update(model_inputs("vae", "clip", "image_encoder"))
+        required["batch_size"] = tip("INT", f"items encoded at once; 0 = the family template's default", default=0, min=0, max=64)
+        required["vae_tiling"] = tip("BOOLEAN", "encode in tiles to save VRAM (HunyuanVideo)", default=False)
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def run(self, family, task, batch_size, vae_tiling, unique_id=None, **kw):
+        fields: dict = {}
+        set_if(fields, "batch_size", batch_size)
+        set_if(fields, "vae_tiling", vae_tiling, False)
+        pipe, name = build_stage(kw, "cache_latents", family, task, ("vae", "clip", "image_encoder"), fields)
+        plan, step, _ = finish_stage(pipe, name, unique_id)
+        return (pipe, ", ".join(sorted({o.path for o in step.outputs})))
+
+
+class TextEncoderCache(StageNode):
+    DESCRIPTION = ("Encodes every caption with the text encoders into cache files (HunyuanVideo and FramePack: LLM + "
+                   "CLIP-L; Wan: umT5).")
+    CATEGORY = "MusubiTuner/Cache"
+    RETURN_TYPES = (PIPELINE, "STRING")
+    RETURN_NAMES = ("pipeline", "cache_folder")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage", "folder of the text-encoder cache files")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("cache_text_encoder")
+        required.update(_family_inputs())
+        required.update(model_inputs("text_encoder1", "text_encoder2", "t5"))
+        required["batch_size"] = tip("INT", "captions encoded at once; 0 = the family template's default", default=0, min=0, max=256)
+        required["fp8_text_encoder"] = tip("BOOLEAN", "load the LLM (HunyuanVideo/FramePack) or T5 (Wan) in fp8 to save VRAM", default=False)
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def run(self, family, task, batch_size, fp8_text_encoder, unique_id=None, **kw):
+        fields: dict = {}
+        set_if(fields, "batch_size", batch_size)
+        if fp8_text_encoder:
+            fields["fp8_t5" if family == "wan" else "fp8_llm"] = True
+        pipe, name = build_stage(kw, "cache_text_encoder", family, task, ("text_encoder1", "text_encoder2", "t5"), fields)
+        plan, step, _ = finish_stage(pipe, name, unique_id)
+        return (pipe, ", ".join(sorted({o.path for o in step.outputs})))
+
+
+NODES = {"MusubiTuner_VAELatentCache": (VAELatentCache, "VAE Latent Cache (musubi)"),
+         "MusubiTuner_TextEncoderCache": (TextEncoderCache, "Text Encoder Cache (musubi)")}

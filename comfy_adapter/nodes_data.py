@@ -1,0 +1,141 @@
+"""Data nodes: build or load a musubi dataset config and start a pipeline; view a dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import PIPELINE, NodeError, default_base, ensure_pipeline, new_pipeline, one_line, parse_options, tip
+
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
+
+
+def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str:
+    text = (kw.get("dataset_toml") or "").strip()
+    if text:
+        if "\n" not in text and text.lower().endswith(".toml"):
+            return text  # a dataset TOML file; the compiler reads and checks it
+        return parse_options(text, "dataset_toml")
+    folder = (kw.get("media_folder") or "").strip()
+    if not folder:
+        raise NodeError("no dataset: set media_folder (a folder of clips or images with .txt captions) or dataset_toml")
+    path = Path(folder) if Path(folder).is_absolute() else Path(base) / folder
+    if not path.is_dir():
+        raise NodeError(f"media_folder {path} is not a folder; give the folder that holds your clips or images")
+    is_video = any(p.suffix.lower() in VIDEO_EXTS for p in path.iterdir())
+    entry: dict = {"video_directory" if is_video else "image_directory": folder,
+                   "cache_directory": kw.get("cache_folder") or str(Path(default_base()) / name / "cache")}
+    if is_video:
+        frames = [int(x) for x in str(kw.get("target_frames", "1")).replace(" ", "").split(",") if x]
+        entry["target_frames"] = frames
+        entry["frame_extraction"] = kw.get("frame_extraction", "head")
+    general = {"resolution": [kw["width"], kw["height"]], "caption_extension": kw.get("caption_extension") or ".txt",
+               "batch_size": kw["batch_size"], "num_repeats": kw["num_repeats"], "enable_bucket": kw["enable_bucket"]}
+    return {"general": general, "datasets": [entry]}
+
+
+class DatasetConfig:
+    DESCRIPTION = ("Starts a musubi pipeline from a dataset: a folder of clips or images with captions, or a musubi "
+                   "dataset TOML (inline or a file path). Checks it the way musubi will and passes the pipeline on.")
+    CATEGORY = "MusubiTuner/Data"
+    RETURN_TYPES = (PIPELINE, "STRING")
+    RETURN_NAMES = ("pipeline", "summary")
+    OUTPUT_TOOLTIPS = ("the pipeline so far: connect a cache or trainer node", "what the dataset holds")
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "name": tip("STRING", "pipeline name: used for the LoRA file name and output folders", default="my-lora"),
+                "media_folder": tip("STRING", "folder of training clips or images, each with a caption file beside it", default=""),
+                "width": tip("INT", "training resolution width", default=960, min=64, max=4096, step=16),
+                "height": tip("INT", "training resolution height", default=544, min=64, max=4096, step=16),
+                "target_frames": tip("STRING", "video clips: frame counts to cut, comma separated, each 4*N+1", default="1, 25, 45"),
+                "frame_extraction": (["head", "chunk", "slide", "uniform", "full"], {"default": "head", "tooltip": "how clips are cut from each video"}),
+                "caption_extension": tip("STRING", "caption file extension", default=".txt"),
+                "batch_size": tip("INT", "items per batch", default=1, min=1, max=64),
+                "num_repeats": tip("INT", "times each item is repeated per epoch", default=1, min=1, max=1000),
+                "enable_bucket": tip("BOOLEAN", "group items of other aspect ratios into buckets instead of cropping", default=True),
+            },
+            "optional": {
+                "dataset_toml": tip("STRING", "a musubi dataset TOML ([general] and [[datasets]]) or the path of one; overrides the widgets above", multiline=True, default=""),
+                "cache_folder": tip("STRING", "where latent and text caches go (default: ComfyUI's output/musubi-pipe/<name>/cache)", default=""),
+                "base_folder": tip("STRING", "folder relative paths are taken from, and where run records go (default: ComfyUI's output/musubi-pipe)", default=""),
+                "workdir": tip("STRING", "where outputs go (default: musubi-out/<name> in the base folder)", default=""),
+            },
+        }
+
+    def build(self, name, base_folder="", workdir="", **kw):
+        from ..dsl.dataset import DatasetConfig as Model
+        from ..errors import PipelineError
+
+        base = base_folder or default_base()
+        dataset = _dataset_from_widgets(kw, base, name)
+        pipe = new_pipeline(name, base=base, workdir=workdir, dataset=dataset)
+        if isinstance(dataset, dict):
+            try:
+                config = Model.model_validate(dataset)
+            except Exception as exc:
+                raise NodeError(f"dataset: {str(exc).splitlines()[0]}; check the dataset settings") from None
+            errors = [(f, m, x) for f, m, x in config.problems() if not m.startswith("warning: ")]
+            if errors:
+                field, message, fix = errors[0]
+                raise NodeError(f"dataset.{field}: {message} (fix: {fix})")
+        try:
+            from ..tools.dataset import inspect_dataset
+
+            report = inspect_dataset(dataset if isinstance(dataset, dict) else str(Path(base) / dataset), read_media=False, check_cache=False)
+            summary = report.format()
+        except PipelineError as err:
+            raise NodeError(one_line(err)) from None
+        except Exception as exc:  # a summary is not worth failing the pipeline for
+            summary = f"(no summary: {exc})"
+        return (pipe, summary)
+
+
+class DatasetViewer:
+    DESCRIPTION = ("Shows the dataset as musubi will see it: a grid of thumbnails with captions, flagging missing "
+                   "captions, unreadable files and clips too short for the frame counts.")
+    CATEGORY = "MusubiTuner/Data"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("contact_sheet", "report")
+    OUTPUT_TOOLTIPS = ("one tile per item, problems in red", "the full dataset report")
+    FUNCTION = "view"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": (PIPELINE, {"tooltip": "a pipeline holding the dataset (from Dataset Config)"}),
+                "family": (["wan", "hunyuan_video", "framepack"], {"default": "wan", "tooltip": "model family: decides frame rate and cache names"}),
+                "max_items": tip("INT", "at most this many tiles", default=24, min=1, max=500),
+                "columns": tip("INT", "tiles per row", default=6, min=1, max=20),
+            }
+        }
+
+    def view(self, pipeline, family, max_items, columns):
+        import numpy as np
+        import torch
+
+        from ..errors import PipelineError
+        from ..tools.contact_sheet import make_contact_sheet
+        from ..tools.dataset import inspect_dataset
+
+        pipe = ensure_pipeline(pipeline)
+        dataset = pipe["document"].get("dataset")
+        if dataset is None:
+            raise NodeError("the pipeline has no dataset; connect a Dataset Config node")
+        if isinstance(dataset, str):
+            dataset = str(Path(pipe.get("base") or default_base()) / dataset)
+        try:
+            report = inspect_dataset(dataset, family=family)
+        except PipelineError as err:
+            raise NodeError(one_line(err)) from None
+        items = [i for d in report.datasets for i in d.items][:max_items]
+        sheet = make_contact_sheet(items, columns=columns, title=f"{len(items)} items, {family}")
+        image = torch.from_numpy(np.asarray(sheet.convert("RGB"), dtype=np.float32) / 255.0)[None]
+        return {"ui": {"text": [report.format()]}, "result": (image, report.format())}
+
+
+NODES = {"MusubiTuner_DatasetConfig": (DatasetConfig, "Dataset Config (musubi)"),
+         "MusubiTuner_DatasetViewer": (DatasetViewer, "Dataset Viewer (musubi)")}

@@ -1,0 +1,217 @@
+"""LoRA nodes: format conversion, merging into a base model, post-hoc EMA over checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, lora_value, loras_folder,
+                   model_inputs, new_pipeline, one_line, set_if, stage_inputs, step_files, tip)
+
+FAMILIES = ["wan", "hunyuan_video", "framepack"]
+SAVE_TO = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result"})
+
+
+def lora_format(path: str) -> str:
+    """"musubi" or "comfyui", from the tensor names in the file's header."""
+    from ..errors import PipelineError
+    from ..tools.lora import detect_format
+
+    try:
+        return detect_format(path)
+    except PipelineError as err:
+        raise NodeError(one_line(err)) from None
+
+
+def _lora_inputs(required: dict, optional: dict, count: int = 1) -> None:
+    try:
+        import folder_paths
+
+        names = folder_paths.get_filename_list("loras")
+    except ImportError:
+        names = []
+    for i in range(1, count + 1):
+        suffix = "" if count == 1 else f"_{i}"
+        required[f"lora_name{suffix}"] = ([NONE, *names], {"default": NONE, "tooltip": "a LoRA from ComfyUI's loras folder"})
+        optional[f"lora{suffix}"] = (LORA, {"tooltip": "a LoRA from a trainer, converter or EMA node (wins over the picker)"})
+        if count > 1:
+            required[f"strength{suffix}"] = tip("FLOAT", "weight of this LoRA in the merge", default=1.0, min=-5.0, max=5.0, step=0.05)
+
+
+def _picked_lora(kw: dict, suffix: str, *pipes) -> str | None:
+    value = lora_value(kw.get(f"lora{suffix}"), *pipes)
+    if value:
+        return value
+    name = kw.get(f"lora_name{suffix}", NONE)
+    if name == NONE:
+        return None
+    import folder_paths
+
+    return folder_paths.get_full_path("loras", name)
+
+
+def _lora_out(pipe: dict, stage: str, step) -> tuple:
+    files = step_files(step, "lora")
+    if not files:
+        raise NodeError(f"{stage}: {step.output('lora').path} was not written; see the run log")
+    return (pipe, {"ref": f"@{stage}.lora", "path": files[0]}, files[0])
+
+
+def _start(kw: dict, name: str) -> None:
+    if not kw.get("pipeline"):
+        kw["pipeline"] = new_pipeline(name)
+
+
+class FormatConverter(StageNode):
+    DESCRIPTION = ("Converts a LoRA between musubi's format and the ComfyUI/diffusers format; the direction is detected "
+                   "from the file, so musubi LoRAs become loadable by ComfyUI's LoRA loaders.")
+    CATEGORY = "MusubiTuner/LoRA"
+    RETURN_TYPES = (PIPELINE, LORA, "STRING")
+    RETURN_NAMES = ("pipeline", "lora", "lora_path")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage", "the converted LoRA", "the converted file")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("convert", pipeline_required=False)
+        required["family"] = (FAMILIES, {"default": "wan", "tooltip": "model family of the LoRA"})
+        _lora_inputs(required, optional)
+        required["to"] = (["auto", "comfyui", "musubi"], {"default": "auto", "tooltip": "auto: the other format than the file's"})
+        required["save_to"] = SAVE_TO
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def run(self, family, to, save_to, unique_id=None, **kw):
+        _start(kw, "comfyui-convert")
+        source = _picked_lora(kw, "", kw["pipeline"], kw.get("more"))
+        if not source:
+            raise NodeError("no LoRA: pick lora_name or connect a LoRA")
+        if to == "auto":
+            # A LoRA made by a stage of this pipeline is in musubi format; a file is read.
+            to = "comfyui" if source.startswith("@") or lora_format(source) == "musubi" else "musubi"
+        fields = {"input": source, "to": to}
+        if save_to == "loras folder":
+            stem = Path(kw["lora"]["path"] if kw.get("lora") else source).stem
+            fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-{to}.safetensors")
+        pipe, stage = build_stage(kw, "convert", family, None, (), fields)
+        plan, step, _ = finish_stage(pipe, stage, unique_id)
+        return _lora_out(pipe, stage, step)
+
+
+class PostHocEMA(StageNode):
+    DESCRIPTION = ("Averages a training run's saved checkpoints into a smoother LoRA (post-hoc EMA): a fixed beta, a "
+                   "beta range, or the power-function profile sigma_rel.")
+    CATEGORY = "MusubiTuner/LoRA"
+    RETURN_TYPES = (PIPELINE, LORA, "STRING")
+    RETURN_NAMES = ("pipeline", "lora", "lora_path")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage", "the averaged LoRA", "the averaged file")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("ema")
+        required["lora"] = (LORA, {"tooltip": "the LoRA of a trainer node: its checkpoints are averaged"})
+        required["beta"] = tip("FLOAT", "EMA decay (0 = the template's default)", default=0.0, min=0.0, max=0.99999, step=0.001)
+        required["beta2"] = tip("FLOAT", "end of a beta range (0 = a fixed beta)", default=0.0, min=0.0, max=0.99999, step=0.001)
+        required["sigma_rel"] = tip("FLOAT", "power-function EMA width (0 = off; overrides beta)", default=0.0, min=0.0, max=1.0, step=0.01)
+        required["save_to"] = SAVE_TO
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def run(self, lora, beta, beta2, sigma_rel, save_to, unique_id=None, **kw):
+        checkpoints = lora_value(lora, kw["pipeline"], kw.get("more"), artifact="checkpoints")
+        if not checkpoints or not checkpoints.startswith("@"):
+            raise NodeError("connect the LoRA output of a trainer node in this pipeline: EMA averages its checkpoints")
+        fields: dict = {"checkpoints": checkpoints}
+        set_if(fields, "beta", beta, 0.0)
+        set_if(fields, "beta2", beta2, 0.0)
+        set_if(fields, "sigma_rel", sigma_rel, 0.0)
+        if save_to == "loras folder":
+            fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{Path(lora['path']).stem}-ema.safetensors")
+        pipe, stage = build_stage(kw, "ema", None, None, (), fields)
+        plan, step, _ = finish_stage(pipe, stage, unique_id)
+        return _lora_out(pipe, stage, step)
+
+
+class LoRAMerger(StageNode):
+    DESCRIPTION = ("Merges up to three LoRAs, each with its weight, into the base DiT and saves the merged model "
+                   "(HunyuanVideo: merge_lora; Wan/FramePack: through the generate script).")
+    CATEGORY = "MusubiTuner/LoRA"
+    RETURN_TYPES = (PIPELINE, "STRING")
+    RETURN_NAMES = ("pipeline", "model_path")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage", "the merged model file (in diffusion_models unless save_to says otherwise)")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("merge", pipeline_required=False)
+        required["family"] = (FAMILIES, {"default": "hunyuan_video", "tooltip": "model family"})
+        required.update(model_inputs("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder"))
+        _lora_inputs(required, optional, count=3)
+        required["output_name"] = tip("STRING", "merged model file name", default="merged.safetensors")
+        required["save_to"] = (["diffusion_models folder", "pipeline workdir"], {"default": "diffusion_models folder", "tooltip": "where the merged model goes"})
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def run(self, family, output_name, save_to, unique_id=None, **kw):
+        _start(kw, "comfyui-merge")
+        loras = []
+        for i in (1, 2, 3):
+            path = _picked_lora(kw, f"_{i}", kw["pipeline"], kw.get("more"))
+            if path:
+                loras.append({"path": path, "multiplier": kw.get(f"strength_{i}", 1.0)})
+        if not loras:
+            raise NodeError("nothing to merge: pick or connect at least one LoRA")
+        fields: dict = {"loras": loras}
+        if save_to == "diffusion_models folder":
+            import folder_paths
+
+            name = Path(output_name).name or "merged.safetensors"
+            fields["output"] = str(Path(folder_paths.get_folder_paths("diffusion_models")[0]) / "musubi-pipe" / name)
+        pipe, stage = build_stage(kw, "merge", family, None, ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder"), fields)
+        plan, step, _ = finish_stage(pipe, stage, unique_id)
+        files = step_files(step, "model")
+        if not files:
+            raise NodeError(f"{stage}: {step.output('model').path} was not written; see the run log")
+        return (pipe, files[0])
+
+
+class LoRAWeightedMerge:
+    DESCRIPTION = ("Merges several LoRAs into one LoRA with a weight each (exact, or re-factorised to a rank), "
+                   "saved in ComfyUI's loras folder.")
+    CATEGORY = "MusubiTuner/LoRA"
+    RETURN_TYPES = (LORA, "STRING")
+    RETURN_NAMES = ("lora", "lora_path")
+    OUTPUT_TOOLTIPS = ("the merged LoRA", "the merged file")
+    FUNCTION = "merge"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required: dict = {}
+        optional: dict = {}
+        _lora_inputs(required, optional, count=3)
+        required["rank"] = tip("INT", "rank of the result (0 = exact: the ranks add up)", default=0, min=0, max=4096)
+        required["output_name"] = tip("STRING", "file name in loras/musubi-pipe/", default="merged-lora.safetensors")
+        required["overwrite"] = tip("BOOLEAN", "replace an existing file of that name", default=False)
+        return {"required": required, "optional": optional}
+
+    def merge(self, rank, output_name, overwrite, **kw):
+        from ..errors import PipelineError
+        from ..tools.lora import merge_loras
+
+        inputs = []
+        for i in (1, 2, 3):
+            path = _picked_lora(kw, f"_{i}")
+            if path:
+                inputs.append((path, float(kw.get(f"strength_{i}", 1.0))))
+        if len(inputs) < 2:
+            raise NodeError("pick or connect at least two LoRAs to merge")
+        name = Path(output_name).name or "merged-lora.safetensors"
+        output = Path(loras_folder()) / "musubi-pipe" / (name if name.endswith(".safetensors") else name + ".safetensors")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            merge_loras(output, inputs, rank=rank or None, force=overwrite)
+        except PipelineError as err:
+            raise NodeError(one_line(err)) from None
+        return ({"ref": "", "path": str(output)}, str(output))
+
+
+NODES = {
+    "MusubiTuner_LoRAWeightedMerge": (LoRAWeightedMerge, "LoRA Weighted Merge (musubi)"),
+    "MusubiTuner_FormatConverter": (FormatConverter, "LoRA Format Converter (musubi)"),
+    "MusubiTuner_LoRAMerger": (LoRAMerger, "LoRA Merger (musubi)"),
+    "MusubiTuner_PostHocEMA": (PostHocEMA, "Post-hoc EMA (musubi)"),
+}

@@ -1,0 +1,226 @@
+"""Training nodes: config nodes that return plain settings, and one LoRA trainer per family."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import (LORA, PIPELINE, NodeError, StageNode, build_stage, finish_stage, loras_folder, model_inputs,
+                   set_if, stage_inputs, step_files, tip)
+
+TRAIN_CONFIG = "MUSUBI_TRAIN_CONFIG"
+OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
+SAMPLING_CONFIG = "MUSUBI_SAMPLING_CONFIG"
+MEMORY_CONFIG = "MUSUBI_MEMORY_CONFIG"
+DEFAULT = "(default)"
+
+
+class TrainingConfig:
+    DESCRIPTION = "LoRA size, learning rate, training length, checkpoint cadence and seed, for a trainer node."
+    CATEGORY = "MusubiTuner/Train"
+    RETURN_TYPES = (TRAIN_CONFIG,)
+    RETURN_NAMES = ("training_config",)
+    OUTPUT_TOOLTIPS = ("connect to a LoRA trainer",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "network_dim": tip("INT", "LoRA rank: bigger learns more detail and makes a bigger file", default=32, min=1, max=1024),
+            "network_alpha": tip("FLOAT", "LoRA alpha: scales the update; often dim/2 or 1", default=16.0, min=0.0, max=1024.0, step=0.5),
+            "learning_rate": tip("FLOAT", "learning rate", default=2e-4, min=0.0, max=1.0, step=1e-6, round=False),
+            "max_train_epochs": tip("INT", "epochs to train (0 = use max_train_steps)", default=16, min=0, max=100000),
+            "max_train_steps": tip("INT", "steps to train when epochs is 0", default=0, min=0, max=10000000),
+            "save_every_n_epochs": tip("INT", "save a checkpoint every N epochs (0 = only at the end); checkpoints protect your work", default=1, min=0, max=100000),
+            "save_every_n_steps": tip("INT", "save a checkpoint every N steps (0 = off)", default=0, min=0, max=10000000),
+            "save_state": tip("BOOLEAN", "save optimizer state with each checkpoint, so an interrupted run resumes", default=True),
+            "seed": tip("INT", "training seed", default=42, min=0, max=2**31 - 1),
+            "gradient_checkpointing": tip("BOOLEAN", "trade speed for much less VRAM", default=True),
+        }}
+
+    def build(self, network_alpha, learning_rate, save_state, gradient_checkpointing, **kw):
+        config = {"network_alpha": float(network_alpha), "learning_rate": float(learning_rate),
+                  "save_state": bool(save_state), "gradient_checkpointing": bool(gradient_checkpointing)}
+        for key, value in kw.items():
+            set_if(config, key, value)
+        if "max_train_epochs" not in config and "max_train_steps" not in config:
+            raise NodeError("set max_train_epochs or max_train_steps (both are 0)")
+        return (config,)
+
+
+class OptimizerConfig:
+    DESCRIPTION = "Optimizer type and arguments, learning-rate scheduler and warmup, for a trainer node."
+    CATEGORY = "MusubiTuner/Train"
+    RETURN_TYPES = (OPTIMIZER_CONFIG,)
+    RETURN_NAMES = ("optimizer_config",)
+    OUTPUT_TOOLTIPS = ("connect to a LoRA trainer",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "optimizer_type": (["adamw8bit", "AdamW", "AdaFactor", "custom"], {"default": "adamw8bit", "tooltip": "optimizer; custom = the class path below"}),
+            "custom_optimizer": tip("STRING", "a dotted class path such as prodigyopt.Prodigy (when optimizer_type is custom)", default=""),
+            "optimizer_args": tip("STRING", "optimizer arguments as key=value, space separated (e.g. weight_decay=0.01)", default=""),
+            "lr_scheduler": (["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"], {"default": "constant", "tooltip": "learning-rate schedule"}),
+            "lr_warmup_steps": tip("INT", "warmup steps (0 = none)", default=0, min=0, max=1000000),
+            "max_grad_norm": tip("FLOAT", "gradient clipping (0 = the template's default)", default=0.0, min=0.0, max=100.0, step=0.1),
+        }}
+
+    def build(self, optimizer_type, custom_optimizer, optimizer_args, lr_scheduler, lr_warmup_steps, max_grad_norm):
+        kind = custom_optimizer.strip() if optimizer_type == "custom" else optimizer_type
+        if not kind:
+            raise NodeError("optimizer_type is custom but custom_optimizer is empty; give a class path such as prodigyopt.Prodigy")
+        config = {"optimizer_type": kind, "lr_scheduler": lr_scheduler}
+        if optimizer_args.split():
+            config["optimizer_args"] = optimizer_args.split()
+        set_if(config, "lr_warmup_steps", lr_warmup_steps)
+        set_if(config, "max_grad_norm", max_grad_norm, 0.0)
+        return (config,)
+
+
+class SamplingConfig:
+    DESCRIPTION = ("Timestep sampling and discrete flow shift for training, and the prompts of sample videos made "
+                   "during training to watch progress.")
+    CATEGORY = "MusubiTuner/Train"
+    RETURN_TYPES = (SAMPLING_CONFIG,)
+    RETURN_NAMES = ("sampling_config",)
+    OUTPUT_TOOLTIPS = ("connect to a LoRA trainer",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "timestep_sampling": ([DEFAULT, "shift", "sigmoid", "uniform", "sigma", "flux_shift", "qwen_shift", "logsnr", "qinglong_flux", "qinglong_qwen"],
+                                  {"default": DEFAULT, "tooltip": "how training timesteps are drawn"}),
+            "discrete_flow_shift": tip("FLOAT", "flow shift for training (0 = the template's default)", default=0.0, min=0.0, max=100.0, step=0.1),
+            "sample_prompts": tip("STRING", "one prompt per line for sample videos during training (empty = none)", multiline=True, default=""),
+            "sample_every_n_epochs": tip("INT", "make samples every N epochs (0 = off)", default=0, min=0, max=100000),
+            "sample_every_n_steps": tip("INT", "make samples every N steps (0 = off)", default=0, min=0, max=10000000),
+            "sample_at_first": tip("BOOLEAN", "also make samples before training starts", default=False),
+        }}
+
+    def build(self, timestep_sampling, discrete_flow_shift, sample_prompts, sample_every_n_epochs, sample_every_n_steps, sample_at_first):
+        config: dict = {}
+        set_if(config, "timestep_sampling", timestep_sampling, DEFAULT)
+        set_if(config, "discrete_flow_shift", discrete_flow_shift, 0.0)
+        prompts = [line.strip() for line in sample_prompts.splitlines() if line.strip()]
+        if prompts:
+            config["sample_prompts"] = [{"text": p} for p in prompts]
+            set_if(config, "sample_every_n_epochs", sample_every_n_epochs)
+            set_if(config, "sample_every_n_steps", sample_every_n_steps)
+            set_if(config, "sample_at_first", sample_at_first, False)
+        return (config,)
+
+
+def memory_fields(memory: dict | None, for_training: bool) -> dict:
+    """The Memory Optimizer's choices as the fields of a train or generate stage."""
+    if not memory:
+        return {}
+    out: dict = {}
+    if memory.get("fp8"):
+        out["fp8_base" if for_training else "fp8"] = True
+        if memory.get("fp8_scaled"):
+            out["fp8_scaled"] = True
+    set_if(out, "blocks_to_swap", memory.get("blocks_to_swap", 0))
+    set_if(out, "split_attn", memory.get("split_attn", False), False)
+    if for_training:
+        set_if(out, "gradient_checkpointing", memory.get("gradient_checkpointing", False), False)
+    return out
+
+
+class _Trainer(StageNode):
+    FAMILY = ""
+    SLOTS: tuple[str, ...] = ()
+    TASKS: list[str] = []
+    CATEGORY = "MusubiTuner/Train"
+    RETURN_TYPES = (PIPELINE, LORA, "STRING")
+    RETURN_NAMES = ("pipeline", "lora", "lora_path")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage", "the trained LoRA, for generators, converters and EMA",
+                       "the trained LoRA file (in ComfyUI's loras folder unless save_to says otherwise)")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("train")
+        if cls.TASKS:
+            required["task"] = (cls.TASKS, {"default": cls.TASKS[0], "tooltip": "what the LoRA is trained for"})
+        required.update(model_inputs(*cls.SLOTS))
+        required["output_name"] = tip("STRING", "LoRA file name without extension (empty = the pipeline name)", default="")
+        required["save_to"] = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result (and every checkpoint)"})
+        required["attention"] = ([DEFAULT, "sdpa", "flash_attn", "flash3", "xformers"], {"default": DEFAULT, "tooltip": "attention implementation for training"})
+        optional.update({
+            "training_config": (TRAIN_CONFIG, {"tooltip": "from LoRA Training Config"}),
+            "optimizer_config": (OPTIMIZER_CONFIG, {"tooltip": "from Optimizer Config"}),
+            "sampling_config": (SAMPLING_CONFIG, {"tooltip": "from Sampling Config"}),
+            "memory_config": (MEMORY_CONFIG, {"tooltip": "from Memory Optimizer"}),
+        })
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def extra_fields(self, kw: dict) -> dict:
+        return {}
+
+    def run(self, output_name, save_to, attention, unique_id=None, task=None, training_config=None,
+            optimizer_config=None, sampling_config=None, memory_config=None, **kw):
+        fields = self.extra_fields(kw)
+        set_if(fields, "output_name", output_name.strip(), "")
+        set_if(fields, "attention", attention, DEFAULT)
+        kw_pipe = kw.get("pipeline") or {}
+        if save_to == "loras folder":
+            name = kw_pipe.get("document", {}).get("name", "musubi")
+            fields["output_dir"] = str(Path(loras_folder()) / "musubi-pipe" / name)
+        pipe, stage = build_stage(kw, "train", self.FAMILY, task, self.SLOTS, fields, training_config, optimizer_config,
+                                  sampling_config, memory_fields(memory_config, True))
+        plan, step, _ = finish_stage(pipe, stage, unique_id, chart=True)
+        files = step_files(step, "lora")
+        if not files:
+            raise NodeError(f"{stage}: training finished but {step.output('lora').path} is missing; see the run log in {plan.workdir}")
+        path = files[0]
+        shown = path
+        try:
+            shown = os.path.relpath(path, loras_folder()) if Path(path).is_relative_to(loras_folder()) else path
+        except Exception:
+            pass
+        return (pipe, {"ref": f"@{stage}.lora", "path": path}, shown)
+
+
+class HunyuanVideoTrainer(_Trainer):
+    DESCRIPTION = "Trains a HunyuanVideo LoRA on the cached dataset, with live loss chart, progress and cancel."
+    FAMILY = "hunyuan_video"
+    SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2")
+
+
+class WanTrainer(_Trainer):
+    DESCRIPTION = ("Trains a Wan LoRA: Wan 2.1 T2V/I2V/FLF2V/Fun-Control, or one expert of Wan 2.2 A14B (high or low "
+                   "noise: one trainer node each).")
+    FAMILY = "wan"
+    SLOTS = ("dit", "dit_high_noise", "vae", "t5", "clip")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..compiler.templates import family_template
+
+        tpl = family_template("wan")
+        cls.TASKS = [tpl.default_task] + [t for t in tpl.tasks if t != tpl.default_task]
+        types = super().INPUT_TYPES()
+        types["required"]["expert"] = (["none", "high", "low"], {"default": "none", "tooltip": "Wan 2.2 A14B: which noise expert this run trains"})
+        return types
+
+    def extra_fields(self, kw):
+        expert = kw.pop("expert", "none")
+        return {"expert": expert} if expert != "none" else {}
+
+
+class FramePackTrainer(_Trainer):
+    DESCRIPTION = "Trains a FramePack (image-to-video) LoRA, FramePack or F1."
+    FAMILY = "framepack"
+    SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2", "image_encoder")
+    TASKS = ["i2v", "f1"]
+
+
+NODES = {
+    "MusubiTuner_TrainingConfig": (TrainingConfig, "LoRA Training Config (musubi)"),
+    "MusubiTuner_OptimizerConfig": (OptimizerConfig, "Optimizer Config (musubi)"),
+    "MusubiTuner_SamplingConfig": (SamplingConfig, "Sampling Config (musubi)"),
+    "MusubiTuner_HunyuanVideoTrainer": (HunyuanVideoTrainer, "HunyuanVideo LoRA Trainer (musubi)"),
+    "MusubiTuner_WanTrainer": (WanTrainer, "Wan LoRA Trainer (musubi)"),
+    "MusubiTuner_FramePackTrainer": (FramePackTrainer, "FramePack LoRA Trainer (musubi)"),
+}
