@@ -128,7 +128,7 @@ def test_video_dataset_frames_windows_and_flags(tmp_path):
     make_video(vid / "short.mp4", n=6, fps=30)
     (vid / "short.txt").write_text("short", encoding="utf-8")
     make_video(vid / "nocap.mp4", n=20)
-    make_video(vid / "cut.mp4", n=30).rename(vid / "cut.mp4")
+    make_video(vid / "cut.mp4", n=30)
     truncate(vid / "cut.mp4", 0.5)
     (vid / "cut.txt").write_text("cut", encoding="utf-8")
     toml = write_toml(tmp_path / "v.toml", """
@@ -152,7 +152,8 @@ source_fps = 30.0
     # FramePack runs at 30 fps: no frames are dropped, and its caches have section indices
     fp = D.inspect_dataset(toml, "framepack").datasets[0]
     assert by_name(fp, "long.mp4").frames_loaded == 17
-    assert any("-0000_0096x0064_fp.safetensors" in n for n in fp.cache.missing)
+    bucket = by_name(fp, "long.mp4").bucket  # video latents are named by their bucket size
+    assert f"long_00000-017-0000_{bucket[0]:04d}x{bucket[1]:04d}_fp.safetensors" in fp.cache.missing
 
 
 def test_cache_status_present_missing_stale_orphan(image_set):
@@ -285,3 +286,38 @@ def test_cli_dataset_inspect_json_sheet_and_exit_code(image_set, tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
     res = CliRunner().invoke(main, ["dataset", "inspect", str(toml), "--family", "sdxl"])
     assert res.exit_code == 1 and "unknown family" in res.output
+
+
+@pytest.mark.skipif(not MUSUBI_PY.exists(), reason="no musubi-tuner checkout with a venv (MUSUBI_TUNER_DIR)")
+def test_expected_cache_names_match_musubis_own_datasets(tmp_path):
+    """musubi's ImageDataset/VideoDataset list the latent files they would cache; ours must agree."""
+    make_image(tmp_path / "img" / "a.png", 640, 360)
+    (tmp_path / "img" / "a.txt").write_text("a", encoding="utf-8")
+    make_image(tmp_path / "img" / "b.jpg", 300, 500)
+    (tmp_path / "img" / "b.txt").write_text("b", encoding="utf-8")
+    make_video(tmp_path / "vid" / "v1.mp4", n=40, fps=30, width=96, height=64)
+    (tmp_path / "vid" / "v1.txt").write_text("v1", encoding="utf-8")
+    make_video(tmp_path / "vid" / "v2.mp4", n=10, fps=30)
+    (tmp_path / "vid" / "v2.txt").write_text("v2", encoding="utf-8")
+    code = f"""
+import sys, json, os
+sys.path.insert(0, {str(MUSUBI / 'src')!r})
+from musubi_tuner.dataset.image_video_dataset import ImageDataset, VideoDataset
+names = []
+i = ImageDataset((256, 256), '.txt', 1, 1, True, False, image_directory={str(tmp_path / 'img')!r}, architecture='wan')
+v = VideoDataset((256, 256), '.txt', 1, 1, False, False, frame_extraction='chunk', target_frames=[1, 13, 25],
+                 source_fps=30.0, video_directory={str(tmp_path / 'vid')!r}, architecture='wan')
+for ds in (i, v):
+    for _, batch in ds.retrieve_latent_cache_batches(1):
+        names += [os.path.basename(it.latent_cache_path) for it in batch]
+print(json.dumps(sorted(names)))
+"""
+    res = subprocess.run([str(MUSUBI_PY), "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    r = D.inspect_dataset({"general": {"resolution": 256, "caption_extension": ".txt"},
+                           "datasets": [{"image_directory": str(tmp_path / "img"), "enable_bucket": True},
+                                        {"video_directory": str(tmp_path / "vid"), "frame_extraction": "chunk",
+                                         "target_frames": [1, 13, 25], "source_fps": 30.0}]})
+    ours = sorted(n for d in r.datasets for n in d.cache.missing if not n.endswith("_te.safetensors"))
+    assert ours == theirs and len(ours) > 20

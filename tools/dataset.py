@@ -512,9 +512,12 @@ def _expected_cache(item: Item, suffix: str, window: int) -> tuple[list[str], st
     te = f"{stem}_{suffix}_te.safetensors"
     if item.size is None:
         return [], te
-    w, h = item.size
     if item.kind == "image":
+        w, h = item.size
         return [f"{stem}_{w:04d}x{h:04d}_{suffix}.safetensors"], te
+    # musubi resizes video frames to the bucket while loading them, so a video's latent file is
+    # named by its bucket size, not by the size of the file (checked against musubi's VideoDataset)
+    w, h = item.bucket
     names = []
     for start, n in item.windows:
         if suffix == "fp":
