@@ -298,3 +298,90 @@ def test_real_checkout_runs_post_hoc_ema_and_convert_on_cpu(tmp_path, monkeypatc
     assert any(k.startswith("diffusion_model.blocks.0.self_attn.q.lora_A") for k in comfy_keys), sorted(comfy_keys)
     r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
     assert r.exit_code == 0 and "- ema skipped: up to date" in r.output and "- comfy skipped: up to date" in r.output
+
+
+# ------------------------------------------------------------- the shipped example pipelines
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "pipelines" / "examples"
+MODEL_EXTS = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _prepare_example(src: Path, tmp_path: Path) -> Path:
+    """Copy the examples, point /models at this test's folder and make the files they name."""
+    from musubi_pipe.compiler import compile_file
+
+    from executor_plans import make_images
+
+    work = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, work)
+    for f in work.iterdir():
+        if f.is_file():
+            f.write_text(f.read_text(encoding="utf-8").replace("/models/", f"{tmp_path}/models/"), encoding="utf-8")
+    pipeline = work / src.name
+    plan = compile_file(pipeline)
+    for step in plan.steps:
+        for arg in step.args:
+            p = Path(arg)
+            if not p.is_absolute() or p.exists() or Path(plan.workdir) in p.parents:
+                continue
+            if p.suffix in MODEL_EXTS:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text("weights")
+            elif p.suffix == ".png":
+                make_images(p.parent, names=(p.stem,))
+    import tomllib
+
+    for gen in plan.files:
+        if gen.path.endswith(".toml") and "[[datasets]]" in gen.content:
+            for ds in tomllib.loads(gen.content)["datasets"]:
+                if ds.get("image_directory"):
+                    make_images(Path(ds["image_directory"]))
+                if ds.get("video_directory"):
+                    d = Path(ds["video_directory"])
+                    d.mkdir(parents=True, exist_ok=True)
+                    for n in ("clip1", "clip2"):
+                        (d / f"{n}.mp4").write_bytes(b"not decoded: the sidecar gives the size")
+                        (d / f"{n}.mp4.size").write_text("64x48x61")
+                        (d / f"{n}.txt").write_text(f"a clip {n}")
+    return pipeline
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*") if p.suffix in (".toml", ".yaml")
+                                           and p.name != "dataset.toml"))
+def test_example_runs_against_the_double_and_then_skips(double, tmp_path, monkeypatch, example):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+    from musubi_double import double_python
+
+    monkeypatch.setenv("MUSUBI_PIPE_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("MUSUBI_TUNER_DIR", str(double.path))
+    monkeypatch.setenv("MUSUBI_PIPE_PYTHON", double_python(double.path))
+    pipeline = _prepare_example(EXAMPLES / example, tmp_path)
+    r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
+    assert r.exit_code == 0, r.output
+    assert "✓ train" in r.output or "train" not in r.output
+    ran = len(double.runs())
+    r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
+    assert r.exit_code == 0 and "running 0 step(s)" in r.output, r.output
+    assert len(double.runs()) == ran
+
+
+def test_example_with_a_changed_training_setting_reruns_training_and_after(double, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+    from musubi_double import double_python
+
+    monkeypatch.setenv("MUSUBI_PIPE_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("MUSUBI_TUNER_DIR", str(double.path))
+    monkeypatch.setenv("MUSUBI_PIPE_PYTHON", double_python(double.path))
+    pipeline = _prepare_example(EXAMPLES / "wan21_t2v_1.3b_lora.toml", tmp_path)
+    assert CliRunner().invoke(main, ["run", str(pipeline), "--plain"]).exit_code == 0
+    text = pipeline.read_text()
+    pipeline.write_text(text.replace("network_dim = 32", "network_dim = 16"))
+    n = len(double.runs())
+    r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
+    assert r.exit_code == 0, r.output
+    assert double.runs()[n:] == ["wan_train_network", "wan_generate_video"]
+    assert "- cache_latents skipped: up to date" in r.output and "- cache_text skipped: up to date" in r.output
