@@ -461,7 +461,7 @@ def _read_item(item: Item, settings: dict, suffix: str, target_fps: float) -> No
                 im.load()  # decode fully: truncated files fail here, as they would in musubi
                 item.size = im.size
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            item.error = f"unreadable image ({str(exc).splitlines()[0][:160] or type(exc).__name__})"
+            item.error = f"unreadable image ({str(exc).splitlines()[0][:160] or type(exc).__name__}); musubi's latent caching stops on it"
             item.flags.append("unreadable")
             return
         item.bucket = bucket_for(item.size, settings["resolution"], settings["enable_bucket"], settings["bucket_no_upscale"])
