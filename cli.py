@@ -12,6 +12,7 @@ COMMANDS = {
     "plan": ".compiler.commands:plan",
     "dag": ".compiler.commands:dag",
     "schema": ".compiler.commands:schema",
+    "export-comfy": ".comfy_adapter.export:export_comfy",
     "run": ".executors.commands:run",
     "doctor": ".executors.commands:doctor",
     "init": ".executors.commands:init",
