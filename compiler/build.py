@@ -253,7 +253,8 @@ class _Compiler:
         return args
 
     def finish(self, name: str, stage, step: Step, needs: list[str]) -> Step:
-        taken = {o for o in contract.options(step.script) if any(a == contract.options(step.script)[o].flag for a in step.args)}
+        words = set(step.args)
+        taken = {dest for dest, opt in contract.options(step.script).items() if opt.flag in words}
         args = step.args + self.extra(name, stage, step.script, taken)
         # musubi's parser is the last word, but only on a stage whose own problems are fixed.
         reported = any(p.severity == "error" for p in self.problems[self.reported:])

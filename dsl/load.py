@@ -191,14 +191,17 @@ def _interpolate(data: dict, source: Source, problems: list[Problem]) -> dict:
     raw_vars = data.get("vars", {})
     if not isinstance(raw_vars, dict):
         return data  # the model reports the wrong type
-    from jinja2 import StrictUndefined, TemplateError
-    from jinja2.sandbox import SandboxedEnvironment
-
-    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
     context: dict[str, Any] = {"name": data.get("name"), "family": data.get("family"), "pipeline_dir": str(source.folder)}
+    jinja: list = []  # imported on first use: most documents have nothing to interpolate
 
     def render(value: Any, path: tuple) -> Any:
         if isinstance(value, str) and ("{{" in value or "{%" in value):
+            if not jinja:
+                from jinja2 import StrictUndefined, TemplateError
+                from jinja2.sandbox import SandboxedEnvironment
+
+                jinja[:] = [SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True), TemplateError]
+            env, TemplateError = jinja
             try:
                 return env.from_string(value).render(context)
             except TemplateError as exc:
