@@ -597,7 +597,7 @@ class LocalExecutor:
                 pass
         else:
             _signal_group(proc.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=self.grace_s)
+        alive = _wait_dead(tree, self.grace_s)
         if alive:
             _kill_group(proc.pid)
             for p in alive:
@@ -605,8 +605,27 @@ class LocalExecutor:
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
-            psutil.wait_procs(alive, timeout=5)
+            _wait_dead(alive, 5.0)
         return proc.wait()
+
+
+def _wait_dead(procs: list, timeout: float) -> list:
+    """Wait until every process has exited; a zombie counts as exited (it runs nothing, and
+    an orphan's zombie is reaped by init whenever init gets to it). Returns those still alive."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.01)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -385,3 +385,30 @@ def test_example_with_a_changed_training_setting_reruns_training_and_after(doubl
     assert r.exit_code == 0, r.output
     assert double.runs()[n:] == ["wan_train_network", "wan_generate_video"]
     assert "- cache_latents skipped: up to date" in r.output and "- cache_text skipped: up to date" in r.output
+
+
+@pytest.mark.parametrize("mode", ["rich", "plain", "quiet"])
+def test_terminal_display_shows_progress_failures_and_the_log(mode):
+    import io
+
+    from musubi_pipe.executors import events as ev
+    from musubi_pipe.executors.terminal import TerminalDisplay
+
+    out = io.StringIO()
+    show = TerminalDisplay(mode, stream=out)
+    for e in [ev.Event(ev.PLAN, data={"steps": ["train"], "run_dir": "/r"}),
+              ev.Event(ev.STEP_SKIPPED, step="cache", data={"reason": "up to date"}),
+              ev.Event(ev.STEP_START, step="train", data={"argv": ["python", "x.py"], "log": "/r/train.log", "attempt": 1}),
+              ev.Event(ev.PROGRESS, step="train", phase="training", current=5, total=10, epoch=1, epochs=2,
+                       loss=0.1234, rate=2.5, eta_s=2.0),
+              ev.Event(ev.STEP_END, step="train", data={"status": "failed", "cause": "CUDA out of memory [GPU 0]",
+                                                         "fix": "add --blocks_to_swap 20", "log": "/r/train.log"}),
+              ev.Event(ev.RUN_END, data={"status": "failed", "run_dir": "/r"})]:
+        show(e)
+    show.close()
+    text = out.getvalue()
+    assert "train failed: CUDA out of memory [GPU 0]" in text and "/r/train.log" in text
+    if mode != "quiet":
+        assert "cache skipped: up to date" in text
+    if mode == "plain":
+        assert "training  5/10  epoch 1/2  loss 0.1234  2.50 it/s  ETA 0:02" in text
