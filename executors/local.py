@@ -307,20 +307,15 @@ class LocalExecutor:
                                                "reasons": reasons, "run_dir": str(self.run_dir or "")}))
             stopped = ""
             for step in plan.steps:
-                if step.id not in to_run:
-                    why = ("up to date" if step.id not in stale else f"not selected ({reasons[step.id]})") \
-                        if not stopped or step.id not in chosen else f"not run: {stopped}"
+                if step.id in to_run and not stopped and self._cancel.is_set():
+                    result.status, stopped = CANCELLED, "the run was cancelled"
+                if step.id not in to_run or stopped:
+                    why = f"not run: {stopped}" if step.id in to_run else (
+                        "up to date" if step.id not in stale else f"not selected ({reasons[step.id]})")
                     result.steps[step.id] = "skipped"
                     self._emit(ev.Event(ev.STEP_SKIPPED, step=step.id, data={"reason": why}))
                     continue
-                if stopped:
-                    result.steps[step.id] = "skipped"
-                    self._emit(ev.Event(ev.STEP_SKIPPED, step=step.id, data={"reason": f"not run: {stopped}"}))
-                    continue
-                if self._cancel.is_set():
-                    status = CANCELLED
-                else:
-                    status = self._run_step(plan, step, reasons[step.id], exclude)
+                status = self._run_step(plan, step, reasons[step.id], exclude)
                 result.steps[step.id] = status
                 if status != SUCCEEDED:
                     result.status = status
@@ -410,8 +405,10 @@ class LocalExecutor:
         attempt = 0
         while True:
             attempt += 1
+            known = dict(record["progress"])
             outcome = self._attempt(step, args, log_path, attempt, changes, record)
-            if resume:
+            if resume:  # the attempt printed only the steps left: keep the whole run's length
+                record["progress"] = {**record["progress"], **{k: known[k] for k in ("total", "epochs") if k in known}}
                 spe = (step.meta or {}).get("steps_per_epoch") or record["progress"].get("steps_per_epoch")
                 out_dir = Path((step.meta or {}).get("output_dir") or flag_value(step.args, "--output_dir"))
                 name = (step.meta or {}).get("output_name") or flag_value(step.args, "--output_name")

@@ -191,3 +191,30 @@ sys.exit(130 if result.status == "cancelled" else 1)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=15) == 130
     assert_gone(procs)
+
+
+def test_a_resumed_run_cancelled_again_resumes_from_its_own_newest_state(checkout, tmp_path, monkeypatch):
+    record = tmp_path / "double-runs.jsonl"
+    monkeypatch.setenv("MUSUBI_DOUBLE_RECORD", str(record))
+    monkeypatch.setenv("MUSUBI_DOUBLE_STEP_SECONDS", "0.4")  # cancel lands well before the next save
+    out = tmp_path / "out"
+
+    def plan():
+        return wan_plan(tmp_path, steps=12, save_every_steps=2, save_state=True)
+
+    for newest in ("lora-step00000004-state", "lora-resume1-step00000002-state"):  # the 2nd is step 6 overall
+        ex = LocalExecutor(config_for(checkout))
+        t, rec, box = start(ex, plan())
+        wait_for(lambda: (out / newest / "random_states_0.pkl").exists())
+        ex.cancel()
+        t.join(timeout=20)
+        assert box["result"].status == "cancelled"
+    assert (out / "lora-step00000006-state").is_dir()  # renamed into one run's numbering
+    monkeypatch.setenv("MUSUBI_DOUBLE_STEP_SECONDS", "0.01")
+    rec = Recorder()
+    assert LocalExecutor(config_for(checkout)).run(plan(), [rec]).status == "succeeded"
+    argv = [json.loads(line) for line in record.read_text().splitlines() if '"wan_train_network"' in line][-1]["argv"]
+    assert argv[argv.index("--resume") + 1] == str(out / "lora-step00000006-state")
+    assert argv[argv.index("--max_train_steps") + 1] == "6"
+    assert argv[argv.index("--output_name") + 1] == "lora-resume2"
+    assert (out / "lora-step00000010.safetensors").exists() and (out / "lora.safetensors").exists()
