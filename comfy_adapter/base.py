@@ -55,6 +55,8 @@ def model_inputs(*slots: str, optional: bool = True) -> dict[str, tuple]:
         out[slot] = ([NONE, *_filenames(MODEL_FOLDERS[slot])],
                      {"default": NONE, "tooltip": f"{MODEL_HELP[slot]}; {NONE} if unused or given as a path"})
         out[f"{slot}_path"] = ("STRING", {"default": "", "tooltip": f"{MODEL_HELP[slot]} as a file path (overrides the picker)"})
+        if slot == "dit":
+            out["dit_dtype"] = (["auto", "bf16", "fp16", "fp32"], {"default": "auto", "tooltip": "dtype of the DiT weights; auto guesses it from the file name"})
     return out
 
 
@@ -83,6 +85,8 @@ def picked_models(kwargs: dict, slots: tuple[str, ...]) -> dict[str, str]:
             if full is None:
                 raise NodeError(f"{slot}: {name} is not in ComfyUI's {MODEL_FOLDERS[slot]} folder any more; pick another file")
             models[slot] = full
+    if "dit" in slots and kwargs.get("dit_dtype", "auto") != "auto":
+        models["dit_dtype"] = kwargs["dit_dtype"]
     return models
 
 
@@ -268,6 +272,8 @@ class Run:
         self._last_chart = 0.0
         self._monitor = None
         self._pbar = None
+        self._executor = None
+        self.interrupted = False
 
     def listener(self, e) -> None:
         from ..executors import events as ev
@@ -283,7 +289,15 @@ class Run:
             total = e.total or 0
             preview = self._chart(e) if self.chart and e.phase == "training" else None
             if self._pbar is not None and total:
-                self._pbar.update_absolute(min(e.current or 0, total), total, preview)
+                try:
+                    self._pbar.update_absolute(min(e.current or 0, total), total, preview)
+                except Exception as exc:
+                    # ComfyUI's progress hook raises (and clears the flag) when Cancel was pressed.
+                    if type(exc).__name__ != "InterruptProcessingException":
+                        raise
+                    self.interrupted = True
+                    if self._executor is not None:
+                        self._executor.cancel()
             self._text(f"{e.step}: {progress_text(e)}")
         elif e.kind == ev.STEP_START:
             self._text(f"{e.step}: starting")
@@ -326,7 +340,7 @@ class Run:
         mm.unload_all_models()
         mm.soft_empty_cache()
         self._pbar = comfy.utils.ProgressBar(100, node_id=self.node_id)
-        executor = LocalExecutor(config)
+        executor = self._executor = LocalExecutor(config)
         box: dict[str, Any] = {}
 
         def work():
@@ -342,12 +356,15 @@ class Run:
         while thread.is_alive():
             thread.join(0.1)
             if mm.processing_interrupted():
+                self.interrupted = True
                 executor.cancel()
+        if self.interrupted:
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException()  # ComfyUI reports the prompt as interrupted
         if "error" in box:
             raise NodeError(box["error"])
         result = box["result"]
         if result.status == "cancelled":
-            mm.throw_exception_if_processing_interrupted()
             raise NodeError("cancelled: the run was stopped and its processes ended")
         if result.status != "succeeded":
             f = self.failure or {}
@@ -391,10 +408,10 @@ def remember_outputs(node_id: str | None, paths: list[str]) -> None:
 
 
 def outputs_key(node_id: str | None) -> str:
-    paths = _MADE.get(str(node_id), [])
-    if any(not os.path.exists(p) for p in paths):
+    # Constant while the outputs exist, so ComfyUI's own input-based caching decides.
+    if any(not os.path.exists(p) for p in _MADE.get(str(node_id), [])):
         return f"missing {time.time()}"
-    return side_effect_key(paths)
+    return "outputs present"
 
 
 # ------------------------------------------------------------------ stage node skeleton

@@ -8,7 +8,7 @@ from .base import PIPELINE, NodeError, default_base, ensure_pipeline, new_pipeli
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 
 
-def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str:
+def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str | None:
     text = (kw.get("dataset_toml") or "").strip()
     if text:
         if "\n" not in text and text.lower().endswith(".toml"):
@@ -16,7 +16,7 @@ def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str:
         return parse_options(text, "dataset_toml")
     folder = (kw.get("media_folder") or "").strip()
     if not folder:
-        raise NodeError("no dataset: set media_folder (a folder of clips or images with .txt captions) or dataset_toml")
+        return None  # a pipeline without training data (generation, conversion, merging)
     path = Path(folder) if Path(folder).is_absolute() else Path(base) / folder
     if not path.is_dir():
         raise NodeError(f"media_folder {path} is not a folder; give the folder that holds your clips or images")
@@ -34,7 +34,8 @@ def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str:
 
 class DatasetConfig:
     DESCRIPTION = ("Starts a musubi pipeline from a dataset: a folder of clips or images with captions, or a musubi "
-                   "dataset TOML (inline or a file path). Checks it the way musubi will and passes the pipeline on.")
+                   "dataset TOML (inline or a file path). Checks it the way musubi will and passes the pipeline on. "
+                   "Leave both empty for a pipeline that only generates, converts or merges.")
     CATEGORY = "MusubiTuner/Data"
     RETURN_TYPES = (PIPELINE, "STRING")
     RETURN_NAMES = ("pipeline", "summary")
@@ -71,6 +72,8 @@ class DatasetConfig:
         base = base_folder or default_base()
         dataset = _dataset_from_widgets(kw, base, name)
         pipe = new_pipeline(name, base=base, workdir=workdir, dataset=dataset)
+        if dataset is None:
+            return (pipe, "no dataset: this pipeline can generate, convert and merge, not cache or train")
         if isinstance(dataset, dict):
             try:
                 config = Model.model_validate(dataset)

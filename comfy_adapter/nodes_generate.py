@@ -65,7 +65,7 @@ class _Generator(StageNode):
         required["infer_steps"] = tip("INT", "denoising steps (0 = the family's default)", default=0, min=0, max=200)
         required["guidance_scale"] = tip("FLOAT", "guidance scale (0 = the family's default)", default=0.0, min=0.0, max=30.0, step=0.1)
         required["flow_shift"] = tip("FLOAT", "flow shift (0 = the family's default)", default=0.0, min=0.0, max=100.0, step=0.1)
-        required["seed"] = tip("INT", "seed (-1 = random)", default=-1, min=-1, max=2**31 - 1)
+        required["seed"] = tip("INT", "seed (-1 = random)", default=-1, min=-1, max=2**31 - 1, control_after_generate=False)
         required["lora_name"] = ([NONE], {"default": NONE, "tooltip": "a LoRA from ComfyUI's loras folder"})
         required["lora_strength"] = tip("FLOAT", "multiplier of the picked or connected LoRA", default=1.0, min=-5.0, max=5.0, step=0.05)
         optional.update({

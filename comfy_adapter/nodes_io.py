@@ -116,7 +116,7 @@ class BatchProcessor:
     def INPUT_TYPES(cls):
         return {"required": {
             "prompts": tip("STRING", "one prompt per line; empty lines are skipped", multiline=True, default=""),
-            "seed": tip("INT", "seed of the first prompt; the next ones count up (-1 = random each)", default=-1, min=-1, max=2**31 - 1),
+            "seed": tip("INT", "seed of the first prompt; the next ones count up (-1 = random each)", default=-1, min=-1, max=2**31 - 1, control_after_generate=False),
         }}
 
     def build(self, prompts, seed):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, lora_value, loras_folder,
-                   model_inputs, new_pipeline, one_line, set_if, stage_inputs, step_files, tip)
+                   model_inputs, new_pipeline, one_line, parse_options, set_if, stage_inputs, step_files, tip)
 
 FAMILIES = ["wan", "hunyuan_video", "framepack"]
 SAVE_TO = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result"})
@@ -79,7 +79,7 @@ class FormatConverter(StageNode):
 
     def run(self, family, to, save_to, unique_id=None, **kw):
         _start(kw, "comfyui-convert")
-        source = _picked_lora(kw, "", kw["pipeline"], kw.get("more"))
+        source = _picked_lora(kw, "", kw["pipeline"], kw.get("more")) or parse_options(kw.get("options", "")).get("input")
         if not source:
             raise NodeError("no LoRA: pick lora_name or connect a LoRA")
         if to == "auto":
@@ -105,23 +105,26 @@ class PostHocEMA(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("ema")
-        required["lora"] = (LORA, {"tooltip": "the LoRA of a trainer node: its checkpoints are averaged"})
+        optional["lora"] = (LORA, {"tooltip": "the LoRA of a trainer node: its checkpoints are averaged (or list checkpoints in options)"})
         required["beta"] = tip("FLOAT", "EMA decay (0 = the template's default)", default=0.0, min=0.0, max=0.99999, step=0.001)
         required["beta2"] = tip("FLOAT", "end of a beta range (0 = a fixed beta)", default=0.0, min=0.0, max=0.99999, step=0.001)
         required["sigma_rel"] = tip("FLOAT", "power-function EMA width (0 = off; overrides beta)", default=0.0, min=0.0, max=1.0, step=0.01)
         required["save_to"] = SAVE_TO
         return {"required": required, "optional": optional, "hidden": hidden}
 
-    def run(self, lora, beta, beta2, sigma_rel, save_to, unique_id=None, **kw):
+    def run(self, beta, beta2, sigma_rel, save_to, unique_id=None, lora=None, **kw):
         checkpoints = lora_value(lora, kw["pipeline"], kw.get("more"), artifact="checkpoints")
-        if not checkpoints or not checkpoints.startswith("@"):
+        if lora and not (checkpoints or "").startswith("@"):
             raise NodeError("connect the LoRA output of a trainer node in this pipeline: EMA averages its checkpoints")
-        fields: dict = {"checkpoints": checkpoints}
+        if not lora and "checkpoints" not in parse_options(kw.get("options", "")):
+            raise NodeError("connect a trainer's LoRA, or list checkpoints = [...] in options, oldest first")
+        fields: dict = {"checkpoints": checkpoints} if checkpoints else {}
         set_if(fields, "beta", beta, 0.0)
         set_if(fields, "beta2", beta2, 0.0)
         set_if(fields, "sigma_rel", sigma_rel, 0.0)
         if save_to == "loras folder":
-            fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{Path(lora['path']).stem}-ema.safetensors")
+            stem = Path(lora["path"]).stem if lora else kw["pipeline"]["document"].get("name", "lora")
+            fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-ema.safetensors")
         pipe, stage = build_stage(kw, "ema", None, None, (), fields)
         plan, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
@@ -152,9 +155,9 @@ class LoRAMerger(StageNode):
             path = _picked_lora(kw, f"_{i}", kw["pipeline"], kw.get("more"))
             if path:
                 loras.append({"path": path, "multiplier": kw.get(f"strength_{i}", 1.0)})
-        if not loras:
+        if not loras and "loras" not in parse_options(kw.get("options", "")):
             raise NodeError("nothing to merge: pick or connect at least one LoRA")
-        fields: dict = {"loras": loras}
+        fields: dict = {"loras": loras} if loras else {}
         if save_to == "diffusion_models folder":
             import folder_paths
 

@@ -33,7 +33,7 @@ class TrainingConfig:
             "save_every_n_epochs": tip("INT", "save a checkpoint every N epochs (0 = only at the end); checkpoints protect your work", default=1, min=0, max=100000),
             "save_every_n_steps": tip("INT", "save a checkpoint every N steps (0 = off)", default=0, min=0, max=10000000),
             "save_state": tip("BOOLEAN", "save optimizer state with each checkpoint, so an interrupted run resumes", default=True),
-            "seed": tip("INT", "training seed", default=42, min=0, max=2**31 - 1),
+            "seed": tip("INT", "training seed", default=42, min=0, max=2**31 - 1, control_after_generate=False),
             "gradient_checkpointing": tip("BOOLEAN", "trade speed for much less VRAM", default=True),
         }}
 

@@ -35,8 +35,8 @@ class ComfyClient:
         ws = websocket.create_connection(self.url.replace("http", "ws", 1) + f"/ws?clientId={client_id}", timeout=timeout)
         try:
             status, answer = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
-            if status != 200:
-                return Outcome(None, [], answer, status)
+            if status != 200 or answer.get("node_errors"):
+                raise AssertionError(f"ComfyUI refused the prompt ({status}): {json.dumps(answer)[:2000]}")
             pid = answer["prompt_id"]
             messages = []
             deadline = time.monotonic() + timeout

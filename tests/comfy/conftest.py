@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import sys
 from pathlib import Path
 
@@ -71,6 +72,12 @@ def record(test_root) -> Path:
     path = Path(_need("MUSUBI_DOUBLE_RECORD"))
     path.write_text("")
     return path
+
+
+@pytest.fixture()
+def unique(test_root, request) -> str:
+    """A pipeline name no earlier session used (LoRAs land in ComfyUI's shared loras folder)."""
+    return f"t{int(time.time() * 1000) % 10**9}-{request.node.name[5:25].replace('_', '-')}".rstrip("-")
 
 
 @pytest.fixture(scope="session")

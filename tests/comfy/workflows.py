@@ -9,16 +9,18 @@ def model_widgets(*slots: str, **picked: str) -> dict:
     for slot in slots:
         out[slot] = picked.get(slot, NONE)
         out[f"{slot}_path"] = ""
+    if "dit" in slots:
+        out["dit_dtype"] = "auto"
     return out
 
 
-def wan_training(clips: str, name: str, steps: int = 0, epochs: int = 2, cache_folder: str = "") -> dict:
+def wan_training(clips: str, name: str, steps: int = 0, epochs: int = 2, base_folder: str = "", save_every: int = 1) -> dict:
     """Dataset -> latent cache -> text cache -> Wan trainer (t2v-1.3B) with its config nodes."""
     return {
         "1": {"class_type": "MusubiTuner_DatasetConfig", "inputs": {
             "name": name, "media_folder": clips, "width": 96, "height": 64, "target_frames": "1, 9",
             "frame_extraction": "head", "caption_extension": ".txt", "batch_size": 1, "num_repeats": 1,
-            "enable_bucket": False, "cache_folder": cache_folder}},
+            "enable_bucket": False, "cache_folder": "", "base_folder": base_folder}},
         "2": {"class_type": "MusubiTuner_VAELatentCache", "inputs": {
             "pipeline": ["1", 0], "stage_name": "cache_latents", "family": "wan", "task": "t2v-1.3B",
             "batch_size": 0, "vae_tiling": False, **model_widgets("vae", "clip", "image_encoder", vae="musubi-test-vae.safetensors")}},
@@ -28,7 +30,7 @@ def wan_training(clips: str, name: str, steps: int = 0, epochs: int = 2, cache_f
             **model_widgets("text_encoder1", "text_encoder2", "t5", t5="musubi-test-t5.safetensors")}},
         "4": {"class_type": "MusubiTuner_TrainingConfig", "inputs": {
             "network_dim": 4, "network_alpha": 2.0, "learning_rate": 1e-4, "max_train_epochs": 0 if steps else epochs,
-            "max_train_steps": steps, "save_every_n_epochs": 0 if steps else 1, "save_every_n_steps": 0,
+            "max_train_steps": steps, "save_every_n_epochs": 0 if steps else save_every, "save_every_n_steps": 0,
             "save_state": False, "seed": 1, "gradient_checkpointing": True}},
         "5": {"class_type": "MusubiTuner_OptimizerConfig", "inputs": {
             "optimizer_type": "adamw8bit", "custom_optimizer": "", "optimizer_args": "", "lr_scheduler": "constant",

@@ -1,0 +1,272 @@
+"""Workflow export: the ComfyUI workflow (API or UI format) of this pack's nodes that does what
+`musubi-pipe run` does for a pipeline file. Each stage becomes its node; settings without a widget
+go into the node's `options` text, so the nodes rebuild exactly the same pipeline document."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+# Widget values meaning "not set" on stage nodes: every stage field travels in `options`.
+KIND_NODES = {
+    "cache_latents": "MusubiTuner_VAELatentCache",
+    "cache_text_encoder": "MusubiTuner_TextEncoderCache",
+    "ema": "MusubiTuner_PostHocEMA",
+    "convert": "MusubiTuner_FormatConverter",
+    "merge": "MusubiTuner_LoRAMerger",
+}
+FAMILY_NODES = {
+    ("train", "hunyuan_video"): "MusubiTuner_HunyuanVideoTrainer", ("train", "wan"): "MusubiTuner_WanTrainer",
+    ("train", "framepack"): "MusubiTuner_FramePackTrainer",
+    ("generate", "hunyuan_video"): "MusubiTuner_HunyuanVideoGenerator", ("generate", "wan"): "MusubiTuner_WanGenerator",
+    ("generate", "framepack"): "MusubiTuner_FramePackGenerator",
+}
+SOCKET_TYPES = {"MUSUBI_PIPELINE", "MUSUBI_LORA", "MUSUBI_PROMPTS", "MUSUBI_TRAIN_CONFIG", "MUSUBI_OPTIMIZER_CONFIG",
+                "MUSUBI_SAMPLING_CONFIG", "MUSUBI_MEMORY_CONFIG", "IMAGE", "VIDEO"}
+
+
+def _classes() -> dict:
+    from .nodes import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS
+
+
+def _is_widget(spec: tuple) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def _widget_default(spec: tuple) -> Any:
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+
+
+def _inputs(class_type: str) -> list[tuple[str, tuple, bool]]:
+    """(name, spec, required) of a node class, in ComfyUI's widget order (required, then optional)."""
+    types = _classes()[class_type].INPUT_TYPES()
+    return [(n, s, True) for n, s in types.get("required", {}).items()] + \
+           [(n, s, False) for n, s in types.get("optional", {}).items()]
+
+
+def _family_value(options: list, value: str) -> str:
+    return value if value in options else options[0]
+
+
+def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, str, str]]]:
+    """Nodes (id, class_type, widgets) and links (from id, output slot, to id, input name) for a pipeline file."""
+    import networkx as nx
+
+    from ..compiler.build import compile_pipeline
+    from ..compiler.graph import build_graph
+    from ..dsl.load import load_pipeline
+    from ..errors import PipelineError
+
+    pipeline, source = load_pipeline(path)
+    compile_pipeline(pipeline, source)  # refuse to export what would not plan
+    problems: list = []
+    graph, _ = build_graph(pipeline, source, problems)
+    if pipeline.dataset is None:
+        dataset_text = ""
+    elif isinstance(pipeline.dataset, str):
+        dataset_text = pipeline.dataset
+    else:
+        import tomli_w
+
+        dataset_text = tomli_w.dumps(pipeline.dataset.to_musubi_dict())
+    first = {"id": "1", "class_type": "MusubiTuner_DatasetConfig", "widgets": {
+        "name": pipeline.name, "media_folder": "", "dataset_toml": dataset_text, "base_folder": str(source.folder),
+        "workdir": pipeline.workdir or "", "cache_folder": ""}}
+    nodes, links = [first], []
+    node_of: dict[str, str] = {}
+    models = pipeline.models.model_dump(exclude_none=True)
+    placed: set[str] = set()
+    order = list(nx.lexicographical_topological_sort(graph, key=lambda n: list(pipeline.stages).index(n)))
+    for number, name in enumerate(order, start=2):
+        stage = pipeline.stages[name]
+        class_type = KIND_NODES.get(stage.kind) or FAMILY_NODES[(stage.kind, pipeline.family)]
+        fields = stage.model_dump(mode="json", exclude_unset=True)
+        fields.pop("kind")
+        widgets: dict[str, Any] = {"stage_name": name}
+        names = {n for n, _, _ in _inputs(class_type)}
+        for n, spec, _ in _inputs(class_type):
+            if n == "family":
+                widgets[n] = pipeline.family
+            elif n == "task":
+                widgets[n] = pipeline.task or ("" if spec[0] == "STRING" else _family_value(spec[0], ""))
+                if spec[0] != "STRING" and pipeline.task is None:
+                    from ..compiler.templates import family_template
+
+                    widgets[n] = family_template(pipeline.family).default_task or spec[0][0]
+            elif n in ("save_to",):
+                widgets[n] = "pipeline workdir"
+            elif n == "to":
+                widgets[n] = fields.pop("to", "comfyui")
+        for slot in list(models):
+            if slot in names and slot not in placed:
+                widgets[slot if slot == "dit_dtype" else f"{slot}_path"] = models[slot]
+                placed.add(slot)
+        widgets["options"] = _toml(fields)
+        node_id = str(number)
+        nodes.append({"id": node_id, "class_type": class_type, "widgets": widgets})
+        node_of[name] = node_id
+        preds = sorted(graph.predecessors(name), key=order.index)
+        covered: set[str] = set()
+        primary = max(preds, key=lambda p: len(nx.ancestors(graph, p)), default=None)
+        if primary:
+            links.append((node_of[primary], 0, node_id, "pipeline"))
+            covered = nx.ancestors(graph, primary) | {primary}
+        else:
+            links.append(("1", 0, node_id, "pipeline"))
+        rest = [p for p in preds if p not in covered]
+        if rest:
+            other = max(rest, key=lambda p: len(nx.ancestors(graph, p)))
+            links.append((node_of[other], 0, node_id, "more"))
+            covered |= nx.ancestors(graph, other) | {other}
+            if any(p not in covered for p in rest):
+                raise PipelineError([_problem(source.file, name, "this stage joins more than two independent branches, "
+                                              "which a node cannot take in", "add needs = [...] to chain the branches")])
+    missing = sorted(set(models) - placed)
+    if missing:
+        raise PipelineError([_problem(source.file, "models", f"no stage node takes models {', '.join(missing)}",
+                                      "remove them from [models]")])
+    return nodes, links
+
+
+def _problem(file: str, where: str, message: str, fix: str):
+    from ..errors import Problem
+
+    return Problem(message, path=where, file=file, fix=fix)
+
+
+def _toml(values: dict) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(values) if values else ""
+
+
+def _widget_values(class_type: str, widgets: dict) -> dict[str, Any]:
+    values = {}
+    for n, spec, _ in _inputs(class_type):
+        if _is_widget(spec):
+            value = widgets.get(n, _widget_default(spec))
+            if isinstance(spec[0], list) and spec[0] and value not in spec[0] and not n.endswith("_path"):
+                value = spec[0][0]  # a picker over an empty model folder: the free path carries the file
+            values[n] = value
+    return values
+
+
+def to_api(nodes: list[dict], links: list) -> dict:
+    prompt = {}
+    for node in nodes:
+        prompt[node["id"]] = {"class_type": node["class_type"], "inputs": _widget_values(node["class_type"], node["widgets"]),
+                              "_meta": {"title": _classes()[node["class_type"]].__name__}}
+    for src, slot, dst, name in links:
+        prompt[dst]["inputs"][name] = [src, slot]
+    return prompt
+
+
+def to_ui(nodes: list[dict], links: list) -> dict:
+    """The editor's format, laid out left to right by topological generation."""
+    import networkx as nx
+
+    from .nodes import NODE_DISPLAY_NAME_MAPPINGS
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(n["id"] for n in nodes)
+    graph.add_edges_from((s, d) for s, _, d, _ in links)
+    position: dict[str, list[float]] = {}
+    sizes: dict[str, list[float]] = {}
+    for column, generation in enumerate(nx.topological_generations(graph)):
+        y = 60.0
+        for node_id in sorted(generation, key=int):
+            cls = next(n for n in nodes if n["id"] == node_id)["class_type"]
+            count = sum(1 for _, spec, _ in _inputs(cls) if _is_widget(spec))
+            sizes[node_id] = [380.0, 80.0 + 26.0 * count]
+            position[node_id] = [60.0 + 440.0 * column, y]
+            y += sizes[node_id][1] + 60.0
+    ui_links, out_links, in_link = [], {}, {}
+    for number, (src, slot, dst, name) in enumerate(links, start=1):
+        src_cls = next(n for n in nodes if n["id"] == src)["class_type"]
+        kind = _classes()[src_cls].RETURN_TYPES[slot]
+        ui_links.append([number, int(src), slot, int(dst), None, kind])
+        out_links.setdefault((src, slot), []).append(number)
+        in_link[(dst, name)] = number
+    ui_nodes = []
+    for order, node in enumerate(sorted(nodes, key=lambda n: list(nx.topological_sort(graph)).index(n["id"]))):
+        cls = node["class_type"]
+        values = _widget_values(cls, node["widgets"])
+        inputs = []
+        for n, spec, _ in _inputs(cls):
+            if not _is_widget(spec):
+                link = in_link.get((node["id"], n))
+                inputs.append({"name": n, "type": spec[0], "link": link})
+        for entry in inputs:
+            if entry["link"] is not None:
+                for link in ui_links:
+                    if link[0] == entry["link"]:
+                        link[4] = inputs.index(entry)
+        klass = _classes()[cls]
+        outputs = [{"name": name, "type": kind, "slot_index": i, "links": out_links.get((node["id"], i), [])}
+                   for i, (name, kind) in enumerate(zip(klass.RETURN_NAMES, klass.RETURN_TYPES))]
+        ui_nodes.append({
+            "id": int(node["id"]), "type": cls, "pos": position[node["id"]], "size": sizes[node["id"]],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "title": NODE_DISPLAY_NAME_MAPPINGS.get(cls, cls),
+            "properties": {"Node name for S&R": cls}, "widgets_values": list(values.values()),
+        })
+    return {
+        "id": "00000000-0000-4000-8000-000000000000", "revision": 0,
+        "last_node_id": max(int(n["id"]) for n in nodes), "last_link_id": len(ui_links),
+        "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "musubi_pipe": {"generated_by": "musubi-pipe export-comfy"}},
+        "version": 0.4,
+    }
+
+
+def export_workflow(path: str | Path, fmt: str = "ui") -> dict:
+    nodes, links = pipeline_nodes(path)
+    return to_api(nodes, links) if fmt == "api" else to_ui(nodes, links)
+
+
+def ui_to_api(workflow: dict) -> dict:
+    """An editor-format workflow of this pack's nodes as an API prompt (what the editor sends on Queue)."""
+    prompt = {}
+    links = {link[0]: link for link in workflow["links"]}
+    for node in workflow["nodes"]:
+        cls = node["type"]
+        widget_names = [n for n, spec, _ in _inputs(cls) if _is_widget(spec)]
+        inputs: dict[str, Any] = dict(zip(widget_names, node.get("widgets_values", [])))
+        for entry in node.get("inputs", []):
+            if entry.get("link") is not None:
+                link = links[entry["link"]]
+                inputs[entry["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": cls, "inputs": inputs}
+    return prompt
+
+
+@click.command("export-comfy")
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Workflow file to write.")
+@click.option("--format", "fmt", type=click.Choice(["ui", "api"]), default="ui", show_default=True,
+              help="ui: opens in the ComfyUI editor; api: for POST /prompt.")
+def export_comfy(pipeline, output, fmt):
+    """Write the ComfyUI workflow that does what `musubi-pipe run PIPELINE` does, made of the
+    MusubiTuner nodes."""
+    import sys
+
+    from ..errors import PipelineError
+    from ..executors.musubi_env import atomic_write_text
+
+    try:
+        workflow = export_workflow(pipeline, fmt)
+    except PipelineError as err:
+        click.echo(str(err), err=True)
+        sys.exit(2)
+    atomic_write_text(output, json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+    click.echo(f"wrote {output} ({fmt} format, {len(workflow['nodes']) if fmt == 'ui' else len(workflow)} nodes)")
