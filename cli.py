@@ -19,6 +19,9 @@ COMMANDS = {
     "dataset": ".tools.media_commands:dataset",
     "video": ".tools.media_commands:video",
     "monitor": ".tools.media_commands:monitor",
+    "lora": ".tools.lora_commands:lora",
+    "plan-memory": ".tools.lora_commands:plan_memory_command",
+    "gpu": ".tools.lora_commands:gpu",
 }
 
 

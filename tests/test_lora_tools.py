@@ -517,3 +517,36 @@ def test_module_lists_equal_the_modules_musubi_networks_create(tmp_path):
         family, variant = key.split("/")
         mine = {n: [m.in_features, m.out_features] for n, m in lora.target_modules(family, variant).items()}
         assert mine == modules, key
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_inspect_and_merge(tmp_path):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    a = make_lora(tmp_path / "a.safetensors", rank=4, alpha=2.0, seed=1)
+    b = make_lora(tmp_path / "b.safetensors", rank=4, alpha=4.0, seed=2)
+    run = CliRunner().invoke
+    res = run(main, ["lora", "inspect", str(a)])
+    assert res.exit_code == 0 and "format:  musubi (lora)" in res.output and "rank 4 x10" in res.output
+    res = run(main, ["lora", "inspect", str(a), "--family", "framepack", "--json"])
+    assert res.exit_code == 1
+    data = json.loads(res.output)
+    assert data["family"] == "wan" and data["coverage"]["family"] == "framepack" and len(data["coverage"]["unknown"]) == 10
+    out = tmp_path / "m.safetensors"
+    res = run(main, ["lora", "merge", str(out), f"{a}:0.5", f"{b}:-1", "--format", "comfyui"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"wrote {out} (comfyui format, 10 modules, rank 8)")
+    da, db, dm = deltas(a), deltas(b), deltas(out)
+    for k in dm:
+        np.testing.assert_allclose(dm[k], 0.5 * da[k] - db[k], rtol=1e-5, atol=1e-8)
+    res = run(main, ["lora", "merge", str(out), str(a)])
+    assert res.exit_code == 1 and "already exists" in res.output and "--force" in res.output
+    res = run(main, ["lora", "merge", str(out), str(a), str(b), "--rank", "2", "--force"])
+    assert res.exit_code == 0 and "relative error of the weight change" in res.output
+    (tmp_path / "junk.safetensors").write_text("hello")
+    res = run(main, ["lora", "inspect", str(tmp_path / "junk.safetensors")])
+    assert res.exit_code == 1 and "not a safetensors file" in res.output

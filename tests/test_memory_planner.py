@@ -118,3 +118,19 @@ def test_bad_input_is_reported():
         memory.plan_memory("wan", "t2v-14B", 24, "832")
     with pytest.raises(PipelineError, match="GPU memory must be positive"):
         memory.plan_memory("wan", "t2v-14B", 0)
+
+
+def test_cli_plan_memory():
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    res = CliRunner().invoke(main, ["plan-memory", "--family", "wan", "--task", "t2v-14B", "--vram", "24",
+                                    "--resolution", "832x480", "--frames", "33", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["train"] == memory.plan_memory("wan", "t2v-14B", 24).train and data["tokens"] == 14_040
+    res = CliRunner().invoke(main, ["plan-memory", "--family", "wan", "--task", "t2v-1.3B", "--vram", "80"])
+    assert res.exit_code == 0 and "gradient_checkpointing: off: the run fits without it" in res.output
+    res = CliRunner().invoke(main, ["plan-memory", "--family", "wan", "--vram", "8", "--resolution", "1280x720", "--frames", "81"])
+    assert res.exit_code == 1 and "lower the resolution or the frame count" in res.output

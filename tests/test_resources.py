@@ -2,6 +2,7 @@
 for the path with GPUs, its processes and the advice."""
 from __future__ import annotations
 
+import json
 import sys
 import types
 from types import SimpleNamespace
@@ -102,3 +103,16 @@ def test_advice_when_nothing_fits():
 def test_driver_not_loaded_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(fail=lambda nv: nv.NVMLError_DriverNotLoaded()))
     assert resources.gpu_report().message.startswith("the NVIDIA driver is installed but not loaded")
+
+
+def test_cli_gpu(monkeypatch):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(total_gib=80, used_gib=0))
+    res = CliRunner().invoke(main, ["gpu", "--family", "wan", "--task", "t2v-1.3B"])
+    assert res.exit_code == 0 and "gradient_checkpointing off, no fp8, blocks_to_swap 0" in res.output
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    res = CliRunner().invoke(main, ["gpu", "--json"])
+    assert res.exit_code == 1 and json.loads(res.output)["available"] is False
