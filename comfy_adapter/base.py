@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+EVENT_MESSAGE = "musubi_pipe.event"  # websocket message carrying an executor Event
 PIPELINE = "MUSUBI_PIPELINE"  # {"document": pipeline dict, "base": folder relative paths resolve against}
 LORA = "MUSUBI_LORA"  # {"ref": "@stage.lora" or "", "path": file}
 NONE = "(none)"
@@ -279,6 +280,8 @@ class Run:
         from ..executors import events as ev
         from ..executors.terminal import progress_text
 
+        if e.kind != ev.LOG:
+            self._forward(e)
         if e.kind == ev.PLAN:
             self.run_dir = e.data.get("run_dir", "")
         elif e.kind == ev.OUTPUT:
@@ -303,6 +306,16 @@ class Run:
             self._text(f"{e.step}: starting")
         elif e.kind == ev.STEP_SKIPPED:
             self._text(f"{e.step}: skipped ({e.data.get('reason', '')})")
+
+    def _forward(self, e) -> None:
+        """The executor's event as a websocket message, for `musubi-pipe run --executor comfy`."""
+        try:
+            from server import PromptServer
+
+            server = PromptServer.instance
+            server.send_sync(EVENT_MESSAGE, {"node": self.node_id, "event": e.to_dict()}, server.client_id)
+        except Exception:
+            pass
 
     def _text(self, text: str) -> None:
         try:
