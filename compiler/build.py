@@ -293,7 +293,7 @@ class _Compiler:
         values = self.settings(stage, tpl)
         args += self.options(name, stage, tpl.script, values)
         return Step(name, stage.kind, self.p.family, tpl.script, args,
-                    inputs=[Input("dataset_config", dataset)],
+                    inputs=self.media_inputs(dataset),
                     outputs=self.cache_outputs("latent_cache", f"*_{self.tpl.cache_arch}.safetensors"),
                     meta={"cache_arch": self.tpl.cache_arch})
 
@@ -302,9 +302,20 @@ class _Compiler:
         args = ["--dataset_config", dataset] + self.models(name, stage, tpl, tpl.script)
         args += self.options(name, stage, tpl.script, self.settings(stage, tpl))
         return Step(name, stage.kind, self.p.family, tpl.script, args,
-                    inputs=[Input("dataset_config", dataset)],
+                    inputs=self.media_inputs(dataset),
                     outputs=self.cache_outputs("text_encoder_cache", f"*_{self.tpl.cache_arch}_te.safetensors"),
                     meta={"cache_arch": self.tpl.cache_arch})
+
+    def media_inputs(self, dataset_file: str) -> list[Input]:
+        """The dataset config and its media: adding a clip or editing a caption re-runs caching."""
+        assert self.dataset is not None
+        inputs = [Input("dataset_config", dataset_file)]
+        for i, d in enumerate(self.dataset.datasets):
+            jsonl = d.video_jsonl_file if d.is_video else d.image_jsonl_file
+            for path in (d.media_directory, jsonl, d.control_directory):
+                if path:
+                    inputs.append(Input(f"media{i}", path))
+        return inputs
 
     def cache_outputs(self, name: str, pattern: str) -> list[Output]:
         assert self.dataset is not None
