@@ -14,7 +14,7 @@ from ..dsl.load import Source, format_path, load_dataset_file, load_pipeline
 from ..dsl.model import Pipeline
 from ..errors import PipelineError, Problem
 from . import contract
-from .graph import ARTIFACTS, Reference, build_graph
+from .graph import Reference, build_graph
 from .plan import LAUNCH_ACCELERATE, GeneratedFile, Input, Output, Plan, Step, fingerprint
 from .templates import FamilyTemplate, StageTemplate, family_template
 
@@ -587,7 +587,7 @@ class _Compiler:
         values = self.settings(stage, tpl)
         for key, low, high in (("beta", 0.0, 1.0), ("beta2", 0.0, 1.0)):
             if key in values and not low < values[key] < high:
-                self.error(where + (key,), f"{key} must be between 0 and 1, got {values[key]}", f"use a value such as 0.95")
+                self.error(where + (key,), f"{key} must be between 0 and 1, got {values[key]}", "use a value such as 0.95")
         if "sigma_rel" in values:
             if values["sigma_rel"] <= 0:
                 self.error(where + ("sigma_rel",), f"sigma_rel must be positive, got {values['sigma_rel']}", "use a value such as 0.2")

@@ -111,8 +111,8 @@ def schema(output):
     """Print the JSON Schema of pipeline files (for editor completion and checking)."""
     text = json.dumps(pipeline_schema(), indent=2, ensure_ascii=False) + "\n"
     if output:
-        from ..executors.musubi_env import atomic_write_text
+        from ..files import write_atomic
 
-        atomic_write_text(Path(output), text)
+        write_atomic(Path(output), text)
     else:
         click.echo(text, nl=False)

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 from ..compiler.plan import LAUNCH_ACCELERATE, Plan, Step
 from ..errors import PipelineError, Problem
 from . import events as ev
-from .musubi_env import MusubiConfig, atomic_write_text, environment_facts
+from ..files import write_atomic
+from .musubi_env import MusubiConfig, environment_facts
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, sha256_file, stamp, state_path)
 
@@ -348,10 +349,7 @@ class LocalExecutor:
                         f"{path} exists and was not written by musubi-pipe (or was edited since)",
                         file=plan.source, path="files",
                         fix="move or delete it, or rename the generated file in the pipeline")])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
             self.state.generated[str(path)] = new_hash
             changed = True
         if changed:
@@ -366,8 +364,8 @@ class LocalExecutor:
             run_dir = base / f"{stamp_}-{n}"
         run_dir.mkdir(parents=True)
         self.run_dir = run_dir
-        atomic_write_text(run_dir / "plan.json", plan.to_json())
-        atomic_write_text(run_dir / "environment.json",
+        write_atomic(run_dir / "plan.json", plan.to_json())
+        write_atomic(run_dir / "environment.json",
                           json.dumps(environment_facts(self.config), indent=2, ensure_ascii=False, default=str))
         (run_dir / "commands.txt").write_text("", encoding="utf-8")
         self._events_file = open(run_dir / "events.jsonl", "a", encoding="utf-8")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PipelineError, Problem
+from ..files import write_atomic
 
 CONFIG_ENV = "MUSUBI_PIPE_CONFIG"  # path of the config file itself (tests, several setups)
 DIR_ENV = "MUSUBI_TUNER_DIR"
@@ -178,17 +179,9 @@ def write_config(path: Path, values: dict, force: bool = False) -> Path:
         "# accelerate needs no `accelerate config`: musubi-pipe passes explicit launch flags.\n"
         + tomli_w.dumps({k: v for k, v in values.items() if v not in (None, "", [])})
     )
-    atomic_write_text(path, text)
+    write_atomic(path, text)
     return path
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------- doctor

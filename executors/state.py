@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from ..files import write_atomic
 from ..compiler.plan import Plan, Step
 
 VERSION = 1
@@ -182,13 +183,7 @@ class StateFile:
 
     def save(self) -> None:
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.data, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1, ensure_ascii=False))
 
     def why_stale(self, step: Step, exclude: list[str], stale_needs: set[str]) -> str | None:
         """None when the step is up to date, else the reason it must run, in the user's words."""

@@ -114,8 +114,9 @@ def _wrap(text: str, width: int, lines: int) -> list[str]:
 
 def save_png(image, path: str | os.PathLike) -> Path:
     """Save a PIL image as PNG atomically (temporary file next to it, then renamed)."""
-    from .video import _atomic
+    from ..files import atomic_path
 
     path = Path(path)
-    _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

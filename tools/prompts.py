@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import PipelineError, Problem
+from ..files import write_atomic
 
 # Prompt field -> inline option, per parser. The generate scripts' parse_prompt_line (30c658c)
 # splits a line on " --" and reads the first word of each part; FramePack's --f is seconds.
@@ -173,7 +173,7 @@ def write_generate_prompts(prompts: Sequence[Prompt | dict], path: str | os.Path
     """Write a `--from_file` prompt file (UTF-8, one prompt per line) atomically."""
     path = Path(path)
     lines = generate_prompt_lines(prompts, script, file=str(path))
-    _atomic_text(path, "\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -204,7 +204,7 @@ def write_sample_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLi
     for i, p in enumerate(items):
         problems += _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", str(path))
     if path.suffix.lower() == ".json":
-        _atomic_text(path, sample_prompts_json(items, file=str(path)))
+        write_atomic(path, sample_prompts_json(items, file=str(path)))
         return path
     if path.suffix.lower() != ".txt":
         raise PipelineError([Problem(f"musubi reads sample prompts from .txt, .toml or .json, not {path.suffix or '(no extension)'}",
@@ -216,20 +216,9 @@ def write_sample_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLi
         lines.append(line)
     if problems:
         raise PipelineError(problems)
-    _atomic_text(path, "\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- outputs back to prompts ---------------------------------------------------------------

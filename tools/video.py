@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from ..files import atomic_path
 
 # Encoders tried per output kind, best first. PyAV's wheels bundle libx264, libvpx-vp9 and
 # libsvtav1; a system FFmpeg build may lack some, so each kind has a fallback.
@@ -253,7 +254,8 @@ def save_frames_png(frames, folder: str | os.PathLike, pattern: str = "frame_{:0
     paths = []
     for i, frame in enumerate(_as_uint8(frames)):
         path = folder / pattern.format(i)
-        _atomic(path, lambda tmp: Image.fromarray(frame).save(tmp, format="PNG"))
+        with atomic_path(path) as tmp:
+            Image.fromarray(frame).save(tmp, format="PNG")
         paths.append(path)
     return paths
 
@@ -322,7 +324,8 @@ def write_video(frames, path: str | os.PathLike, fps: float = 16.0, *, codec: st
             for packet in stream.encode():
                 out.mux(packet)
 
-    _atomic(path, encode)
+    with atomic_path(path) as tmp:
+        encode(tmp)
     return path
 
 
@@ -335,19 +338,3 @@ def _as_uint8(frames):
     if data.dtype.kind == "f":
         return (np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     raise ValueError(f"frames must be uint8 or float in 0..1, got {data.dtype}")
-
-
-def _atomic(path: Path, write) -> None:
-    """Run write(tmp) on a temporary file next to `path`, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
