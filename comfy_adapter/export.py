@@ -27,10 +27,22 @@ SOCKET_TYPES = {"MUSUBI_PIPELINE", "MUSUBI_LORA", "MUSUBI_PROMPTS", "MUSUBI_TRAI
                 "MUSUBI_SAMPLING_CONFIG", "MUSUBI_MEMORY_CONFIG", "IMAGE", "VIDEO"}
 
 
+class _SaveVideo:
+    """ComfyUI's core SaveVideo node, as far as example workflows use it."""
+
+    RETURN_TYPES: tuple = ()
+    RETURN_NAMES: tuple = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"video": ("VIDEO",), "filename_prefix": ("STRING", {"default": "video/ComfyUI"}),
+                             "format": (["auto", "mp4"], {"default": "auto"}), "codec": (["auto", "h264"], {"default": "auto"})}}
+
+
 def _classes() -> dict:
     from .nodes import NODE_CLASS_MAPPINGS
 
-    return NODE_CLASS_MAPPINGS
+    return {**NODE_CLASS_MAPPINGS, "SaveVideo": _SaveVideo}
 
 
 def _is_widget(spec: tuple) -> bool:
@@ -217,11 +229,15 @@ def to_ui(nodes: list[dict], links: list) -> dict:
         ui_nodes.append({
             "id": int(node["id"]), "type": cls, "pos": position[node["id"]], "size": sizes[node["id"]],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
-            "title": NODE_DISPLAY_NAME_MAPPINGS.get(cls, cls),
+            "title": node.get("title") or NODE_DISPLAY_NAME_MAPPINGS.get(cls, cls),
             "properties": {"Node name for S&R": cls}, "widgets_values": list(values.values()),
         })
+    import uuid
+
+    # A stable id per content, so re-exporting the same pipeline gives the same file.
+    identity = uuid.uuid5(uuid.NAMESPACE_URL, "musubi-pipe:" + json.dumps([nodes, links], sort_keys=True, default=str))
     return {
-        "id": "00000000-0000-4000-8000-000000000000", "revision": 0,
+        "id": str(identity), "revision": 0,
         "last_node_id": max(int(n["id"]) for n in nodes), "last_link_id": len(ui_links),
         "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "musubi_pipe": {"generated_by": "musubi-pipe export-comfy"}},
@@ -261,12 +277,12 @@ def export_comfy(pipeline, output, fmt):
     import sys
 
     from ..errors import PipelineError
-    from ..executors.musubi_env import atomic_write_text
+    from ..files import write_atomic
 
     try:
         workflow = export_workflow(pipeline, fmt)
     except PipelineError as err:
         click.echo(str(err), err=True)
         sys.exit(2)
-    atomic_write_text(output, json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(output, json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
     click.echo(f"wrote {output} ({fmt} format, {len(workflow['nodes']) if fmt == 'ui' else len(workflow)} nodes)")

@@ -162,7 +162,9 @@ class LoRAMerger(StageNode):
             import folder_paths
 
             name = Path(output_name).name or "merged.safetensors"
-            fields["output"] = str(Path(folder_paths.get_folder_paths("diffusion_models")[0]) / "musubi-pipe" / name)
+            folders = folder_paths.get_folder_paths("diffusion_models")
+            folder = next((f for f in folders if Path(f).name == "diffusion_models"), folders[0])
+            fields["output"] = str(Path(folder) / "musubi-pipe" / name)
         pipe, stage = build_stage(kw, "merge", family, None, ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder"), fields)
         plan, step, _ = finish_stage(pipe, stage, unique_id)
         files = step_files(step, "model")
