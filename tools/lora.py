@@ -673,10 +673,22 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def _gram_basis(a):
+    """For a tall matrix a [n, k]: (T [k, k'], R [k', k]) with a @ T orthonormal and a = (a @ T) @ R,
+    from the eigenvectors of the small Gram matrix a^T a (directions with no weight are dropped)."""
+    import numpy as np
+
+    w, v = np.linalg.eigh(a.T @ a)
+    keep = w > max(float(w.max()), 0.0) * 1e-12
+    w, v = w[keep], v[:, keep]
+    root = np.sqrt(w)
+    return v / root, root[:, None] * v.T
+
+
 def _factor(parts, rank: int | None):
     """Given the deltas as pairs (up_i [out,r_i], down_i [r_i,in]), whose sum is the merged delta,
-    return (up, down, error): exact concatenation, or the best rank-`rank` factorisation by SVD
-    computed on the small core (QR of both sides) so the full matrix is never formed."""
+    return (up, down, error): exact concatenation, or the best rank-`rank` factorisation (Eckart-Young)
+    from the SVD of a small core, so the full out x in matrix is never formed."""
     import numpy as np
 
     up = np.concatenate([u for u, _ in parts], axis=1)
@@ -684,16 +696,19 @@ def _factor(parts, rank: int | None):
     k = up.shape[1]
     if rank is None or rank >= k:
         return up, down, 0.0
-    qu, ru = np.linalg.qr(up.astype(np.float64))
-    qd, rd = np.linalg.qr(down.T.astype(np.float64))
+    up64, down64 = up.astype(np.float64), down.astype(np.float64)
+    tu, ru = _gram_basis(up64)  # up = (up @ tu) @ ru
+    td, rd = _gram_basis(down64.T)  # down^T = (down^T @ td) @ rd
     u, s, vt = np.linalg.svd(ru @ rd.T)
     total = float(np.sum(s * s))
-    kept = float(np.sum(s[:rank] ** 2))
-    error = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
-    root = np.sqrt(s[:rank])
-    new_up = (qu @ u[:, :rank]) * root
-    new_down = (root[:, None] * vt[:rank]) @ qd.T
-    return new_up.astype(np.float32), new_down.astype(np.float32), error
+    keep = min(rank, s.size)
+    error = math.sqrt(max(total - float(np.sum(s[:keep] ** 2)), 0.0) / total) if total > 0 else 0.0
+    root = np.sqrt(s[:keep])
+    new_up = np.zeros((up.shape[0], rank), np.float32)
+    new_down = np.zeros((rank, down.shape[1]), np.float32)
+    new_up[:, :keep] = up64 @ ((tu @ u[:, :keep]) * root)
+    new_down[:keep] = (root[:, None] * (vt[:keep] @ td.T)) @ down64
+    return new_up, new_down, error
 
 
 def merge_loras(output: str | os.PathLike, inputs: list[tuple[str | os.PathLike, float]], rank: int | None = None,
