@@ -1,0 +1,87 @@
+"""The node pack without ComfyUI: import cost, registry shape, requirements in sync, node logic."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pack_imports_without_torch_or_heavy_libraries():
+    code = ("import sys, musubi_pipe; m = musubi_pipe.NODE_CLASS_MAPPINGS; "
+            "print(len(m), sorted(x for x in ('torch', 'numpy', 'pydantic', 'av', 'PIL', 'safetensors', 'folder_paths') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert int(out[0]) >= 20
+    assert out[1].strip() == "[]"
+
+
+def test_every_node_is_named_categorised_described_and_tooltipped():
+    from musubi_pipe import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert re.fullmatch(r"MusubiTuner_[A-Za-z0-9]+", name)
+        assert name in NODE_DISPLAY_NAME_MAPPINGS
+        assert cls.CATEGORY.startswith("MusubiTuner/") and cls.DESCRIPTION
+        assert len(cls.RETURN_TYPES) == len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for input_name, spec in types.get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{name}.{input_name}"
+        assert callable(getattr(cls(), cls.FUNCTION))
+
+
+def test_requirements_match_pyproject_and_never_list_torch():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [l.split("#")[0].strip() for l in (REPO / "requirements.txt").read_text().splitlines()]
+    lines = [l for l in lines if l]
+    norm = lambda s: s.replace(" ", "").replace("'", '"')
+    assert sorted(map(norm, lines)) == sorted(map(norm, deps))
+    assert not any(re.match(r"^(torch|torchvision|torchaudio)\b", l) for l in lines)
+
+
+def test_stage_nodes_build_the_pipeline_document_without_flags():
+    """Widgets and config sockets become fields of the pipeline language; conflicts are refused."""
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_train import OptimizerConfig, SamplingConfig, TrainingConfig, memory_fields
+
+    training = TrainingConfig().build(network_dim=8, network_alpha=4.0, learning_rate=1e-4, max_train_epochs=3,
+                                      max_train_steps=0, save_every_n_epochs=1, save_every_n_steps=0, save_state=True,
+                                      seed=5, gradient_checkpointing=True)[0]
+    optimizer = OptimizerConfig().build("adamw8bit", "", "weight_decay=0.01", "cosine", 0, 0.0)[0]
+    sampling = SamplingConfig().build("shift", 3.0, "a cat\n\n a dog ", 1, 0, False)[0]
+    assert training == {"network_dim": 8, "network_alpha": 4.0, "learning_rate": 1e-4, "max_train_epochs": 3,
+                        "save_every_n_epochs": 1, "save_state": True, "seed": 5, "gradient_checkpointing": True}
+    assert optimizer == {"optimizer_type": "adamw8bit", "lr_scheduler": "cosine", "optimizer_args": ["weight_decay=0.01"]}
+    assert sampling["sample_prompts"] == [{"text": "a cat"}, {"text": "a dog"}]
+    assert memory_fields({"fp8": True, "fp8_scaled": True, "blocks_to_swap": 20}, True) == \
+        {"fp8_base": True, "fp8_scaled": True, "blocks_to_swap": 20}
+    assert memory_fields({"fp8": True, "blocks_to_swap": 0}, False) == {"fp8": True}
+
+    pipe = base.new_pipeline("p", base="/tmp")
+    kw = {"pipeline": pipe, "stage_name": "train", "options": "max_train_epochs = 9\nnetwork_args = ['a=1']"}
+    built, name = base.build_stage(kw, "train", "wan", "t2v-1.3B", (), {"output_name": "x"}, training, optimizer)
+    stage = built["document"]["stages"]["train"]
+    assert stage["max_train_epochs"] == 9 and stage["network_args"] == ["a=1"] and stage["output_name"] == "x"
+    assert pipe["document"]["stages"] == {}  # the incoming pipeline is never changed
+    with pytest.raises(base.NodeError, match="pipeline it extends is wan"):
+        base.build_stage({"pipeline": built, "stage_name": "g"}, "generate", "hunyuan_video", None, (), {})
+    with pytest.raises(base.NodeError, match="already has a stage 'train'"):
+        base.build_stage({"pipeline": built, "stage_name": "train"}, "train", "wan", None, (), {"seed": 1})
+    with pytest.raises(base.NodeError, match="not valid TOML"):
+        base.parse_options("x = ")
+
+
+def test_compile_errors_become_one_line_with_the_fix(tmp_path):
+    from musubi_pipe.comfy_adapter import base
+
+    pipe = base.new_pipeline("p", base=str(tmp_path))
+    pipe["document"].update({"family": "wan", "stages": {"train": {"kind": "train", "max_train_epochs": 1}}})
+    with pytest.raises(base.NodeError) as err:
+        base.compile_pipeline(pipe)
+    message = str(err.value)
+    assert "\n" not in message and "fix:" in message
