@@ -221,6 +221,18 @@ def test_keys_that_would_not_load_are_listed(tmp_path):
     assert any("would not load (\"lora key not loaded\")" in e.message for e in r.errors)
 
 
+def test_mangled_comfy_names_are_caught(tmp_path):
+    # what musubi's convert_lora.py --target other writes for FramePack's feed-forward modules
+    sd = lora_tensors(family="framepack", variant="i2v", blocks=(0,), layout="comfyui", alpha=None, only=r"^transformer")
+    sd = {k.replace("ff_context.net", "ff.context.net").replace("transformer_blocks", "transformer.blocks"): v
+          for k, v in sd.items()}
+    save_file(sd, str(tmp_path / "fp.safetensors"))
+    r = lora.read_lora(tmp_path / "fp.safetensors", family="framepack")
+    assert len(r.coverage.misnamed) == 12 and r.coverage.matched == 0
+    assert any("mangled names that ComfyUI would not load, e.g. 'transformer.blocks.0.attn.add_k_proj' for the model's "
+               "'transformer_blocks.0.attn.add_k_proj'" in e.message for e in r.errors)
+
+
 def test_lycoris_loha_and_lokr_are_recognised(tmp_path):
     ln = "lora_unet_blocks_0_self_attn_q"
     loha = {f"{ln}.hada_w1_a": np.zeros((1536, 8), np.float32), f"{ln}.hada_w1_b": np.zeros((8, 1536), np.float32),
@@ -473,6 +485,16 @@ def test_real_post_hoc_ema_matches_the_reference(tmp_path, options):
     assert set(real) == set(ref)
     for k in ref:
         np.testing.assert_allclose(real[k], ref[k], rtol=1e-5, atol=1e-7)
+
+
+@needs_musubi
+def test_real_convert_lora_mangles_framepack_names_and_inspect_says_so(tmp_path):
+    src = make_lora(tmp_path / "fp.safetensors", family="framepack", variant="i2v", blocks=(0,))
+    run_musubi("convert_lora.py", "--input", str(src), "--output", str(tmp_path / "other.safetensors"), "--target", "other")
+    r = lora.read_lora(tmp_path / "other.safetensors", family="framepack")
+    # attention names survive (they are in its Qwen-Image table); feed-forward and single-block names do not
+    assert len(r.coverage.misnamed) == 4 + 5 and r.coverage.matched == 8
+    assert any("mangled names" in e.message for e in r.errors)
 
 
 NAMES_SCRIPT = r'''

@@ -313,10 +313,12 @@ class Coverage:
     unknown: list[str]  # in the file, not a target module: "lora key not loaded"
     missing: list[str]  # target modules the file does not train (often intended)
     wrong_shape: list[str]  # present but shaped for another model size
+    misnamed: list[str] = field(default_factory=list)  # ComfyUI layout: dotted name differs from the model's
 
     def as_dict(self) -> dict:
         return {"family": self.family, "variant": self.variant, "matched": self.matched, "expected": self.expected,
-                "unknown": self.unknown, "missing": self.missing, "wrong_shape": self.wrong_shape}
+                "unknown": self.unknown, "missing": self.missing, "wrong_shape": self.wrong_shape,
+                "misnamed": self.misnamed}
 
 
 @dataclass
@@ -572,13 +574,15 @@ def coverage(modules: dict[str, LoraModule], family: str, variant: str) -> Cover
     targets = target_modules(family, variant)
     unknown = sorted(n for n in modules if n not in targets)
     missing = sorted(n for n in targets if n not in modules)
-    wrong = []
+    wrong, misnamed = [], []
     for n, m in modules.items():
         t = targets.get(n)
-        if t and m.in_features is not None and (m.in_features, m.out_features) != (t.in_features, t.out_features):
+        if t and m.module and m.module != t.module:
+            misnamed.append(n)  # ComfyUI maps diffusion_model.<exact module name>; '_' vs '.' matters there
+        elif t and m.in_features is not None and (m.in_features, m.out_features) != (t.in_features, t.out_features):
             wrong.append(n)
-    return Coverage(resolve_family(family), variant, len(modules) - len(unknown) - len(wrong), len(targets),
-                    unknown, missing, sorted(wrong))
+    return Coverage(resolve_family(family), variant, len(modules) - len(unknown) - len(wrong) - len(misnamed),
+                    len(targets), unknown, missing, sorted(wrong), sorted(misnamed))
 
 
 def _coverage_problems(r: LoraReport, explicit_variant: bool) -> None:
@@ -589,6 +593,12 @@ def _coverage_problems(r: LoraReport, explicit_variant: bool) -> None:
                                    f"that musubi trains, so they would not load (\"lora key not loaded\"), e.g. "
                                    f"{c.unknown[0]}", "check that the LoRA is for this model family; convert a "
                                    "LoRA from another trainer with convert_lora.py"))
+    if c.misnamed:
+        m = r.modules[c.misnamed[0]]
+        r.problems.append(_problem(r.path, f"{len(c.misnamed)} modules have mangled names that ComfyUI would not load, "
+                                   f"e.g. {m.module!r} for the model's {target_modules(c.family, c.variant)[m.lora_name].module!r}",
+                                   "convert the musubi-format file again with a converter that knows this family's "
+                                   "module names (musubi's convert_lora.py mangles FramePack's), or use the musubi file"))
     if c.wrong_shape:
         ln = c.wrong_shape[0]
         m, t = r.modules[ln], target_modules(c.family, c.variant)[ln]

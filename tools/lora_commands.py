@@ -56,7 +56,7 @@ def _inspect_text(r, modules: bool) -> str:
     if r.coverage:
         c = r.coverage
         lines.append(f"  coverage: {c.matched} of {c.expected} {c.family} {c.variant} modules; "
-                     f"{len(c.unknown)} would not load; {len(c.wrong_shape)} shaped for another size")
+                     f"{len(c.unknown) + len(c.misnamed)} would not load; {len(c.wrong_shape)} shaped for another size")
     shown = {k: v for k, v in r.metadata.items() if k.startswith(("ss_network", "ss_base", "ss_output", "ss_epoch",
                                                                    "ss_steps", "modelspec.", "musubi_pipe."))}
     for k, v in sorted(shown.items()):
