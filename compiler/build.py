@@ -608,6 +608,9 @@ class _Compiler:
             current = made_by.to if made_by.kind == "convert" else "musubi"
             if current == stage.to:
                 self.error(where + ("to",), f"the LoRA from {producer!r} is already in {stage.to} format", "remove this stage, or convert the other way")
+        if self.p.family == "framepack" and stage.to == "comfyui":
+            self.warn(where + ("to",), f"musubi-tuner {contract.CONTRACT}'s convert_lora.py writes wrong key names for most FramePack modules",
+                      "check the result with `musubi-pipe lora inspect --family framepack`, or keep the musubi-format LoRA")
         stem = Path(source).stem
         output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{stem}-{stage.to}.safetensors")
         values = self.settings(stage, tpl)
