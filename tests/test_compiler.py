@@ -343,3 +343,15 @@ def test_real_musubi_parsers_accept_every_example_argv(tmp_path):
     results = json.loads(line[len("RESULTS "):])
     assert len(results) == len(items)
     assert all(r[1] == "ok" for r in results), [r for r in results if r[1] != "ok"]
+
+
+def test_framepack_conversion_warns_about_musubis_key_names():
+    plan = compile_text("""
+name = "fp"
+family = "framepack"
+[stages.c]
+kind = "convert"
+input = "/loras/fp.safetensors"
+""")
+    assert any("wrong key names for most FramePack modules" in w for w in plan.warnings)
+    assert plan.step("c").args[-2:] == ["--target", "other"]
