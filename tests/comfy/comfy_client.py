@@ -57,7 +57,13 @@ class ComfyClient:
                 data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
                 if data.get("prompt_id") == pid and msg["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                     break
-            history = self.get(f"/history/{pid}").get(pid, {})
+            # ComfyUI stores the history just after it sends the final message: wait for it.
+            history: dict = {}
+            for _ in range(100):
+                history = self.get(f"/history/{pid}").get(pid, {})
+                if history.get("status", {}).get("completed") is not None:
+                    break
+                time.sleep(0.05)
             return Outcome(pid, messages, history, status)
         finally:
             ws.close()

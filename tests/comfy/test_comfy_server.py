@@ -82,6 +82,8 @@ def test_generator_returns_a_video_that_save_video_accepts(comfy, comfy_dir, tes
     outcome = comfy.run(prompt, timeout=120)
     assert outcome.ended == "execution_success", outcome.error()
     assert [r["script"] for r in records(record)] == ["wan_generate_video"]
+    cached = [m["data"]["nodes"] for m in outcome.messages if m.get("type") == "execution_cached"]
+    assert "images" in outcome.outputs("2"), (cached, outcome.history.get("outputs"))
     saved = outcome.outputs("2")["images"][0]
     video = comfy_dir / "output" / saved["subfolder"] / saved["filename"]
     from musubi_pipe.tools.video import probe
