@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -290,7 +291,7 @@ class Run:
             self.failure = {"step": e.step, **e.data}
         elif e.kind == ev.PROGRESS:
             total = e.total or 0
-            preview = self._chart(e) if self.chart and e.phase == "training" else None
+            preview = self._chart(e) if self.chart and e.phase == "training" and total else None
             if self._pbar is not None and total:
                 try:
                     self._pbar.update_absolute(min(e.current or 0, total), total, preview)
@@ -337,7 +338,10 @@ class Run:
             if self._monitor is None:
                 self._monitor = TrainingMonitor(self.run_dir, step=e.step)
             return ("PNG", draw_chart(self._monitor.poll(), 640, 320), 640)
-        except Exception:
+        except Exception as exc:  # a missing chart must not stop training; say why once
+            if not getattr(self, "_chart_failed", False):
+                self._chart_failed = True
+                print(f"musubi-pipe: no loss chart: {type(exc).__name__}: {exc}", file=sys.stderr)
             return None
 
     def execute(self, plan, force: bool = False):
