@@ -128,6 +128,26 @@ def memory_fields(memory: dict | None, for_training: bool) -> dict:
     return out
 
 
+def sample_previews(output_dir: str, node_id, keep: int = 4) -> list[dict]:
+    """The newest samples musubi made during training, copied where ComfyUI's /view serves them."""
+    import shutil
+
+    import folder_paths
+
+    folder = Path(output_dir) / "sample"
+    if not output_dir or not folder.is_dir():
+        return []
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".webp", ".mp4", ".webm")),
+                   key=lambda p: p.stat().st_mtime)[-keep:]
+    target = Path(folder_paths.get_temp_directory()) / "musubi-pipe" / f"samples-{node_id}"
+    target.mkdir(parents=True, exist_ok=True)
+    shown = []
+    for p in files:
+        shutil.copyfile(p, target / p.name)
+        shown.append({"filename": p.name, "subfolder": f"musubi-pipe/samples-{node_id}", "type": "temp"})
+    return shown
+
+
 class _Trainer(StageNode):
     FAMILY = ""
     SLOTS: tuple[str, ...] = ()
@@ -179,7 +199,9 @@ class _Trainer(StageNode):
             shown = os.path.relpath(path, loras_folder()) if Path(path).is_relative_to(loras_folder()) else path
         except Exception:
             pass
-        return (pipe, {"ref": f"@{stage}.lora", "path": path}, shown)
+        result = (pipe, {"ref": f"@{stage}.lora", "path": path}, shown)
+        return {"ui": {"images": sample_previews(step.meta.get("output_dir", ""), unique_id), "animated": (True,),
+                       "text": [shown]}, "result": result}
 
 
 class HunyuanVideoTrainer(_Trainer):

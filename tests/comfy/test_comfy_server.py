@@ -50,6 +50,11 @@ def test_training_workflow_runs_reports_progress_and_lands_in_loras(comfy, comfy
     texts = outcome.texts("6")
     assert any("training" in t and "loss" in t and "ETA" in t for t in texts), texts[-3:]
 
+    # samples made during training are shown on the node
+    samples = outcome.outputs("6")["images"]
+    assert samples and all(s["type"] == "temp" for s in samples)
+    assert comfy_dir.joinpath("temp", samples[0]["subfolder"], samples[0]["filename"]).is_file()
+
     # Unchanged and queued again: ComfyUI serves the cached result; nothing runs.
     record.write_text("")
     again = comfy.run(wan_training(str(clips), unique, base_folder=base), timeout=60)

@@ -35,8 +35,12 @@ def wan_training(clips: str, name: str, steps: int = 0, epochs: int = 2, base_fo
         "5": {"class_type": "MusubiTuner_OptimizerConfig", "inputs": {
             "optimizer_type": "adamw8bit", "custom_optimizer": "", "optimizer_args": "", "lr_scheduler": "constant",
             "lr_warmup_steps": 0, "max_grad_norm": 0.0}},
-        "6": {"class_type": "MusubiTuner_WanTrainer", "inputs": {
+        "7": {"class_type": "MusubiTuner_SamplingConfig", "inputs": {
+            "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sample_prompts": "a fox\na cat",
+            "sample_every_n_epochs": 1, "sample_every_n_steps": 0, "sample_at_first": False}},
+        "6": {"class_type": "MusubiTuner_WanTrainer", "inputs": {"sampling_config": ["7", 0],
             "pipeline": ["3", 0], "stage_name": "train", "task": "t2v-1.3B", "output_name": "", "save_to": "loras folder",
             "attention": "sdpa", "expert": "none", "training_config": ["4", 0], "optimizer_config": ["5", 0],
-            **model_widgets("dit", "dit_high_noise", "vae", "t5", "clip", dit="musubi-test-dit_bf16.safetensors")}},
+            **model_widgets("dit", "dit_high_noise", "vae", "t5", "clip", dit="musubi-test-dit_bf16.safetensors",
+                            vae="musubi-test-vae.safetensors", t5="musubi-test-t5.safetensors")}},
     }
