@@ -172,7 +172,8 @@ cmd_stop() {
 
 cmd_test_env() {
   # Where the tests put the musubi-tuner test double, its run record and the local config; the
-  # server reads these at each run, so the tests may (re)create them after it started.
+  # server reads these at each run, so the tests may (re)create them after it started. The
+  # tests themselves need only COMFYUI_DIR (tests/comfy/conftest.py derives the rest from it).
   local dir="${1:-$DEFAULT_DIR}"
   printf 'export COMFYUI_DIR=%q\n' "$dir/ComfyUI"
   printf 'export MUSUBI_TUNER_DIR=%q\n' "$dir/test/musubi-tuner"

@@ -31,6 +31,14 @@ def _need(name: str) -> str:
     return value
 
 
+def _server_side_paths() -> tuple[Path, Path, Path]:
+    """The test double, local config and double's record that the server was started with
+    (`.ci/comfyui.sh test-env` puts them in test/ beside ComfyUI). Only COMFYUI_DIR reaches the
+    tests, so the server's MUSUBI_TUNER_DIR and config do not leak into every other test."""
+    test = Path(_need("COMFYUI_DIR")).parent / "test"
+    return test / "musubi-tuner", test / "config.toml", test / "double-record.jsonl"
+
+
 @pytest.fixture(scope="session")
 def comfy():
     from comfy_client import ComfyClient
@@ -51,12 +59,12 @@ def test_root(comfy) -> Path:
     """Fresh musubi double, record file, config and model files for this session."""
     from musubi_double import make_fake_checkout
 
-    double = Path(_need("MUSUBI_TUNER_DIR"))
+    double, config, _ = _server_side_paths()
     root = double.parent
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     make_fake_checkout(double)
-    Path(_need("MUSUBI_PIPE_CONFIG")).write_text(f'allowed_output_roots = ["{root / "work"}"]\ncancel_grace_s = 1.0\n')
+    config.write_text(f'allowed_output_roots = ["{root / "work"}"]\ncancel_grace_s = 1.0\n')
     (root / "work").mkdir()
     models = Path(_need("COMFYUI_DIR")) / "models"
     for folder, names in MODEL_FILES.items():
@@ -69,7 +77,7 @@ def test_root(comfy) -> Path:
 @pytest.fixture()
 def record(test_root) -> Path:
     """The double's run record (one JSON line per script run), emptied for this test."""
-    path = Path(_need("MUSUBI_DOUBLE_RECORD"))
+    path = _server_side_paths()[2]
     path.write_text("")
     return path
 
