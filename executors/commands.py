@@ -26,9 +26,10 @@ def _fail(err: PipelineError, code: int = 2):
                    "once with the next memory-saving setting.")
 @click.option("--quiet", is_flag=True, help="Print only failures and the final result.")
 @click.option("--plain", is_flag=True, help="Plain progress lines instead of live bars (automatic when not a terminal or CI=true).")
-@click.option("--executor", type=click.Choice(["local", "dry"]), default="local", show_default=True,
-              help="`dry` shows what would run and why, and runs nothing.")
-def run(pipeline, force, only, from_, until, retry, quiet, plain, executor):
+@click.option("--executor", type=click.Choice(["local", "dry", "comfy"]), default="local", show_default=True,
+              help="`dry` shows what would run and why, and runs nothing; `comfy` runs the exported workflow in a running ComfyUI.")
+@click.option("--comfy-url", default="http://127.0.0.1:8188", show_default=True, help="The ComfyUI server for --executor comfy.")
+def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comfy_url):
     """Run PIPELINE: skip steps that are up to date, run the rest in musubi-tuner's venv, resume
     interrupted training. Ctrl-C stops every process the run started."""
     from ..compiler import compile_file
@@ -36,15 +37,21 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor):
     from .musubi_env import load_config
     from .terminal import TerminalDisplay, choose_mode
 
+    if executor == "comfy" and (force or only or from_ or until or retry):
+        raise click.UsageError("--force, --only, --from, --until and --retry apply to the local executor; "
+                               "ComfyUI decides itself which nodes re-run")
     try:
         plan = compile_file(pipeline)
-        config = load_config()
-        if executor == "dry":
+        if executor == "comfy":
+            from .comfy import ComfyExecutor
+
+            runner = ComfyExecutor(comfy_url)
+        elif executor == "dry":
             from .dry import DryExecutor
 
-            runner = DryExecutor(config)
+            runner = DryExecutor(load_config())
         else:
-            runner = LocalExecutor(config.require())
+            runner = LocalExecutor(load_config().require())
     except PipelineError as err:
         _fail(err)
     for w in plan.warnings:
@@ -57,8 +64,11 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor):
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = runner.run(plan, [display], force=force, only=only or None, from_=from_, until=until,
-                            retry=RetryPolicy(enabled=retry))
+        if executor == "comfy":
+            result = runner.run(pipeline, [display])
+        else:
+            result = runner.run(plan, [display], force=force, only=only or None, from_=from_, until=until,
+                                retry=RetryPolicy(enabled=retry))
     except PipelineError as err:
         display.close()
         _fail(err)

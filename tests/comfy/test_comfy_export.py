@@ -141,3 +141,18 @@ def test_comfy_executor_follows_the_run_with_the_same_events(comfy, clips, recor
             threading.Thread(target=executor.cancel).start()
 
     assert executor.run(path, [cancel_when_training]).status == "cancelled"
+
+
+def test_run_command_with_the_comfy_executor(comfy, clips, record, unique, test_root):
+    import subprocess
+    import sys
+
+    path = write_pipeline(test_root / "work" / unique, unique, clips)
+    run = subprocess.run([sys.executable, "-m", "musubi_pipe.cli", "run", "--executor", "comfy", "--comfy-url", comfy.url,
+                          "--plain", str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "train" in run.stdout + run.stderr
+    assert len(record.read_text().splitlines()) == 6  # every step ran in ComfyUI's process, through the double
+    refused = subprocess.run([sys.executable, "-m", "musubi_pipe.cli", "run", "--executor", "comfy", "--force", str(path)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "apply to the local executor" in refused.stderr
