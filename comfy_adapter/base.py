@@ -262,6 +262,17 @@ def comfy_config():
     return dataclasses.replace(config, allowed_output_roots=roots)
 
 
+def show_text(node_id: str | None, text: str) -> None:
+    """Progress text on a node (under its title in the editor)."""
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # progress text is a nicety; never fail a run over it
+        pass
+
+
 class Run:
     """One run of a plan inside ComfyUI: progress bar, progress text, loss chart, cancel."""
 
@@ -319,13 +330,7 @@ class Run:
             pass
 
     def _text(self, text: str) -> None:
-        try:
-            from server import PromptServer
-
-            if self.node_id is not None and PromptServer.instance is not None:
-                PromptServer.instance.send_progress_text(text, self.node_id)
-        except Exception:  # progress text is a nicety; never fail a run over it
-            pass
+        show_text(self.node_id, text)
 
     def _chart(self, e):
         now = time.monotonic()

@@ -3,60 +3,123 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import NodeError, default_base, tip
+from .base import PIPELINE, NodeError, default_base, one_line, show_text, tip
 from .nodes_train import MEMORY_CONFIG
 
-# (free VRAM GiB at least, choices) for a 14B-class DiT; smaller models need less. A starting
-# point the user can override, not a promise: musubi-facts' per-family VRAM notes.
-PRESETS = [
-    (48, {"fp8": False, "blocks_to_swap": 0, "gradient_checkpointing": True}),
-    (32, {"fp8": True, "fp8_scaled": True, "blocks_to_swap": 0, "gradient_checkpointing": True}),
-    (24, {"fp8": True, "fp8_scaled": True, "blocks_to_swap": 10, "gradient_checkpointing": True}),
-    (16, {"fp8": True, "fp8_scaled": True, "blocks_to_swap": 25, "gradient_checkpointing": True, "split_attn": True}),
-    (0, {"fp8": True, "fp8_scaled": True, "blocks_to_swap": 36, "gradient_checkpointing": True, "split_attn": True}),
-]
+FROM_PIPELINE = "(from pipeline)"
+FAMILIES = ["wan", "hunyuan_video", "framepack"]
+DEFAULT_RESOLUTION = (832, 480)  # the planner's own default: the size its measurements were made at
+DEFAULT_FRAMES = 33
 
 
-def preset_for(gib: float) -> dict:
-    return dict(next(choice for floor, choice in PRESETS if gib >= floor))
+def _dataset_shape(pipe: dict) -> dict:
+    """Resolution, frames and batch size of the pipeline's largest training sample ({} without a
+    dataset): what the planner needs from the dataset."""
+    from ..errors import PipelineError
+    from ..tools.dataset import load_config
+    from ..tools.memory import tokens_for
+
+    dataset = pipe["document"].get("dataset")
+    if dataset is None:
+        return {}
+    if isinstance(dataset, str):
+        dataset = str(Path(pipe.get("base") or default_base()) / dataset)
+    try:
+        config, _, _ = load_config(dataset)
+    except PipelineError as err:
+        raise NodeError(one_line(err)) from None
+    general = config.get("general", {})
+    shapes = []
+    for ds in config.get("datasets", []):
+        def value(key, default=None, ds=ds):
+            return ds.get(key, general.get(key, default))
+
+        if value("resolution") is None:
+            continue
+        width, height = value("resolution")
+        video = "video_directory" in ds or "video_jsonl_file" in ds
+        frames = max(value("target_frames", [1]) or [1]) if video else 1
+        shapes.append({"resolution": (int(width), int(height)), "frames": int(frames), "batch_size": int(value("batch_size", 1))})
+    return max(shapes, key=lambda s: tokens_for(*s["resolution"], s["frames"]) * s["batch_size"], default={})
+
+
+def detected_gpu_gib() -> tuple[float | None, str]:
+    """(GiB musubi can use on the GPU with the most free memory, where that number comes from), or
+    (None, why there is none). ComfyUI's own share counts as free: the pack unloads its models
+    before musubi starts."""
+    import os
+
+    from ..tools.resources import gpu_report
+
+    report = gpu_report()
+    if not report.available:
+        return None, report.message
+    best = max(report.gpus, key=lambda g: g.memory_free_mib)
+    own = sum(p.used_mib or 0 for p in best.processes if p.pid == os.getpid())
+    note = f" + {own / 1024:.1f} GiB ComfyUI frees before training" if own else ""
+    return (best.memory_free_mib + own) / 1024, f"GPU {best.index} {best.name}: {best.memory_free_mib / 1024:.1f} GiB free{note}"
 
 
 class MemoryOptimizer:
-    DESCRIPTION = ("Chooses fp8, block swap, gradient checkpointing and split attention for a GPU's memory "
-                   "(auto: the largest GPU found), or takes your own choices; connect to trainers and generators.")
+    DESCRIPTION = ("Plans the fastest memory settings that fit the GPU (gradient checkpointing, fp8, block swap, "
+                   "split attention, VAE tiling) with the memory planner, and explains each choice. Connect it to a "
+                   "trainer (and the VAE Latent Cache); its choices override the LoRA Training Config's, and a "
+                   "stage's options text overrides both.")
     CATEGORY = "MusubiTuner/Advanced"
     RETURN_TYPES = (MEMORY_CONFIG, "STRING")
-    RETURN_NAMES = ("memory_config", "summary")
-    OUTPUT_TOOLTIPS = ("connect to a trainer or generator", "what was chosen and why")
+    RETURN_NAMES = ("memory_config", "explanation")
+    OUTPUT_TOOLTIPS = ("connect to a trainer, generator or VAE Latent Cache", "what was chosen and why, with the predicted memory")
     FUNCTION = "choose"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "mode": (["auto", "vram preset", "manual"], {"default": "auto", "tooltip": "auto: read the GPU; vram preset: the GiB below; manual: the switches below"}),
-            "vram_gib": tip("INT", "GPU memory to plan for (vram preset mode)", default=24, min=4, max=192),
-            "fp8": tip("BOOLEAN", "manual: DiT weights in fp8", default=False),
-            "fp8_scaled": tip("BOOLEAN", "manual: scaled fp8 (better quality; needs fp8)", default=False),
-            "blocks_to_swap": tip("INT", "manual: DiT blocks kept in CPU memory", default=0, min=0, max=60),
-            "gradient_checkpointing": tip("BOOLEAN", "manual: recompute activations (training)", default=True),
-            "split_attn": tip("BOOLEAN", "manual: attention in chunks", default=False),
-        }}
+        return {
+            "required": {
+                "family": ([FROM_PIPELINE, *FAMILIES], {"default": FROM_PIPELINE, "tooltip": "model family; (from pipeline): the connected pipeline's"}),
+                "task": tip("STRING", "Wan: t2v-1.3B, t2v-14B, i2v-14B, t2v-A14B, ...; FramePack: i2v or f1; empty = the pipeline's task, else the family's default", default=""),
+                "use_detected_gpu": tip("BOOLEAN", "plan for the free memory of the largest NVIDIA GPU found; without one, gpu_memory_gib is used", default=True),
+                "gpu_memory_gib": tip("FLOAT", "GPU memory to plan for when no GPU is detected or use_detected_gpu is off", default=24.0, min=1.0, max=1024.0, step=1.0),
+                "resolution": tip("STRING", "training resolution WIDTHxHEIGHT; empty = the pipeline dataset's (else 832x480)", default=""),
+                "frames": tip("INT", "frames per training sample; 0 = the dataset's largest target_frames (else 33)", default=0, min=0, max=1025),
+                "batch_size": tip("INT", "samples per step; 0 = the dataset's batch size (else 1)", default=0, min=0, max=64),
+                "network_dim": tip("INT", "LoRA rank the trainer uses (its optimizer state takes memory)", default=32, min=1, max=1024),
+                "allow_fp8": tip("BOOLEAN", "let the plan use fp8 weights (a little lower quality); off = plan without fp8", default=True),
+            },
+            "optional": {"pipeline": (PIPELINE, {"tooltip": "the pipeline to plan for: family, task and dataset size are read from it"})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
 
-    def choose(self, mode, vram_gib, **manual):
-        if mode == "manual":
-            return (dict(manual), f"manual: {manual}")
-        why = f"{vram_gib} GiB (preset)"
-        if mode == "auto":
-            from ..executors.musubi_env import gpus
+    def choose(self, family, task, use_detected_gpu, gpu_memory_gib, resolution, frames, batch_size, network_dim,
+               allow_fp8, pipeline=None, unique_id=None):
+        from ..errors import PipelineError
+        from ..tools.memory import parse_resolution, plan_memory
 
-            found = gpus()
-            if isinstance(found, str) or not found:
-                raise NodeError(f"auto needs a GPU: {found or 'none found'}; choose vram preset or manual")
-            best = max(found, key=lambda g: g["memory_free_mib"])
-            vram_gib = best["memory_free_mib"] / 1024
-            why = f"{best['name']}: {vram_gib:.1f} GiB free"
-        choice = preset_for(vram_gib)
-        return (choice, f"{why} -> {choice}")
+        doc = pipeline["document"] if pipeline else {}
+        if family == FROM_PIPELINE:
+            family = doc.get("family")
+            if not family:
+                raise NodeError("family is (from pipeline) but no pipeline with a family is connected; pick the family "
+                                "or connect the pipeline from a cache or trainer node")
+        task = task.strip() or (doc.get("task") if doc.get("family", family) == family else None) or None
+        shape = _dataset_shape(pipeline) if pipeline else {}
+        try:
+            size = parse_resolution(resolution) if resolution.strip() else shape.get("resolution", DEFAULT_RESOLUTION)
+        except PipelineError as err:
+            raise NodeError(one_line(err)) from None
+        frames = frames or shape.get("frames", DEFAULT_FRAMES)
+        batch_size = batch_size or shape.get("batch_size", 1)
+        gib, source = detected_gpu_gib() if use_detected_gpu else (None, "use_detected_gpu is off")
+        if gib is None:
+            source = f"{gpu_memory_gib:g} GiB from gpu_memory_gib ({source})"
+            gib = float(gpu_memory_gib)
+        try:
+            plan = plan_memory(family, task, gib, size, frames, batch_size, network_dim, allow_fp8=allow_fp8)
+        except PipelineError as err:
+            raise NodeError(one_line(err)) from None
+        text = f"memory: {source}\n{plan.explain()}"
+        show_text(unique_id, text)
+        config = {**plan.memory_config(), "cache_latents": dict(plan.cache_latents)}
+        return {"ui": {"text": [text]}, "result": (config, text)}
 
 
 class TrainingMonitor:
@@ -95,7 +158,7 @@ class TrainingMonitor:
         status = monitor.poll()
         chart = draw_chart(status, 800, 400, smoothing=smoothing)
         image = torch.from_numpy(np.asarray(chart.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        line = monitor.summary_line() if hasattr(monitor, "summary_line") else str(status.loss)
+        line = status.summary_line()
         return {"ui": {"text": [line]}, "result": (image, line)}
 
 
@@ -107,35 +170,31 @@ def _newest_run(base: Path) -> Path:
 
 
 class ResourceMonitor:
-    DESCRIPTION = "GPU memory and load as the driver reports them, with advice on the memory options to use."
+    DESCRIPTION = ("GPU memory, load and processes as the NVIDIA driver reports them, with the memory planner's advice "
+                   "for the chosen family; says so clearly where there is no NVIDIA GPU.")
     CATEGORY = "MusubiTuner/Advanced"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("one line per GPU",)
+    OUTPUT_TOOLTIPS = ("per GPU: memory, load, processes and advice; or why no GPU is listed",)
     FUNCTION = "report"
     OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"refresh": tip("BOOLEAN", "re-read on every queue", default=True)}}
+        return {"required": {
+            "refresh": tip("BOOLEAN", "re-read on every queue", default=True),
+            "family": (FAMILIES, {"default": "wan", "tooltip": "model family the advice is for"}),
+            "task": tip("STRING", "task the advice is for (empty = the family's default)", default=""),
+        }}
 
     @classmethod
-    def IS_CHANGED(cls, refresh):
+    def IS_CHANGED(cls, refresh, **kw):
         return float("nan") if refresh else "once"
 
-    def report(self, refresh):
-        from ..executors.musubi_env import gpus
+    def report(self, refresh, family, task):
+        from ..tools.resources import gpu_report, report_text
 
-        found = gpus()
-        if isinstance(found, str):
-            text = f"{found}. musubi-tuner needs an NVIDIA GPU."
-        else:
-            lines = []
-            for g in found:
-                free = g["memory_free_mib"] / 1024
-                lines.append(f"GPU {g['index']} {g['name']}: {free:.1f} of {g['memory_total_mib'] / 1024:.1f} GiB free; "
-                             f"for a 14B model use {preset_for(free)}")
-            text = "\n".join(lines) or "no GPU listed"
+        text = report_text(gpu_report(), family, task.strip() or None)
         return {"ui": {"text": [text]}, "result": (text,)}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import PIPELINE, StageNode, build_stage, finish_stage, model_inputs, set_if, stage_inputs, tip
+from .nodes_train import MEMORY_CONFIG
 
 FAMILIES = ["wan", "hunyuan_video", "framepack"]
 
@@ -28,10 +29,11 @@ class VAELatentCache(StageNode):
         required.update(model_inputs("vae", "clip", "image_encoder"))
         required["batch_size"] = tip("INT", f"items encoded at once; 0 = the family template's default", default=0, min=0, max=64)
         required["vae_tiling"] = tip("BOOLEAN", "encode in tiles to save VRAM (HunyuanVideo)", default=False)
+        optional["memory_config"] = (MEMORY_CONFIG, {"tooltip": "from Memory Optimizer: VAE tiling, chunk size or CPU cache for this GPU"})
         return {"required": required, "optional": optional, "hidden": hidden}
 
-    def run(self, family, task, batch_size, vae_tiling, unique_id=None, **kw):
-        fields: dict = {}
+    def run(self, family, task, batch_size, vae_tiling, unique_id=None, memory_config=None, **kw):
+        fields: dict = dict((memory_config or {}).get("cache_latents", {}))
         set_if(fields, "batch_size", batch_size)
         set_if(fields, "vae_tiling", vae_tiling, False)
         pipe, name = build_stage(kw, "cache_latents", family, task, ("vae", "clip", "image_encoder"), fields)

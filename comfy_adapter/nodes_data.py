@@ -137,7 +137,20 @@ class DatasetViewer:
         items = [i for d in report.datasets for i in d.items][:max_items]
         sheet = make_contact_sheet(items, columns=columns, title=f"{len(items)} items, {family}")
         image = torch.from_numpy(np.asarray(sheet.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        return {"ui": {"text": [report.format()]}, "result": (image, report.format())}
+        return {"ui": {"images": [_preview(sheet)], "text": [report.format()]}, "result": (image, report.format())}
+
+
+def _preview(sheet) -> dict:
+    """The sheet as a PNG in ComfyUI's temp folder, shown on the node; named by its content."""
+    import hashlib
+
+    import folder_paths
+
+    from ..tools.contact_sheet import save_png
+
+    name = f"contact-sheet-{hashlib.sha256(sheet.tobytes()).hexdigest()[:16]}.png"
+    save_png(sheet, Path(folder_paths.get_temp_directory()) / "musubi-pipe" / name)
+    return {"filename": name, "subfolder": "musubi-pipe", "type": "temp"}
 
 
 NODES = {"MusubiTuner_DatasetConfig": (DatasetConfig, "Dataset Config (musubi)"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, lora_value,
@@ -9,6 +10,7 @@ from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, fini
 from .nodes_train import MEMORY_CONFIG, memory_fields
 
 PROMPTS = "MUSUBI_PROMPTS"
+VIDEO_SUFFIXES = (".mp4", ".webm")
 
 
 def video_from_file(path: str):
@@ -50,7 +52,7 @@ class _Generator(StageNode):
     CATEGORY = "MusubiTuner/Generate"
     RETURN_TYPES = ("VIDEO", PIPELINE, "STRING")
     RETURN_NAMES = ("video", "pipeline", "video_paths")
-    OUTPUT_TOOLTIPS = ("the generated video (connect Save Video)", "the pipeline with this stage", "every video file made, one per line")
+    OUTPUT_TOOLTIPS = ("the generated video (connect Save Video)", "the pipeline with this stage", "every video file made, one per line; with a Batch Processor, one line per prompt in its order (empty where a prompt made none)")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -119,13 +121,33 @@ class _Generator(StageNode):
         if loras:
             fields["loras"] = loras
         pipe, stage = build_stage(kw, "generate", self.FAMILY, task, self.SLOTS, fields)
+        started = time.time()
         plan, step, run = finish_stage(pipe, stage, unique_id)
-        made = [p for p in run.outputs.get(stage, []) if p.lower().endswith((".mp4", ".webm"))]
-        videos = made or [p for p in step_files(step, "videos") if p.lower().endswith((".mp4", ".webm"))]
+        made = [p for p in run.outputs.get(stage, []) if p.lower().endswith(VIDEO_SUFFIXES)]
+        videos = made or [p for p in step_files(step, "videos") if p.lower().endswith(VIDEO_SUFFIXES)]
         if not videos:
             raise NodeError(f"{stage}: no video was written to {step.meta.get('save_path')}; check output_type in options")
+        if prompts:
+            return self._batch_result(prompts, step.meta["save_path"], started if made else None, pipe)
         newest = max(videos, key=lambda p: Path(p).stat().st_mtime)
         return (video_from_file(newest), pipe, "\n".join(videos))
+
+    @staticmethod
+    def _batch_result(prompts: list[dict], folder: str, since: float | None, pipe: dict) -> dict:
+        """Each prompt's video, by tools.prompts' matching rule; one line per prompt in `video_paths`
+        (empty where a prompt made none), the first prompt's video on the VIDEO output."""
+        from ..tools.prompts import list_outputs, match_outputs
+
+        if since is None:  # the step was up to date: its videos are the newest in the folder
+            recent = [o for o in list_outputs(folder) if o.path.lower().endswith(VIDEO_SUFFIXES)][-len(prompts):]
+            since = recent[0].time.timestamp() if recent else None
+        matched = match_outputs(prompts, folder, since)
+        paths = [m.output if m.output and m.output.lower().endswith(VIDEO_SUFFIXES) else "" for m in matched]
+        lines = [f"{m.index + 1}. {m.prompt.text[:60]} -> {Path(p).name if p else 'no video'}" for m, p in zip(matched, paths)]
+        first = next((p for p in paths if p), None)
+        if first is None:
+            raise NodeError(f"none of the {len(prompts)} prompts has a video in {folder} (matched by seed and order); see the run log")
+        return {"ui": {"text": ["\n".join(lines)]}, "result": (video_from_file(first), pipe, "\n".join(paths))}
 
 
 class HunyuanVideoGenerator(_Generator):

@@ -113,7 +113,8 @@ class SamplingConfig:
 
 
 def memory_fields(memory: dict | None, for_training: bool) -> dict:
-    """The Memory Optimizer's choices as the fields of a train or generate stage."""
+    """The Memory Optimizer's choices (tools.memory.MemoryPlan.memory_config) as the fields of a
+    train or generate stage."""
     if not memory:
         return {}
     out: dict = {}
@@ -123,8 +124,9 @@ def memory_fields(memory: dict | None, for_training: bool) -> dict:
             out["fp8_scaled"] = True
     set_if(out, "blocks_to_swap", memory.get("blocks_to_swap", 0))
     set_if(out, "split_attn", memory.get("split_attn", False), False)
-    if for_training:
-        set_if(out, "gradient_checkpointing", memory.get("gradient_checkpointing", False), False)
+    if for_training and "gradient_checkpointing" in memory:
+        # Set either way: "off" must override the family template's and the Training Config's "on".
+        out["gradient_checkpointing"] = bool(memory["gradient_checkpointing"])
     return out
 
 

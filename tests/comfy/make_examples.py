@@ -18,12 +18,13 @@ def examples() -> dict[str, tuple[list[dict], list[tuple]]]:
         {"id": "4", "class_type": "MusubiTuner_TrainingConfig", "widgets": {}},
         {"id": "5", "class_type": "MusubiTuner_OptimizerConfig", "widgets": {}},
         {"id": "6", "class_type": "MusubiTuner_SamplingConfig", "widgets": {"timestep_sampling": "shift", "discrete_flow_shift": 3.0}},
-        {"id": "7", "class_type": "MusubiTuner_MemoryOptimizer", "widgets": {"mode": "manual"}},
+        {"id": "7", "class_type": "MusubiTuner_MemoryOptimizer", "widgets": {"family": "wan", "task": "t2v-1.3B"}},
         {"id": "8", "class_type": "MusubiTuner_WanTrainer", "widgets": {"task": "t2v-1.3B", "attention": "sdpa"}},
     ]
     training_links = [("1", 0, "2", "pipeline"), ("2", 0, "3", "pipeline"), ("3", 0, "8", "pipeline"),
                       ("4", 0, "8", "training_config"), ("5", 0, "8", "optimizer_config"),
-                      ("6", 0, "8", "sampling_config"), ("7", 0, "8", "memory_config")]
+                      ("6", 0, "8", "sampling_config"), ("1", 0, "7", "pipeline"), ("7", 0, "2", "memory_config"),
+                      ("7", 0, "8", "memory_config")]
     inference = [
         {"id": "1", "class_type": "MusubiTuner_WanGenerator", "widgets": {
             "task": "t2v-1.3B", "prompt": "a lighthouse on a cliff at dusk, in the trained style", "width": 832,
