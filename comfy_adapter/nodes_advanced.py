@@ -89,6 +89,11 @@ class MemoryOptimizer:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def IS_CHANGED(cls, use_detected_gpu=True, **kw):
+        # The GPU's free memory is an input too: plan again when it moved by a GiB or more.
+        return round(detected_gpu_gib()[0] or 0) if use_detected_gpu else "given"
+
     def choose(self, family, task, use_detected_gpu, gpu_memory_gib, resolution, frames, batch_size, network_dim,
                allow_fp8, pipeline=None, unique_id=None):
         from ..errors import PipelineError

@@ -85,3 +85,44 @@ def test_compile_errors_become_one_line_with_the_fix(tmp_path):
         base.compile_pipeline(pipe)
     message = str(err.value)
     assert "\n" not in message and "fix:" in message
+
+
+def test_memory_optimizer_plans_from_the_pipeline_with_the_memory_planner(tmp_path):
+    """Family, task and sample size come from the incoming pipeline; the config is the planner's."""
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_advanced import MemoryOptimizer
+    from musubi_pipe.comfy_adapter.nodes_train import memory_fields
+    from musubi_pipe.tools.memory import plan_memory, tokens_for
+
+    (tmp_path / "clips").mkdir()
+    dataset = {"general": {"resolution": [512, 320], "caption_extension": ".txt", "batch_size": 2},
+               "datasets": [{"video_directory": str(tmp_path / "clips"), "cache_directory": str(tmp_path / "c1"), "target_frames": [1, 25]},
+                            {"image_directory": str(tmp_path / "clips"), "cache_directory": str(tmp_path / "c2"), "resolution": [1024, 1024], "batch_size": 1}]}
+    pipe = base.new_pipeline("p", base=str(tmp_path), dataset=dataset)
+    pipe["document"].update({"family": "wan", "task": "t2v-14B"})
+    widgets = dict(family="(from pipeline)", task="", use_detected_gpu=False, gpu_memory_gib=24.0, resolution="", frames=0,
+                   batch_size=0, network_dim=32, allow_fp8=True)
+    out = MemoryOptimizer().choose(**widgets, pipeline=pipe)
+    config, text = out["result"]
+    # the largest sample: 512x320x25 in batches of 2 (16,000 tokens) beats 1024x1024 images (4,096)
+    expected = plan_memory("wan", "t2v-14B", 24.0, (512, 320), 25, 2, 32)
+    assert expected.tokens == 2 * tokens_for(512, 320, 25)
+    assert config == {**expected.memory_config(), "cache_latents": expected.cache_latents}
+    assert f"{expected.tokens:,} tokens" in text and text.startswith("memory: 24 GiB from gpu_memory_gib")
+    assert memory_fields(config, True)["blocks_to_swap"] == expected.chosen.settings.blocks_to_swap > 0
+
+    # the same dataset as a TOML file beside the pipeline, and widgets that override the pipeline
+    import tomli_w
+
+    (tmp_path / "dataset.toml").write_text(tomli_w.dumps(dataset))
+    pipe["document"]["dataset"] = "dataset.toml"
+    config, text = MemoryOptimizer().choose(**{**widgets, "family": "wan", "task": "t2v-1.3B", "gpu_memory_gib": 80.0,
+                                                 "resolution": "832x480", "frames": 33, "batch_size": 1}, pipeline=pipe)["result"]
+    assert config["gradient_checkpointing"] is False and config["fp8"] is False
+    # "off" is written out, so it overrides the Training Config's and the template's "on"
+    assert memory_fields(config, True) == {"gradient_checkpointing": False}
+
+    with pytest.raises(base.NodeError, match="no pipeline with a family"):
+        MemoryOptimizer().choose(**widgets)
+    with pytest.raises(base.NodeError, match="resolution 'big' is not WIDTHxHEIGHT"):
+        MemoryOptimizer().choose(**{**widgets, "family": "wan", "resolution": "big"})
