@@ -15,7 +15,7 @@ from ..dsl.model import Pipeline
 from ..errors import PipelineError, Problem
 from . import contract
 from .graph import Reference, build_graph
-from .plan import LAUNCH_ACCELERATE, GeneratedFile, Input, Output, Plan, Step, fingerprint
+from .plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, GeneratedFile, Input, Output, Plan, Step, fingerprint
 from .templates import FamilyTemplate, StageTemplate, family_template
 
 # Fields of the language that are not musubi options of the same name: the compiler turns
@@ -25,8 +25,9 @@ LANGUAGE_FIELDS = {
     "output_name", "output_dir", "dit", "expert", "attention", "network_module", "mixed_precision",
     "sample_prompts", "num_processes", "num_machines", "latents", "text_encoder_cache",
     "prompt", "section_prompts", "prompts", "loras", "save_path",
-    "checkpoints", "output", "input", "to",
+    "checkpoints", "output", "input", "to", "gpu_memory_gib", "rank", "format", "dtype", "contact_sheet",
 }
+MEMORY_FIELDS = ("gradient_checkpointing", "fp8_base", "fp8_scaled", "blocks_to_swap", "split_attn")
 LYCORIS_MODULES = ("networks.loha", "networks.lokr", "lycoris.kohya")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 # Characters a shell would act on. We never use a shell, but a path with them in a shared
@@ -253,12 +254,17 @@ class _Compiler:
         return args
 
     def finish(self, name: str, stage, step: Step, needs: list[str]) -> Step:
-        words = set(step.args)
-        taken = {dest for dest, opt in contract.options(step.script).items() if opt.flag in words}
-        args = step.args + self.extra(name, stage, step.script, taken)
-        # musubi's parser is the last word, but only on a stage whose own problems are fixed.
-        reported = any(p.severity == "error" for p in self.problems[self.reported:])
-        reason = None if reported else contract.check(step.script, args)
+        if step.launcher == LAUNCH_TOOL:
+            if stage.extra_args:
+                self.error(("stages", name, "extra_args"), f"{stage.kind} is musubi-pipe's own tool, not a musubi script", "remove extra_args")
+            args, reason = step.args, None
+        else:
+            words = set(step.args)
+            taken = {dest for dest, opt in contract.options(step.script).items() if opt.flag in words}
+            args = step.args + self.extra(name, stage, step.script, taken)
+            # musubi's parser is the last word, but only on a stage whose own problems are fixed.
+            reported = any(p.severity == "error" for p in self.problems[self.reported:])
+            reason = None if reported else contract.check(step.script, args)
         if reason:
             self.error(("stages", name), f"musubi's {step.script} would reject this command: {reason}", "fix the option named in the message")
         upstream = [self.steps[n].fingerprint for n in needs if n in self.steps]
@@ -347,6 +353,7 @@ class _Compiler:
         args += ["--network_module", module]
         mixed = self.mixed_precision(name, stage, values.pop("mixed_precision", None))
         args += ["--mixed_precision", mixed]
+        memory_why = self.plan_memory(name, stage, values) if stage.gpu_memory_gib is not None else {}
         self.check_train_rules(name, stage, values)
         args += self.options(name, stage, script, values)
         output_dir = self.path(stage.output_dir) if stage.output_dir else str(Path(self.workdir) / name)
@@ -378,6 +385,8 @@ class _Compiler:
             "checkpoints": checkpoints, "mixed_precision": mixed, "task": self.task, "family": self.p.family,
             "cache_arch": self.tpl.cache_arch,
         }
+        if memory_why:
+            meta["memory_plan"] = memory_why
         for key in ("max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_every_n_steps", "gradient_checkpointing",
                     "fp8_base", "fp8_scaled", "blocks_to_swap", "split_attn", "gradient_accumulation_steps"):
             if key in values:
@@ -412,6 +421,35 @@ class _Compiler:
             self.error(("models", "dit"), f"models.dit is required to train (stage {name!r})", "set models.dit to the DiT checkpoint")
             return None
         return self.path(self.p.models.dit)
+
+    def plan_memory(self, name: str, stage, values: dict) -> dict[str, str]:
+        """Fill the memory options the user did not set with the planner's fastest setting that
+        fits `gpu_memory_gib`, for the dataset's largest resolution and frame count."""
+        from ..tools.memory import plan_memory
+
+        if self.dataset is None:
+            return {}
+        sections = [self.dataset.general, *self.dataset.datasets]
+        sizes = [s.resolution for s in sections if s.resolution is not None] or [(960, 544)]
+        width, height = max(((r, r) if isinstance(r, int) else tuple(r) for r in sizes), key=lambda wh: wh[0] * wh[1])
+        frames = max((max(d.target_frames or [1]) for d in self.dataset.datasets if d.is_video), default=1)
+        batch = max((s.batch_size for s in sections if s.batch_size), default=1)
+        try:
+            plan = plan_memory(self.p.family, self.task, float(stage.gpu_memory_gib), (width, height), frames, batch,
+                               int(values.get("network_dim", 32)))
+        except PipelineError as exc:
+            for problem in exc.problems:
+                self.error(("stages", name, "gpu_memory_gib"), problem.message, problem.fix)
+            return {}
+        chosen = {"gradient_checkpointing": False, "fp8_base": False, "fp8_scaled": False, "blocks_to_swap": 0, "split_attn": False}
+        chosen.update({k: v for k, v in plan.train.items() if k in chosen})
+        for key, value in chosen.items():
+            if key not in stage.model_fields_set:
+                if value in (False, 0):
+                    values.pop(key, None)  # musubi's default is off
+                else:
+                    values[key] = value
+        return dict(plan.why)
 
     def mixed_precision(self, name: str, stage, requested: str | None) -> str:
         dtype = self.p.models.dit_dtype or _guess_dtype(stage.dit or self.p.models.dit or "")
@@ -514,11 +552,11 @@ class _Compiler:
         if sum(texts) != 1:
             self.error(where, "a generate stage needs exactly one of prompt, prompts or section_prompts", "set prompt = \"...\" (or prompts = [...] for a batch)")
         if stage.prompt is not None:
-            args += ["--prompt", stage.prompt]
+            args += contract.render(script, "prompt", stage.prompt)
         if stage.section_prompts is not None:
             if self.p.family != "framepack":
                 self.error(where + ("section_prompts",), "section prompts are a FramePack feature", "use prompt")
-            args += ["--prompt", ";;;".join(f"{k}:{v}" for k, v in stage.section_prompts.items())]
+            args += contract.render(script, "prompt", ";;;".join(f"{k}:{v}" for k, v in stage.section_prompts.items()))
         if stage.prompts is not None:
             if "from_file" not in contract.options(script):
                 self.error(where + ("prompts",), f"{script} has no batch mode (--from_file)", "make one generate stage per prompt")
@@ -618,6 +656,38 @@ class _Compiler:
         args += self.options(name, stage, script, values)
         return Step(name, stage.kind, self.p.family, script, args, inputs=[Input("lora", source, producer)],
                     outputs=[Output("lora", "file", output)], meta={"output": output, "to": stage.to})
+
+
+    def build_lora_merge(self, name, stage, tpl, refs) -> Step:
+        where = ("stages", name)
+        if len(stage.loras) < 2:
+            self.error(where + ("loras",), f"merging needs at least two LoRAs, got {len(stage.loras)}", "list the LoRAs to merge")
+        inputs, specs = [], []
+        for i, lora in enumerate(stage.loras):
+            path, producer = self.value_or_ref(refs, where + ("loras", i, "path"), lora.path)
+            inputs.append(Input(f"lora{i}", path, producer))
+            specs.append(f"{path}:{float(lora.multiplier)!r}")
+        output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{self.p.name}-{name}.safetensors")
+        # --force: the stage owns its output and replaces it when its inputs change.
+        args = ["lora", "merge", output, *specs, "--family", self.p.family, "--force"]
+        for option in ("rank", "format", "dtype"):
+            value = getattr(stage, option)
+            if value is not None:
+                args += [f"--{option}", str(value)]
+        return Step(name, stage.kind, self.p.family, tpl.script, args, launcher=LAUNCH_TOOL, inputs=inputs,
+                    outputs=[Output("lora", "file", output)], meta={"output": output})
+
+    def build_check_dataset(self, name, stage, tpl, refs) -> Step:
+        dataset = self.need_dataset(name)
+        report = str(Path(self.workdir) / name / "dataset-report.json")
+        args = ["dataset", "inspect", dataset, "--family", self.p.family, "--report", report]
+        outputs = [Output("report", "file", report)]
+        if stage.contact_sheet:
+            sheet = str(Path(self.workdir) / name / "contact-sheet.png")
+            args += ["--sheet", sheet]
+            outputs.append(Output("contact_sheet", "file", sheet))
+        return Step(name, stage.kind, self.p.family, tpl.script, args, launcher=LAUNCH_TOOL,
+                    inputs=self.media_inputs(dataset), outputs=outputs)
 
 
 class _Skip(Exception):

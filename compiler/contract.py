@@ -55,8 +55,24 @@ def render(script: str, dest: str, value) -> list[str]:
     if opt.action == "positional":
         return words
     if opt.action == "append":
-        return [w for v in words for w in (opt.flag, v)]
+        return [w for v in words for w in (_joined(opt.flag, v) if v.startswith("-") else (opt.flag, v))]
+    if len(words) == 1 and words[0].startswith("-") and not _is_number(words[0]):
+        return _joined(opt.flag, words[0])
     return [opt.flag, *words]
+
+
+def _joined(flag: str, value: str) -> list[str]:
+    # argparse reads a separate word starting with '-' as an option ("- a dancer" as a prompt),
+    # but takes --flag=value as the value whatever it starts with.
+    return [f"{flag}={value}"]
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
 
 
 def _word(value) -> str:

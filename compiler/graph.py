@@ -13,12 +13,14 @@ from ..errors import Problem
 
 # What each kind of stage makes, the first being what "@stage" alone means.
 ARTIFACTS = {
+    "check_dataset": ("report",),
     "cache_latents": ("latent_cache",),
     "cache_text_encoder": ("text_encoder_cache",),
     "train": ("lora", "checkpoints", "state"),
     "ema": ("lora",),
     "convert": ("lora",),
     "merge": ("model",),
+    "lora_merge": ("lora",),
     "generate": ("videos",),
 }
 
@@ -110,10 +112,14 @@ def build_graph(pipeline: Pipeline, source: Source, problems: list[Problem]) -> 
 
 
 def _link_caches_to_training(pipeline: Pipeline, graph: nx.DiGraph, resolved: dict[str, list[Reference]]) -> None:
-    """A train stage without explicit cache references uses the pipeline's cache stages."""
+    """A train stage without explicit cache references uses the pipeline's cache stages, and
+    caching waits for the dataset check, so a broken dataset stops the run before any GPU work."""
     by_kind: dict[str, list[str]] = {}
     for name, stage in pipeline.stages.items():
         by_kind.setdefault(stage.kind, []).append(name)
+    for check in by_kind.get("check_dataset", []):
+        for cache in by_kind.get("cache_latents", []) + by_kind.get("cache_text_encoder", []):
+            graph.add_edge(check, cache, why="report")
     for name, stage in pipeline.stages.items():
         if stage.kind != "train":
             continue

@@ -12,6 +12,19 @@ from typing import Any
 # part of a plan: that comes from the local configuration, at run time.
 LAUNCH_PYTHON = "python"
 LAUNCH_ACCELERATE = "accelerate"
+# musubi-pipe's own tools (LoRA merge, dataset check), run in musubi-pipe's Python. The package is
+# loaded from its own folder, so this works where ComfyUI imported it from custom_nodes/ too.
+LAUNCH_TOOL = "musubi-pipe"
+TOOL_COMMANDS = (("lora", "merge"), ("dataset", "inspect"))
+_TOOL_BOOT = (
+    "import importlib.util, sys\n"
+    "root = sys.argv.pop(1)\n"
+    "spec = importlib.util.spec_from_file_location('musubi_pipe', root + '/__init__.py', submodule_search_locations=[root])\n"
+    "sys.modules['musubi_pipe'] = module = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
+    "from musubi_pipe.cli import main\n"
+    "main(args=sys.argv[1:], prog_name='musubi-pipe')\n"
+)
 
 
 @dataclass(frozen=True)
@@ -65,12 +78,19 @@ class Step:
     def display_argv(self) -> list[str]:
         """The command as a user would type it from a musubi-tuner checkout."""
         script = f"src/musubi_tuner/{self.script}"
+        if self.launcher == LAUNCH_TOOL:
+            return ["musubi-pipe", *self.args]
         if self.launcher == LAUNCH_ACCELERATE:
             return ["accelerate", "launch", *self.launch_args, script, *self.args]
         return ["python", script, *self.args]
 
     def command(self, python: str, musubi_dir: str) -> list[str]:
         """The argv to execute, given the local configuration's Python and checkout."""
+        if self.launcher == LAUNCH_TOOL:
+            import sys
+            from pathlib import Path
+
+            return [sys.executable, "-c", _TOOL_BOOT, str(Path(__file__).resolve().parent.parent), *self.args]
         script = f"{musubi_dir.rstrip('/')}/src/musubi_tuner/{self.script}"
         if self.launcher == LAUNCH_ACCELERATE:
             return [python, "-m", "accelerate.commands.launch", *self.launch_args, script, *self.args]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from .dataset import DatasetConfig
 
 FAMILIES = ("hunyuan_video", "wan", "framepack")
-STAGE_KINDS = ("cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "generate")
+STAGE_KINDS = ("check_dataset", "cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "lora_merge", "generate")
 ATTENTION = ("sdpa", "flash_attn", "flash3", "xformers", "sage_attn")
 
 Scalar = Union[StrictBool, StrictInt, float, StrictStr]
@@ -170,6 +170,8 @@ class TrainStage(_Stage):
     latent_window_size: StrictInt | None = None
     num_processes: StrictInt | None = Field(None, description="GPUs to train on (accelerate --num_processes)")
     num_machines: StrictInt | None = None
+    gpu_memory_gib: Number | None = Field(
+        None, description="plan gradient checkpointing, fp8 and block swap for a GPU of this size (the fastest setting that fits); options set explicitly win")
     latents: StrictStr | None = Field(None, description="latent cache to train on (default: the pipeline's cache_latents stage)")
     text_encoder_cache: StrictStr | None = Field(None, description="text-encoder cache (default: the pipeline's cache_text_encoder stage)")
 
@@ -241,8 +243,32 @@ class MergeStage(_Stage):
         return _lora_list(value)
 
 
+class LoraMergeStage(_Stage):
+    """Several LoRAs into one LoRA, weighted (musubi-pipe's own tool, not a musubi script)."""
+
+    kind: Literal["lora_merge"]
+    loras: list[LoraInput] = Field(description="LoRAs to merge; multiplier is each one's weight")
+    rank: StrictInt | None = Field(None, description="re-factorise to this rank by SVD (default: exact, the ranks add up)")
+    format: Literal["musubi", "comfyui"] | None = Field(None, description="key layout of the result (default: the first input's)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    output: StrictStr | None = None
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _short_loras(cls, value: Any) -> Any:
+        return _lora_list(value)
+
+
+class CheckDatasetStage(_Stage):
+    """Inspect the dataset as musubi will see it (musubi-pipe's own tool); caching waits for it."""
+
+    kind: Literal["check_dataset"]
+    contact_sheet: StrictBool = Field(False, description="also draw a contact sheet of the dataset")
+
+
 Stage = Annotated[
-    Union[CacheLatentsStage, CacheTextEncoderStage, TrainStage, GenerateStage, EmaStage, ConvertStage, MergeStage],
+    Union[CacheLatentsStage, CacheTextEncoderStage, TrainStage, GenerateStage, EmaStage, ConvertStage, MergeStage,
+          LoraMergeStage, CheckDatasetStage],
     Field(discriminator="kind"),
 ]
 STAGE_MODELS = {
@@ -253,6 +279,8 @@ STAGE_MODELS = {
     "ema": EmaStage,
     "convert": ConvertStage,
     "merge": MergeStage,
+    "lora_merge": LoraMergeStage,
+    "check_dataset": CheckDatasetStage,
 }
 
 
@@ -267,7 +295,7 @@ class Pipeline(_Strict):
     vars: dict[str, Scalar] = Field(default_factory=dict, description="values for {{ name }} interpolation")
     models: Models = Models()
     dataset: DatasetConfig | StrictStr | None = Field(None, description="musubi's [general] and [[datasets]], or a dataset TOML path")
-    defaults: dict[Literal["cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "generate"], dict[str, Any]] = Field(
+    defaults: dict[Literal["check_dataset", "cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "lora_merge", "generate"], dict[str, Any]] = Field(
         default_factory=dict, description="option values for every stage of a kind"
     )
     stages: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")], Stage] = Field(default_factory=dict)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..compiler.plan import LAUNCH_ACCELERATE, Plan, Step
+from ..compiler.plan import LAUNCH_TOOL, TOOL_COMMANDS, Plan, Step
 from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
@@ -60,7 +60,11 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
     problems = []
     for step in plan.steps:
         where = f"steps.{step.id}"
-        if not SCRIPT_NAME.match(step.script) or ".." in step.script:
+        if step.launcher == LAUNCH_TOOL:
+            if tuple(step.args[:2]) not in TOOL_COMMANDS:
+                problems.append(Problem(f"musubi-pipe command {' '.join(step.args[:2])!r} may not run from a plan", path=where + ".args",
+                                        file=plan.source, fix=f"a plan may run: {', '.join(' '.join(c) for c in TOOL_COMMANDS)}"))
+        elif not SCRIPT_NAME.match(step.script) or ".." in step.script:
             problems.append(Problem(f"script {step.script!r} is not a musubi-tuner script name", path=where + ".script",
                                     file=plan.source, fix="a plan may only name scripts inside src/musubi_tuner/"))
         for arg in step.launch_args:

@@ -355,3 +355,25 @@ input = "/loras/fp.safetensors"
 """)
     assert any("wrong key names for most FramePack modules" in w for w in plan.warnings)
     assert plan.step("c").args[-2:] == ["--target", "other"]
+
+
+def test_a_prompt_starting_with_a_dash_stays_a_value():
+    plan = compile_text("""
+name = "dash"
+family = "hunyuan_video"
+[models]
+dit = "/m/dit.pt"
+vae = "/m/vae.pt"
+text_encoder1 = "/m/llm.safetensors"
+text_encoder2 = "/m/clip.safetensors"
+[stages.g]
+kind = "generate"
+prompt = "--- a dancer, -5 degrees"
+negative_prompt = "-blurry"
+""")
+    args = plan.step("g").args
+    assert "--prompt=--- a dancer, -5 degrees" in args and "--negative_prompt=-blurry" in args
+    from musubi_pipe.compiler import contract
+
+    parsed = contract.parser("hv_generate_video.py").parse_args(args)
+    assert parsed.prompt == "--- a dancer, -5 degrees" and parsed.negative_prompt == "-blurry"

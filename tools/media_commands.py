@@ -27,7 +27,8 @@ def dataset():
 @click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
 @click.option("--sheet", type=click.Path(dir_okay=False), help="also write a contact sheet PNG here")
 @click.option("--no-media", is_flag=True, help="only list files; do not open images and videos")
-def inspect(config, family, as_json, sheet, no_media):
+@click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the full report as JSON here")
+def inspect(config, family, as_json, sheet, no_media, report_file):
     """Items, captions, unreadable media, buckets, frame windows and cache files of CONFIG
     (a musubi dataset TOML/JSON, or a pipeline file holding one)."""
     from .dataset import inspect_dataset
@@ -42,6 +43,10 @@ def inspect(config, family, as_json, sheet, no_media):
         click.echo(json.dumps(report.to_dict(), indent=1, default=str))
     else:
         click.echo(report.format())
+    if report_file:
+        from ..files import write_atomic
+
+        write_atomic(report_file, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
     if sheet:
         from .contact_sheet import make_contact_sheet, save_png
 
