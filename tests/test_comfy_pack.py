@@ -126,3 +126,32 @@ def test_memory_optimizer_plans_from_the_pipeline_with_the_memory_planner(tmp_pa
         MemoryOptimizer().choose(**widgets)
     with pytest.raises(base.NodeError, match="resolution 'big' is not WIDTHxHEIGHT"):
         MemoryOptimizer().choose(**{**widgets, "family": "wan", "resolution": "big"})
+
+
+def test_gpu_nodes_read_nvml_through_tools_resources(monkeypatch):
+    """With a GPU (a stand-in NVML): the Memory Optimizer plans for its free memory plus what ComfyUI
+    itself holds (unloaded before musubi starts); the Resource Monitor shows the tools' report."""
+    import os
+    from types import SimpleNamespace
+
+    from test_resources import GIB, fake_nvml
+
+    from musubi_pipe.comfy_adapter.nodes_advanced import MemoryOptimizer, ResourceMonitor
+    from musubi_pipe.tools import resources
+    from musubi_pipe.tools.memory import plan_memory
+
+    nv = fake_nvml(total_gib=24, used_gib=3)
+    nv.nvmlDeviceGetComputeRunningProcesses = lambda h: [SimpleNamespace(pid=os.getpid(), usedGpuMemory=2 * GIB)]
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    config, text = MemoryOptimizer().choose(family="wan", task="t2v-14B", use_detected_gpu=True, gpu_memory_gib=80.0,
+                                            resolution="832x480", frames=33, batch_size=1, network_dim=32,
+                                            allow_fp8=True)["result"]
+    assert text.startswith("memory: GPU 0 NVIDIA GeForce RTX 4090: 21.0 GiB free + 2.0 GiB ComfyUI frees before training\n")
+    expected = plan_memory("wan", "t2v-14B", 23.0, (832, 480), 33, 1, 32)
+    assert config == {**expected.memory_config(), "cache_latents": expected.cache_latents}
+    assert MemoryOptimizer.IS_CHANGED(use_detected_gpu=True) == 23
+
+    report = ResourceMonitor().report(refresh=True, family="wan", task="t2v-14B")["result"][0]
+    assert report == resources.report_text(resources.gpu_report(), "wan", "t2v-14B")
+    assert report.startswith("GPU 0 NVIDIA GeForce RTX 4090: 3.0 of 24.0 GiB used, 21.0 GiB free, 87% busy")
+    assert "advice: wan t2v-14B" in report
