@@ -354,6 +354,7 @@ class _Compiler:
         mixed = self.mixed_precision(name, stage, values.pop("mixed_precision", None))
         args += ["--mixed_precision", mixed]
         memory_why = self.plan_memory(name, stage, values) if stage.gpu_memory_gib is not None else {}
+        self.training_length(stage, values)
         self.check_train_rules(name, stage, values)
         args += self.options(name, stage, script, values)
         output_dir = self.path(stage.output_dir) if stage.output_dir else str(Path(self.workdir) / name)
@@ -463,6 +464,16 @@ class _Compiler:
             else:
                 self.warn(("stages", name, "mixed_precision"), message, fix)
         return requested
+
+    def training_length(self, stage, values: dict) -> None:
+        """A length in steps replaces the template's length in epochs (musubi lets epochs win), and
+        gets checkpoints at about every eighth of the run, so an interrupted run can resume."""
+        chosen = stage.model_fields_set
+        if "max_train_steps" in chosen and "max_train_epochs" not in chosen:
+            values.pop("max_train_epochs", None)
+            if "save_every_n_epochs" not in chosen:
+                values.pop("save_every_n_epochs", None)
+                values.setdefault("save_every_n_steps", max(1, values["max_train_steps"] // 8))
 
     def check_train_rules(self, name: str, stage, values: dict) -> None:
         where = ("stages", name)
@@ -576,7 +587,8 @@ class _Compiler:
         kind = {"video": "*.mp4", "images": "*", "latent": "*.safetensors", "both": "*.mp4", "latent_images": "*"}.get(values.get("output_type", "video"), "*")
         return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
                     outputs=[Output("videos", "files", save_path, kind)],
-                    meta={"save_path": save_path, "prompts": len(stage.prompts or []) or 1})
+                    meta={"save_path": save_path, "prompts": len(stage.prompts or []) or 1,
+                          "batch_prompts": [p.model_dump(exclude_none=True) for p in stage.prompts or []]})
 
     def build_merge(self, name, stage, tpl, refs) -> Step:
         where = ("stages", name)
@@ -646,6 +658,15 @@ class _Compiler:
             current = made_by.to if made_by.kind == "convert" else "musubi"
             if current == stage.to:
                 self.error(where + ("to",), f"the LoRA from {producer!r} is already in {stage.to} format", "remove this stage, or convert the other way")
+        elif os.path.isfile(source):
+            # A file that exists now can be checked now: converting to its own format does nothing.
+            from ..tools.lora import refuse_if_already
+
+            try:
+                refuse_if_already(source, stage.to)
+            except PipelineError as exc:
+                self.problems.extend(Problem(p.message, path=format_path(where + ("input",)), file=self.src.file,
+                                             line=self.src.line_of(where + ("input",)), fix=p.fix) for p in exc.problems)
         if self.p.family == "framepack" and stage.to == "comfyui":
             self.warn(where + ("to",), f"musubi-tuner {contract.CONTRACT}'s convert_lora.py writes wrong key names for most FramePack modules",
                       "check the result with `musubi-pipe lora inspect --family framepack`, or keep the musubi-format LoRA")

@@ -423,6 +423,8 @@ class LocalExecutor:
                     outs = output_files(step)
                     for o in outs:
                         self._emit(ev.Event(ev.OUTPUT, step=step.id, data={"name": o["output"], "path": o["path"]}))
+                    if (step.meta or {}).get("batch_prompts"):
+                        record["prompt_outputs"] = self._match_batch(step, record["started"])
                     record.update(status=SUCCEEDED, finished=time.time(), outputs=outs, returncode=rc, changes=changes)
                     self.state.put(step.id, record)
                     self._emit(ev.Event(ev.STEP_END, step=step.id, data={
@@ -567,6 +569,20 @@ class LocalExecutor:
         if cancelled:
             return CANCELLED, rc
         return (SUCCEEDED if rc == 0 else FAILED), rc
+
+    def _match_batch(self, step: Step, started: float) -> str:
+        """Pair a batch's prompts with the files musubi named by time and seed; the pairs go to
+        the run folder and out as OUTPUT events with the prompt's index."""
+        from ..tools.prompts import match_outputs
+
+        pairs = match_outputs(step.meta["batch_prompts"], step.meta["save_path"], since=started)
+        table = [{"index": p.index, "prompt": p.prompt.text, "seed": p.prompt.seed, "output": p.output} for p in pairs]
+        path = self.run_dir / f"{step.id}-prompts.json"
+        write_atomic(path, json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+        for row in table:
+            self._emit(ev.Event(ev.OUTPUT, step=step.id, data={"name": "prompt_output", "path": row["output"] or "",
+                                                              "prompt": row["index"], "text": row["prompt"]}))
+        return str(path)
 
     def _note_progress(self, record: dict, e: ev.Event) -> None:
         """Keep the training length musubi printed: a later resume computes what is left from it."""

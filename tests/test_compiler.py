@@ -377,3 +377,40 @@ negative_prompt = "-blurry"
 
     parsed = contract.parser("hv_generate_video.py").parse_args(args)
     assert parsed.prompt == "--- a dancer, -5 degrees" and parsed.negative_prompt == "-blurry"
+
+
+def test_a_length_in_steps_replaces_the_templates_epochs():
+    plan = compile_text("""
+name = "steps"
+family = "wan"
+task = "t2v-1.3B"
+[models]
+dit = "/m/wan2.1_t2v_1.3B_bf16.safetensors"
+[dataset]
+datasets = [{ video_directory = "/clips" }]
+[stages.t]
+kind = "train"
+max_train_steps = 2000
+save_state = true
+""")
+    args = plan.step("t").args
+    assert "--max_train_epochs" not in args and "--save_every_n_epochs" not in args
+    assert args[args.index("--max_train_steps") + 1] == "2000"
+    assert args[args.index("--save_every_n_steps") + 1] == "250"
+    assert Path(plan.step("t").meta["checkpoints"][0]).name == "steps-step00000250.safetensors"
+
+
+def test_converting_a_file_to_the_format_it_is_in_is_refused(tmp_path):
+    from test_lora_tools import make_lora
+
+    make_lora(tmp_path / "comfy.safetensors", layout="comfyui")
+    with pytest.raises(PipelineError) as err:
+        compile_text("""
+name = "conv"
+family = "wan"
+[stages.c]
+kind = "convert"
+input = "comfy.safetensors"
+to = "comfyui"
+""", folder=tmp_path)
+    assert "stages.c.input" in str(err.value) and "already in comfyui format" in str(err.value)

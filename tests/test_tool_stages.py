@@ -144,3 +144,38 @@ loras = [{ path = "a.safetensors", multiplier = 0.7 }, { path = "b.safetensors",
     assert (tmp_path / "record.jsonl").read_text() == ""  # musubi never started
     end = next(e for e in rec.events if e.kind == "step_end" and e.step == "check")
     assert Path(end.data["log"]).exists() and "c2.mp4" in Path(end.data["log"]).read_text()
+
+
+def test_batch_generation_matches_outputs_to_prompts(tmp_path, monkeypatch):
+    checkout = make_fake_checkout(tmp_path / "musubi-tuner")
+    monkeypatch.setenv("MUSUBI_DOUBLE_RECORD", str(tmp_path / "record.jsonl"))
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    for name in ("wan_bf16.safetensors", "vae.safetensors", "t5.safetensors"):
+        (project / "models" / name).write_bytes(b"\0" * 16)
+    body = """
+[stages.batch]
+kind = "generate"
+video_size = [64, 96]
+video_length = 9
+prompts = [
+  { text = "a red fox", seed = 11 },
+  { text = "a blue whale", seed = 22, frames = 13 },
+  { text = "a green frog", seed = 33 },
+]
+"""
+    plan = compile_file(write(project, body))
+    step = plan.step("batch")
+    assert "--from_file" in step.args and "--prompt" not in step.args
+    rec = Recorder()
+    result = LocalExecutor(config_for(checkout)).run(plan, [rec])
+    assert result.status == "succeeded", rec.ended()
+    assert len((tmp_path / "record.jsonl").read_text().splitlines()) == 1  # one model load for three prompts
+    table = json.loads((result.run_dir / "batch-prompts.json").read_text())
+    assert [row["prompt"] for row in table] == ["a red fox", "a blue whale", "a green frog"]
+    outputs = [row["output"] for row in table]
+    assert all(outputs) and len(set(outputs)) == 3
+    for row in table:
+        assert Path(row["output"]).name.endswith(f"_{row['seed']}.mp4")
+    events = [e for e in rec.kinds("output") if e.data.get("name") == "prompt_output"]
+    assert [e.data["prompt"] for e in events] == [0, 1, 2]

@@ -878,7 +878,30 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
     bar.close()
     save_path = a.get("save_path") or "."
     os.makedirs(save_path, exist_ok=True)
-    seed = a.get("seed") if a.get("seed") is not None else 42
+    seeds = [a.get("seed") if a.get("seed") is not None else 42]
+    if a.get("from_file"):
+        # Batch mode: one output per prompt line, each with the seed of its `--d` option.
+        seeds = []
+        with open(a["from_file"], encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                options = dict((part.split(" ", 1) + [""])[:2] for part in line.split(" --")[1:])
+                seeds.append(int(options["d"]) if options.get("d", "").strip().isdigit() else seeds_default(a))
+    for seed in seeds:
+        save_generated(script, a, save_path, seed, logger)
+        time.sleep(0.002)  # real outputs are named by a millisecond timestamp
+    log(logger, "Done!")
+
+
+def seeds_default(a: dict) -> int:
+    return a.get("seed") if a.get("seed") is not None else 42
+
+
+def save_generated(script: str, a: dict, save_path: str, seed: int, logger: str) -> None:
+    import numpy as np
+
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
     base = f"{stamp}_0_{seed}" if script == "hv_generate_video" else f"{stamp}_{seed}"
     output_type = a.get("output_type") or "video"
@@ -896,7 +919,6 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
             p = os.path.join(save_path, f"{base}.mp4")
             write_video(p)
             log(logger, f"Video saved to: {p}")
-    log(logger, "Done!")
 
 
 # ---------------------------------------------------------------- LoRA utilities
