@@ -138,13 +138,13 @@ def test_batch_processor_runs_many_prompts_in_one_generate_run(comfy, test_root,
     parsed = [(line.split(" --")[0], shlex.split(line.split(" --d ")[1])[0]) for line in lines]
     assert parsed == [("a red fox", "41"), ("a blue bird", "42"), ("a green frog", "43")]
 
-    # Outputs are matched to prompts by seed (the double ignores --from_file and writes one video
-    # named with seed 42, so only the second prompt has a video).
+    # Each prompt gets its own video, matched by the seed in musubi's file name.
     paths = ui_text(outcome, "3").split("\n")
-    assert len(paths) == 3 and paths[0] == "" and paths[2] == ""
-    assert paths[1].endswith("_42.mp4") and Path(paths[1]).is_file()
+    assert len(paths) == 3 and len(set(paths)) == 3
+    for path, seed in zip(paths, ("41", "42", "43")):
+        assert path.endswith(f"_{seed}.mp4") and Path(path).is_file()
     shown = ui_text(outcome, "2").splitlines()
-    assert shown[0].endswith("no video") and shown[1].startswith("2. a blue bird -> ") and shown[2].endswith("no video")
+    assert [line.split(" -> ")[0] for line in shown] == ["1. a red fox", "2. a blue bird", "3. a green frog"]
 
 
 # ------------------------------------------------------------------------------ monitors
