@@ -101,7 +101,10 @@ def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, s
     order = list(nx.lexicographical_topological_sort(graph, key=lambda n: list(pipeline.stages).index(n)))
     for number, name in enumerate(order, start=2):
         stage = pipeline.stages[name]
-        class_type = KIND_NODES.get(stage.kind) or FAMILY_NODES[(stage.kind, pipeline.family)]
+        class_type = KIND_NODES.get(stage.kind) or FAMILY_NODES.get((stage.kind, pipeline.family))
+        if class_type is None:
+            raise PipelineError([_problem(source.file, f"stages.{name}", f"a {stage.kind} stage has no node that runs it inside a workflow",
+                                          "run this pipeline with `musubi-pipe run`, or remove the stage to export the rest")])
         fields = stage.model_dump(mode="json", exclude_unset=True)
         fields.pop("kind")
         widgets: dict[str, Any] = {"stage_name": name}

@@ -156,3 +156,16 @@ def test_run_command_with_the_comfy_executor(comfy, clips, record, unique, test_
     refused = subprocess.run([sys.executable, "-m", "musubi_pipe.cli", "run", "--executor", "comfy", "--force", str(path)],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "apply to the local executor" in refused.stderr
+
+
+def test_export_names_a_stage_no_node_can_run(tmp_path):
+    from musubi_pipe.cli import main
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    path = write_pipeline(tmp_path / "p", "exp", clips)
+    path.write_text(path.read_text() + '\n[stages.check]\nkind = "check_dataset"\n')
+    result = CliRunner().invoke(main, ["export-comfy", str(path), "-o", str(tmp_path / "wf.json")])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "stages.check: a check_dataset stage has no node" in result.output
+    assert not (tmp_path / "wf.json").exists()
