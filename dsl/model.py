@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from .dataset import DatasetConfig
 
@@ -47,10 +47,13 @@ class LoraInput(_Strict):
 
 
 def _lora_list(value: Any) -> Any:
-    # `loras = ["@train.lora"]` is short for `[{ path = "@train.lora" }]`.
     if isinstance(value, list):
         return [{"path": v} if isinstance(v, str) else v for v in value]
     return value
+
+
+# `loras = ["@train.lora"]` is short for `[{ path = "@train.lora" }]`.
+LoraList = Annotated[list[LoraInput], BeforeValidator(_lora_list)]
 
 
 class Prompt(_Strict):
@@ -196,7 +199,7 @@ class GenerateStage(_Stage):
     seed: StrictInt | None = None
     sample_solver: Literal["unipc", "dpm++", "vanilla"] | None = None
     attn_mode: StrictStr | None = None
-    loras: list[LoraInput] = Field(default_factory=list)
+    loras: LoraList = Field(default_factory=list)
     fp8: StrictBool | None = None
     fp8_scaled: StrictBool | None = None
     blocks_to_swap: StrictInt | None = None
@@ -207,11 +210,6 @@ class GenerateStage(_Stage):
     f1: StrictBool | None = None
     output_type: Literal["video", "images", "latent", "both", "latent_images"] | None = None
     save_path: StrictStr | None = Field(None, description="output folder (musubi names the files)")
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _short_loras(cls, value: Any) -> Any:
-        return _lora_list(value)
 
 
 class EmaStage(_Stage):
@@ -233,30 +231,20 @@ class ConvertStage(_Stage):
 
 class MergeStage(_Stage):
     kind: Literal["merge"]
-    loras: list[LoraInput] = Field(description="LoRAs to merge into the base DiT")
+    loras: LoraList = Field(description="LoRAs to merge into the base DiT")
     output: StrictStr | None = None
     device: StrictStr | None = None
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _short_loras(cls, value: Any) -> Any:
-        return _lora_list(value)
 
 
 class LoraMergeStage(_Stage):
     """Several LoRAs into one LoRA, weighted (musubi-pipe's own tool, not a musubi script)."""
 
     kind: Literal["lora_merge"]
-    loras: list[LoraInput] = Field(description="LoRAs to merge; multiplier is each one's weight")
+    loras: LoraList = Field(description="LoRAs to merge; multiplier is each one's weight")
     rank: StrictInt | None = Field(None, description="re-factorise to this rank by SVD (default: exact, the ranks add up)")
     format: Literal["musubi", "comfyui"] | None = Field(None, description="key layout of the result (default: the first input's)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     output: StrictStr | None = None
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _short_loras(cls, value: Any) -> Any:
-        return _lora_list(value)
 
 
 class CheckDatasetStage(_Stage):

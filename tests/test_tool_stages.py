@@ -98,10 +98,19 @@ rank = 8
     assert merged[merged.index("--rank") + 1] == "8"
 
 
-def test_tool_stages_run_through_the_executor(tmp_path, monkeypatch):
+def double_and_project(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A test-double checkout recording its runs, and a project folder with placeholder models."""
     checkout = make_fake_checkout(tmp_path / "musubi-tuner")
     monkeypatch.setenv("MUSUBI_DOUBLE_RECORD", str(tmp_path / "record.jsonl"))
     project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    for name in ("wan_bf16.safetensors", "vae.safetensors", "t5.safetensors"):
+        (project / "models" / name).write_bytes(b"\0" * 16)
+    return checkout, project
+
+
+def test_tool_stages_run_through_the_executor(tmp_path, monkeypatch):
+    checkout, project = double_and_project(tmp_path, monkeypatch)
     (project / "clips").mkdir(parents=True)
     for i in range(2):
         make_video(project / "clips" / f"c{i}.mp4", n=40, fps=16.0, width=96, height=64)
@@ -118,9 +127,6 @@ kind = "cache_latents"
 kind = "lora_merge"
 loras = [{ path = "a.safetensors", multiplier = 0.7 }, { path = "b.safetensors", multiplier = 0.3 }]
 """
-    (project / "models").mkdir()
-    for name in ("wan_bf16.safetensors", "vae.safetensors", "t5.safetensors"):
-        (project / "models" / name).write_bytes(b"\0" * 16)
     plan = compile_file(write(project, body))
     rec = Recorder()
     result = LocalExecutor(config_for(checkout)).run(plan, [rec])
@@ -147,12 +153,7 @@ loras = [{ path = "a.safetensors", multiplier = 0.7 }, { path = "b.safetensors",
 
 
 def test_batch_generation_matches_outputs_to_prompts(tmp_path, monkeypatch):
-    checkout = make_fake_checkout(tmp_path / "musubi-tuner")
-    monkeypatch.setenv("MUSUBI_DOUBLE_RECORD", str(tmp_path / "record.jsonl"))
-    project = tmp_path / "project"
-    (project / "models").mkdir(parents=True)
-    for name in ("wan_bf16.safetensors", "vae.safetensors", "t5.safetensors"):
-        (project / "models" / name).write_bytes(b"\0" * 16)
+    checkout, project = double_and_project(tmp_path, monkeypatch)
     body = """
 [stages.batch]
 kind = "generate"

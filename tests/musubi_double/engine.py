@@ -524,13 +524,7 @@ def cache_latents(script: str, arch: str, args, fail: str | None) -> None:
             time.sleep(step_seconds())
             bar.update(1)
         bar.close()
-        for cache_file in sorted(glob.glob(os.path.join(glob.escape(ds["cache_directory"]), f"*_{arch}.safetensors"))):
-            if os.path.normpath(cache_file) not in wanted:
-                if args.keep_cache:
-                    log(logger, f"Keep cache file not in the dataset: {cache_file}")
-                else:
-                    os.remove(cache_file)
-                    log(logger, f"Removed old cache file: {cache_file}")
+        remove_old_caches(ds["cache_directory"], f"*_{arch}.safetensors", wanted, args.keep_cache, logger)
 
 
 def write_latent(path: str, arch: str, item: dict) -> None:
@@ -585,13 +579,7 @@ def cache_text_encoder(script: str, arch: str, args, fail: str | None) -> None:
             time.sleep(step_seconds())
             bar.update(1)
         bar.close()
-        for cache_file in sorted(glob.glob(os.path.join(glob.escape(ds["cache_directory"]), f"*_{arch}_te.safetensors"))):
-            if os.path.normpath(cache_file) not in wanted:
-                if args.keep_cache:
-                    log(logger, f"Keep cache file not in the dataset: {cache_file}")
-                else:
-                    os.remove(cache_file)
-                    log(logger, f"Removed old cache file: {cache_file}")
+        remove_old_caches(ds["cache_directory"], f"*_{arch}_te.safetensors", wanted, args.keep_cache, logger)
 
 
 def read_caption(media: str, ext: str | None) -> str:
@@ -841,6 +829,17 @@ def write_video(path: str, frames: int = 4, size: int = 64) -> None:
     except Exception:  # PyAV missing or without an encoder: any bytes will do for a test double
         with open(path, "wb") as fh:
             fh.write(b"\x00\x00\x00\x18ftypmp42musubi-double")
+
+
+def remove_old_caches(folder: str, pattern: str, wanted: set, keep_cache: bool, logger: str) -> None:
+    """musubi deletes cache files of items no longer in the dataset, unless --keep_cache."""
+    for cache_file in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
+        if os.path.normpath(cache_file) not in wanted:
+            if keep_cache:
+                log(logger, f"Keep cache file not in the dataset: {cache_file}")
+            else:
+                os.remove(cache_file)
+                log(logger, f"Removed old cache file: {cache_file}")
 
 
 def generate(script: str, arch: str, args, fail: str | None) -> None:
