@@ -27,7 +27,6 @@ LANGUAGE_FIELDS = {
     "prompt", "section_prompts", "prompts", "loras", "save_path",
     "checkpoints", "output", "input", "to", "gpu_memory_gib", "rank", "format", "dtype", "contact_sheet",
 }
-MEMORY_FIELDS = ("gradient_checkpointing", "fp8_base", "fp8_scaled", "blocks_to_swap", "split_attn")
 LYCORIS_MODULES = ("networks.loha", "networks.lokr", "lycoris.kohya")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 # Characters a shell would act on. We never use a shell, but a path with them in a shared
@@ -97,7 +96,8 @@ class _Compiler:
         graph, refs = build_graph(self.p, self.src, self.problems)
         if any(p.severity == "error" for p in self.problems) and not nx.is_directed_acyclic_graph(graph):
             raise PipelineError(self.problems)
-        order = list(nx.lexicographical_topological_sort(graph, key=lambda n: list(self.p.stages).index(n)))
+        written = {name: i for i, name in enumerate(self.p.stages)}  # ties keep the document's order
+        order = list(nx.lexicographical_topological_sort(graph, key=written.__getitem__))
         for name in order:
             stage = self.p.stages[name]
             if stage.kind not in self.tpl.stages:
@@ -208,6 +208,8 @@ class _Compiler:
                 where = ("stages", name, key) if key in fields_set else ("stages", name)
                 self.error(where, f"{key} is not an option of {script} ({self.tpl.title})", f"remove {key}; musubi-tuner {contract.CONTRACT} does not accept it for this family")
                 continue
+            if key in PATH_FIELDS and isinstance(value, str):
+                value = self.path(value)
             args += contract.render(script, key, value)
         return args
 
@@ -235,19 +237,13 @@ class _Compiler:
             if slot in skip:
                 continue
             value = getattr(self.p.models, slot)
-            cond = mode.split(":", 1)[1] if ":" in mode else None
-            wanted = {
-                "required": True,
-                "sampling": sampling,
-            }.get(mode.split(":")[0], None)
-            if mode.startswith("if_task"):
-                wanted = bool(self.task_props.get(cond))
-            elif mode.startswith("sampling_if_task"):
-                wanted = sampling and bool(self.task_props.get(cond))
+            when, _, cond = mode.partition(":")  # required | sampling | if_task:<prop> | sampling_if_task:<prop>
+            for_task = bool(self.task_props.get(cond))
+            wanted = {"required": True, "sampling": sampling, "if_task": for_task, "sampling_if_task": sampling and for_task}[when]
             if not wanted:
                 continue
             if value is None:
-                why = f"for task {self.task}" if cond else ("to make samples during training" if mode.startswith("sampling") else f"for {stage.kind}")
+                why = f"for task {self.task}" if cond else ("to make samples during training" if when == "sampling" else f"for {stage.kind}")
                 self.error(("models", slot), f"models.{slot} is required {why} (stage {name!r})", f"set models.{slot} to the model file")
                 continue
             args += contract.render(script, slot, self.path(value))
@@ -353,6 +349,8 @@ class _Compiler:
         args += ["--network_module", module]
         mixed = self.mixed_precision(name, stage, values.pop("mixed_precision", None))
         args += ["--mixed_precision", mixed]
+        if stage.network_weights is not None:
+            values["network_weights"] = self.value_or_ref(refs, where + ("network_weights",), stage.network_weights)[0]
         memory_why = self.plan_memory(name, stage, values) if stage.gpu_memory_gib is not None else {}
         self.training_length(stage, values)
         self.check_train_rules(name, stage, values)
@@ -392,8 +390,6 @@ class _Compiler:
                     "fp8_base", "fp8_scaled", "blocks_to_swap", "split_attn", "gradient_accumulation_steps"):
             if key in values:
                 meta[key] = values[key]
-        if "network_weights" in values or stage.network_weights:
-            pass
         return Step(name, stage.kind, self.p.family, script, args, launcher=LAUNCH_ACCELERATE, launch_args=launch,
                     inputs=inputs, outputs=outputs, meta=meta)
 
@@ -579,9 +575,6 @@ class _Compiler:
         length = values.get("video_length")
         if length is not None and (length - 1) % 4:
             self.error(where + ("video_length",), f"video_length must be 4*N+1, got {length}", f"use {(length - 1) // 4 * 4 + 1} or {((length - 1) // 4 + 1) * 4 + 1}")
-        for key in ("image_path", "end_image_path"):
-            if key in values:
-                values[key] = self.path(values[key])
         args += self.options(name, stage, script, values)
         args += ["--save_path", save_path]
         kind = {"video": "*.mp4", "images": "*", "latent": "*.safetensors", "both": "*.mp4", "latent_images": "*"}.get(values.get("output_type", "video"), "*")

@@ -414,3 +414,25 @@ input = "comfy.safetensors"
 to = "comfyui"
 """, folder=tmp_path)
     assert "stages.c.input" in str(err.value) and "already in comfyui format" in str(err.value)
+
+
+def test_training_can_start_from_another_stages_lora(tmp_path):
+    plan = compile_text("""
+name = "chain"
+family = "wan"
+task = "t2v-1.3B"
+[models]
+dit = "/m/wan2.1_t2v_1.3B_bf16.safetensors"
+[dataset]
+datasets = [{ video_directory = "/clips" }]
+[stages.first]
+kind = "train"
+[stages.second]
+kind = "train"
+network_weights = "@first.lora"
+logging_dir = "logs"
+""", folder=tmp_path)
+    second = plan.step("second")
+    assert second.needs == ["first"]
+    assert second.args[second.args.index("--network_weights") + 1] == plan.step("first").output("lora").path
+    assert second.args[second.args.index("--logging_dir") + 1] == str(tmp_path / "logs")
