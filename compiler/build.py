@@ -290,22 +290,19 @@ class _Compiler:
     # --- stage builders ---------------------------------------------------------------------
 
     def build_cache_latents(self, name, stage, tpl, refs) -> Step:
-        dataset = self.need_dataset(name)
-        args = ["--dataset_config", dataset] + self.models(name, stage, tpl, tpl.script)
-        values = self.settings(stage, tpl)
-        args += self.options(name, stage, tpl.script, values)
-        return Step(name, stage.kind, self.p.family, tpl.script, args,
-                    inputs=self.media_inputs(dataset),
-                    outputs=self.cache_outputs("latent_cache", f"*_{self.tpl.cache_arch}.safetensors"),
-                    meta={"cache_arch": self.tpl.cache_arch})
+        return self.cache_step(name, stage, tpl, "latent_cache", f"*_{self.tpl.cache_arch}.safetensors")
 
     def build_cache_text_encoder(self, name, stage, tpl, refs) -> Step:
+        return self.cache_step(name, stage, tpl, "text_encoder_cache", f"*_{self.tpl.cache_arch}_te.safetensors")
+
+    def cache_step(self, name, stage, tpl, artifact: str, pattern: str) -> Step:
+        """A caching step: reads the dataset and its media, writes `pattern` files into each cache folder."""
         dataset = self.need_dataset(name)
         args = ["--dataset_config", dataset] + self.models(name, stage, tpl, tpl.script)
         args += self.options(name, stage, tpl.script, self.settings(stage, tpl))
-        return Step(name, stage.kind, self.p.family, tpl.script, args,
-                    inputs=self.media_inputs(dataset),
-                    outputs=self.cache_outputs("text_encoder_cache", f"*_{self.tpl.cache_arch}_te.safetensors"),
+        assert self.dataset is not None
+        outputs = [Output(artifact, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
+        return Step(name, stage.kind, self.p.family, tpl.script, args, inputs=self.media_inputs(dataset), outputs=outputs,
                     meta={"cache_arch": self.tpl.cache_arch})
 
     def media_inputs(self, dataset_file: str) -> list[Input]:
@@ -318,10 +315,6 @@ class _Compiler:
                 if path:
                     inputs.append(Input(f"media{i}", path))
         return inputs
-
-    def cache_outputs(self, name: str, pattern: str) -> list[Output]:
-        assert self.dataset is not None
-        return [Output(name, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
 
     def build_train(self, name, stage, tpl, refs) -> Step:
         dataset = self.need_dataset(name, skip=False)
@@ -468,8 +461,9 @@ class _Compiler:
         if "max_train_steps" in chosen and "max_train_epochs" not in chosen:
             values.pop("max_train_epochs", None)
             if "save_every_n_epochs" not in chosen:
-                values.pop("save_every_n_epochs", None)
                 values.setdefault("save_every_n_steps", max(1, values["max_train_steps"] // 8))
+        if "save_every_n_steps" in values and "save_every_n_epochs" not in chosen:
+            values.pop("save_every_n_epochs", None)  # a step cadence replaces the template's epoch cadence
 
     def check_train_rules(self, name: str, stage, values: dict) -> None:
         where = ("stages", name)
@@ -487,8 +481,6 @@ class _Compiler:
             self.error(where, f"{self.task} trains only as one-frame training (video FLF2V training crashes in musubi)", "set one_frame = true and use a one-frame dataset (docs/wan_1f.md)")
         if not values.get("max_train_epochs") and not values.get("max_train_steps"):
             self.error(where, "the training length is not set", "set max_train_epochs (or max_train_steps)")
-        if values.get("save_every_n_steps") and values.get("save_every_n_epochs") and "save_every_n_epochs" not in stage.model_fields_set:
-            values.pop("save_every_n_epochs")  # the user chose step cadence; drop the template's epoch cadence
 
     def checkpoint_names(self, values: dict, output_dir: str, output_name: str) -> list[str] | None:
         """The LoRA files training saves, oldest first, when they can be known before it runs."""
