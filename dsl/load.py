@@ -122,9 +122,8 @@ def _record_yaml_lines(node: Any, path: tuple, lines: dict) -> None:
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             child = path + (key.value,)
-            lines[child] = key.start_mark.line + 1
             _record_yaml_lines(value, child, lines)
-            lines[child] = key.start_mark.line + 1
+            lines[child] = key.start_mark.line + 1  # the key's line, not its value's
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _record_yaml_lines(item, path + (i,), lines)
@@ -138,7 +137,6 @@ def _toml_line(text: str, path: tuple) -> int | None:
     """Best-effort line of a field path in TOML text (tomllib keeps no positions)."""
     if not path:
         return None
-    names = [p for p in path if not isinstance(p, int)]
     array_counts: dict[str, int] = {}
     current: list[str] = []
     current_index: dict[str, int] = {}
@@ -161,8 +159,6 @@ def _toml_line(text: str, path: tuple) -> int | None:
             depth = _match_depth(full, current_index, path)
             if depth and (best is None or depth > best[0]) and depth >= len(current):
                 best = (depth, number)
-    if best is None and names:
-        return None
     return best[1] if best else None
 
 
@@ -216,11 +212,8 @@ def _interpolate(data: dict, source: Source, problems: list[Problem]) -> dict:
 
     for key, value in raw_vars.items():  # in order, so a variable may use the ones before it
         context[key] = render(value, ("vars", key))
-    return {k: (context_vars(raw_vars, context) if k == "vars" else render(v, (k,))) for k, v in data.items()}
-
-
-def context_vars(raw_vars: dict, context: dict) -> dict:
-    return {k: context[k] for k in raw_vars}
+    rendered_vars = {k: context[k] for k in raw_vars}
+    return {k: (rendered_vars if k == "vars" else render(v, (k,))) for k, v in data.items()}
 
 
 def _apply_defaults(data: dict, source: Source, problems: list[Problem]) -> dict:
