@@ -50,6 +50,23 @@ def tip(kind: Any, tooltip: str, **options: Any) -> tuple:
     return (kind, {"tooltip": tooltip, **options})
 
 
+def family_choices() -> list[str]:
+    """The pipeline language's model families for a family picker, Wan (the most used) first."""
+    from ..dsl.model import FAMILIES
+
+    return sorted(FAMILIES, key=lambda family: family != "wan")
+
+
+def task_choices(family: str) -> list[str]:
+    """The family template's tasks for a task picker, its default first ([] for a family without tasks)."""
+    from ..compiler.templates import family_template
+
+    tpl = family_template(family)
+    if tpl.default_task is None:
+        return list(tpl.tasks)
+    return [tpl.default_task] + [t for t in tpl.tasks if t != tpl.default_task]
+
+
 def model_inputs(*slots: str, optional: bool = True) -> dict[str, tuple]:
     """A picker over ComfyUI's model folder plus a free path (the path wins when set) per slot."""
     out: dict[str, tuple] = {}

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import PIPELINE, NodeError, default_base, one_line, show_text, tip
+from .base import PIPELINE, NodeError, default_base, family_choices, one_line, show_text, tip
 from .nodes_train import MEMORY_CONFIG
 
 FROM_PIPELINE = "(from pipeline)"
-FAMILIES = ["wan", "hunyuan_video", "framepack"]
 DEFAULT_RESOLUTION = (832, 480)  # the planner's own default: the size its measurements were made at
 DEFAULT_FRAMES = 33
 
@@ -75,7 +74,7 @@ class MemoryOptimizer:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": ([FROM_PIPELINE, *FAMILIES], {"default": FROM_PIPELINE, "tooltip": "model family; (from pipeline): the connected pipeline's"}),
+                "family": ([FROM_PIPELINE, *family_choices()], {"default": FROM_PIPELINE, "tooltip": "model family; (from pipeline): the connected pipeline's"}),
                 "task": tip("STRING", "Wan: t2v-1.3B, t2v-14B, i2v-14B, t2v-A14B, ...; FramePack: i2v or f1; empty = the pipeline's task, else the family's default", default=""),
                 "use_detected_gpu": tip("BOOLEAN", "plan for the free memory of the largest NVIDIA GPU found; without one, gpu_memory_gib is used", default=True),
                 "gpu_memory_gib": tip("FLOAT", "GPU memory to plan for when no GPU is detected or use_detected_gpu is off", default=24.0, min=1.0, max=1024.0, step=1.0),
@@ -188,7 +187,7 @@ class ResourceMonitor:
     def INPUT_TYPES(cls):
         return {"required": {
             "refresh": tip("BOOLEAN", "re-read on every queue", default=True),
-            "family": (FAMILIES, {"default": "wan", "tooltip": "model family the advice is for"}),
+            "family": (family_choices(), {"default": "wan", "tooltip": "model family the advice is for"}),
             "task": tip("STRING", "task the advice is for (empty = the family's default)", default=""),
         }}
 

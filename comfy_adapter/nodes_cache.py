@@ -1,15 +1,13 @@
 """Cache nodes: VAE latents and text-encoder outputs, for every family, before training."""
 from __future__ import annotations
 
-from .base import PIPELINE, StageNode, build_stage, finish_stage, model_inputs, set_if, stage_inputs, tip
+from .base import PIPELINE, StageNode, build_stage, family_choices, finish_stage, model_inputs, set_if, stage_inputs, tip
 from .nodes_train import MEMORY_CONFIG
-
-FAMILIES = ["wan", "hunyuan_video", "framepack"]
 
 
 def _family_inputs() -> dict:
     return {
-        "family": (FAMILIES, {"default": "wan", "tooltip": "model family the caches are for"}),
+        "family": (family_choices(), {"default": "wan", "tooltip": "model family the caches are for"}),
         "task": tip("STRING", "Wan: t2v-14B, i2v-14B, t2v-A14B, ...; FramePack: i2v or f1; empty = the family's default", default=""),
     }
 

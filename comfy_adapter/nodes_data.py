@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import PIPELINE, NodeError, default_base, ensure_pipeline, new_pipeline, one_line, parse_options, tip
+from .base import (PIPELINE, NodeError, default_base, ensure_pipeline, family_choices, new_pipeline, one_line,
+                   parse_options, tip)
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 
@@ -110,7 +111,7 @@ class DatasetViewer:
         return {
             "required": {
                 "pipeline": (PIPELINE, {"tooltip": "a pipeline holding the dataset (from Dataset Config)"}),
-                "family": (["wan", "hunyuan_video", "framepack"], {"default": "wan", "tooltip": "model family: decides frame rate and cache names"}),
+                "family": (family_choices(), {"default": "wan", "tooltip": "model family: decides frame rate and cache names"}),
                 "max_items": tip("INT", "at most this many tiles", default=24, min=1, max=500),
                 "columns": tip("INT", "tiles per row", default=6, min=1, max=20),
             }

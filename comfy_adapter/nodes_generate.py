@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, lora_value,
-                   model_inputs, new_pipeline, set_if, stage_inputs, step_files, tip)
+                   model_inputs, new_pipeline, set_if, stage_inputs, step_files, task_choices, tip)
 from .nodes_train import MEMORY_CONFIG, memory_fields
 
 PROMPTS = "MUSUBI_PROMPTS"
@@ -47,7 +47,6 @@ def save_image(image) -> str:
 class _Generator(StageNode):
     FAMILY = ""
     SLOTS: tuple[str, ...] = ()
-    TASKS: list[str] = []
     IMAGE = False
     CATEGORY = "MusubiTuner/Generate"
     RETURN_TYPES = ("VIDEO", PIPELINE, "STRING")
@@ -57,8 +56,9 @@ class _Generator(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("generate", pipeline_required=False)
-        if cls.TASKS:
-            required["task"] = (cls.TASKS, {"default": cls.TASKS[0], "tooltip": "what to generate"})
+        tasks = task_choices(cls.FAMILY)
+        if tasks:
+            required["task"] = (tasks, {"default": tasks[0], "tooltip": "what to generate"})
         required.update(model_inputs(*cls.SLOTS))
         required["prompt"] = tip("STRING", "what the video shows (ignored when a Batch Processor is connected)", multiline=True, default="")
         required["width"] = tip("INT", "video width (0 = the family's default)", default=0, min=0, max=4096, step=16)
@@ -162,21 +162,12 @@ class WanGenerator(_Generator):
     SLOTS = ("dit", "dit_high_noise", "vae", "t5", "clip")
     IMAGE = True
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        from ..compiler.templates import family_template
-
-        tpl = family_template("wan")
-        cls.TASKS = [tpl.default_task] + [t for t in tpl.tasks if t != tpl.default_task]
-        return super().INPUT_TYPES()
-
 
 class FramePackGenerator(_Generator):
     DESCRIPTION = ("Generates a FramePack clip from a start image (section prompts go in options as "
                    "section_prompts); returns a VIDEO for Save Video.")
     FAMILY = "framepack"
     SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2", "image_encoder")
-    TASKS = ["i2v", "f1"]
     IMAGE = True
 
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, lora_value, loras_folder,
-                   model_inputs, new_pipeline, one_line, parse_options, set_if, stage_inputs, step_files, tip)
+from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_choices, finish_stage, lora_value,
+                   loras_folder, model_inputs, new_pipeline, one_line, parse_options, set_if, stage_inputs, step_files, tip)
 
-FAMILIES = ["wan", "hunyuan_video", "framepack"]
 SAVE_TO = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result"})
 
 
@@ -71,7 +70,7 @@ class FormatConverter(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("convert", pipeline_required=False)
-        required["family"] = (FAMILIES, {"default": "wan", "tooltip": "model family of the LoRA"})
+        required["family"] = (family_choices(), {"default": "wan", "tooltip": "model family of the LoRA"})
         _lora_inputs(required, optional)
         required["to"] = (["auto", "comfyui", "musubi"], {"default": "auto", "tooltip": "auto: the other format than the file's"})
         required["save_to"] = SAVE_TO
@@ -141,7 +140,7 @@ class LoRAMerger(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("merge", pipeline_required=False)
-        required["family"] = (FAMILIES, {"default": "hunyuan_video", "tooltip": "model family"})
+        required["family"] = (family_choices(), {"default": "hunyuan_video", "tooltip": "model family"})
         required.update(model_inputs("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder"))
         _lora_inputs(required, optional, count=3)
         required["output_name"] = tip("STRING", "merged model file name", default="merged.safetensors")

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from .base import (LORA, PIPELINE, NodeError, StageNode, build_stage, finish_stage, loras_folder, model_inputs,
-                   set_if, stage_inputs, step_files, tip)
+                   set_if, stage_inputs, step_files, task_choices, tip)
 
 TRAIN_CONFIG = "MUSUBI_TRAIN_CONFIG"
 OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
@@ -153,7 +153,6 @@ def sample_previews(output_dir: str, node_id, keep: int = 4) -> list[dict]:
 class _Trainer(StageNode):
     FAMILY = ""
     SLOTS: tuple[str, ...] = ()
-    TASKS: list[str] = []
     CATEGORY = "MusubiTuner/Train"
     RETURN_TYPES = (PIPELINE, LORA, "STRING")
     RETURN_NAMES = ("pipeline", "lora", "lora_path")
@@ -163,8 +162,9 @@ class _Trainer(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("train")
-        if cls.TASKS:
-            required["task"] = (cls.TASKS, {"default": cls.TASKS[0], "tooltip": "what the LoRA is trained for"})
+        tasks = task_choices(cls.FAMILY)
+        if tasks:
+            required["task"] = (tasks, {"default": tasks[0], "tooltip": "what the LoRA is trained for"})
         required.update(model_inputs(*cls.SLOTS))
         required["output_name"] = tip("STRING", "LoRA file name without extension (empty = the pipeline name)", default="")
         required["save_to"] = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result (and every checkpoint)"})
@@ -220,10 +220,6 @@ class WanTrainer(_Trainer):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..compiler.templates import family_template
-
-        tpl = family_template("wan")
-        cls.TASKS = [tpl.default_task] + [t for t in tpl.tasks if t != tpl.default_task]
         types = super().INPUT_TYPES()
         types["required"]["expert"] = (["none", "high", "low"], {"default": "none", "tooltip": "Wan 2.2 A14B: which noise expert this run trains"})
         return types
@@ -237,7 +233,6 @@ class FramePackTrainer(_Trainer):
     DESCRIPTION = "Trains a FramePack (image-to-video) LoRA, FramePack or F1."
     FAMILY = "framepack"
     SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2", "image_encoder")
-    TASKS = ["i2v", "f1"]
 
 
 NODES = {
