@@ -7,13 +7,13 @@ import math
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import PipelineError, Problem
+from ..files import atomic_path
 
 # Key layouts, in the user's words. musubi's convert_lora.py calls them "default" and "other".
 MUSUBI = "musubi"  # lora_unet_<module_with_underscores>.lora_down.weight / .lora_up.weight / .alpha
@@ -161,7 +161,7 @@ def _encode(array, dtype: str) -> bytes:
 def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
                       arrays: Iterable, metadata: dict[str, str] | None = None, force: bool = False) -> Path:
     """Write tensors given in the order of `entries` (name, dtype F32/F16/BF16, shape) from the
-    iterable `arrays`, streaming, to a temporary file then renamed into place."""
+    iterable `arrays`, streaming, written atomically."""
     path = Path(path)
     if path.exists() and not force:
         raise _fail(path, "the output file already exists", "choose another name or pass --force to overwrite it")
@@ -175,22 +175,14 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, str, tup
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            it = iter(arrays)
-            for name, dtype, shape in entries:
-                a = next(it)
-                if tuple(a.shape) != tuple(shape):
-                    raise ValueError(f"{name}: shape {a.shape} differs from the planned {shape}")
-                f.write(_encode(a, dtype))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        it = iter(arrays)
+        for name, dtype, shape in entries:
+            a = next(it)
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(f"{name}: shape {a.shape} differs from the planned {shape}")
+            f.write(_encode(a, dtype))
     return path
 
 
