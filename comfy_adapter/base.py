@@ -22,7 +22,6 @@ EVENT_MESSAGE = "musubi_pipe.event"  # websocket message carrying an executor Ev
 PIPELINE = "MUSUBI_PIPELINE"  # {"document": pipeline dict, "base": folder relative paths resolve against}
 LORA = "MUSUBI_LORA"  # {"ref": "@stage.lora" or "", "path": file}
 NONE = "(none)"
-UNSET_HELP = "0 = the family template's default"
 
 # Which ComfyUI model folder each model slot of the pipeline language is picked from.
 MODEL_FOLDERS = {
@@ -229,7 +228,8 @@ def compile_pipeline(pipe: dict):
 
 
 def one_line(err) -> str:
-    problems = [p for p in getattr(err, "problems", []) if getattr(p, "severity", "error") == "error"] or getattr(err, "problems", [])
+    """A PipelineError as a node shows it: the first error (else warning) with its fix, and how many more."""
+    problems = [p for p in err.problems if p.severity == "error"] or err.problems
     if not problems:
         return str(err)
     first = problems[0]
@@ -258,8 +258,9 @@ def loras_folder() -> str:
 
 
 def comfy_config():
-    """The local configuration, writing only inside its own roots plus ComfyUI's output, temp
-    and LoRA folders: a shared workflow cannot write anywhere else."""
+    """The local configuration, writing only inside its own roots plus ComfyUI's output, temp,
+    LoRA and diffusion-model folders (where the LoRA Merger saves): a shared workflow cannot
+    write anywhere else."""
     import dataclasses
 
     import folder_paths
@@ -268,14 +269,11 @@ def comfy_config():
     from ..executors.musubi_env import load_config
 
     try:
-        config = load_config()
+        config = load_config().require()
     except PipelineError as err:
         raise NodeError(one_line(err)) from None
     roots = list(config.allowed_output_roots) + [Path(folder_paths.get_output_directory()), Path(folder_paths.get_temp_directory())]
     roots += [Path(p) for p in folder_paths.get_folder_paths("loras") + folder_paths.get_folder_paths("diffusion_models")]
-    problems = config.problems()
-    if problems:
-        raise NodeError(one_line(type("E", (), {"problems": problems})()))
     return dataclasses.replace(config, allowed_output_roots=roots)
 
 
@@ -303,6 +301,7 @@ class Run:
         self._monitor = None
         self._pbar = None
         self._executor = None
+        self._chart_failed = False
         self.interrupted = False
 
     def listener(self, e) -> None:
@@ -361,7 +360,7 @@ class Run:
                 self._monitor = TrainingMonitor(self.run_dir, step=e.step)
             return ("PNG", draw_chart(self._monitor.poll(), 640, 320), 640)
         except Exception as exc:  # a missing chart must not stop training; say why once
-            if not getattr(self, "_chart_failed", False):
+            if not self._chart_failed:
                 self._chart_failed = True
                 print(f"musubi-pipe: no loss chart: {type(exc).__name__}: {exc}", file=sys.stderr)
             return None
@@ -413,27 +412,6 @@ class Run:
             raise NodeError(f"{f.get('step', '')}: {cause}" + (f" (fix: {fix})" if fix else "") + (f" [log: {log}]" if log else ""))
         self._pbar.update_absolute(100, 100)
         return result
-
-
-def run_pipeline(pipe: dict, node_id: str | None, chart: bool = False):
-    plan = compile_pipeline(pipe)
-    run = Run(node_id, chart=chart)
-    run.execute(plan)
-    return plan, run
-
-
-def side_effect_key(*parts: Any) -> str:
-    """IS_CHANGED value for nodes that run musubi: the same inputs give the same key, so ComfyUI
-    re-runs them only when a setting changed; a vanished output is caught by the executor's
-    own skip logic when it does run."""
-    from ..compiler.plan import fingerprint
-
-    return fingerprint(*parts)
-
-
-def newest(paths: list[str], suffixes: tuple[str, ...]) -> str | None:
-    files = [p for p in paths if p.lower().endswith(suffixes) and os.path.isfile(p)]
-    return max(files, key=os.path.getmtime) if files else None
 
 
 # Output files each node made on its last run, by node id: IS_CHANGED re-runs a node whose
@@ -495,7 +473,9 @@ def build_stage(kw: dict, kind: str, family: str | None, task: str | None, slots
 
 def finish_stage(pipe: dict, name: str, node_id, chart: bool = False):
     """Compile and run the pipeline (steps already done are skipped); return (plan, step, run)."""
-    plan, run = run_pipeline(pipe, node_id, chart=chart)
+    plan = compile_pipeline(pipe)
+    run = Run(node_id, chart=chart)
+    run.execute(plan)
     step = plan.step(name)
     made = [o.path for o in step.outputs if o.kind == "file"] + run.outputs.get(name, [])
     remember_outputs(node_id, made)

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from .base import options_text
+
 # Widget values meaning "not set" on stage nodes: every stage field travels in `options`.
 KIND_NODES = {
     "cache_latents": "MusubiTuner_VAELatentCache",
@@ -126,7 +128,7 @@ def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, s
             if slot in names and slot not in placed:
                 widgets[slot if slot == "dit_dtype" else f"{slot}_path"] = models[slot]
                 placed.add(slot)
-        widgets["options"] = _toml(fields)
+        widgets["options"] = options_text(fields)
         node_id = str(number)
         nodes.append({"id": node_id, "class_type": class_type, "widgets": widgets})
         node_of[name] = node_id
@@ -157,12 +159,6 @@ def _problem(file: str, where: str, message: str, fix: str):
     from ..errors import Problem
 
     return Problem(message, path=where, file=file, fix=fix)
-
-
-def _toml(values: dict) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(values) if values else ""
 
 
 def _widget_values(class_type: str, widgets: dict) -> dict[str, Any]:
