@@ -277,6 +277,14 @@ def comfy_config():
     return dataclasses.replace(config, allowed_output_roots=roots)
 
 
+def image_tensor(image):
+    """A PIL image as a ComfyUI IMAGE: a float tensor [1, H, W, 3] in 0..1."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
 def show_text(node_id: str | None, text: str) -> None:
     """Progress text on a node (under its title in the editor)."""
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import PIPELINE, NodeError, default_base, family_choices, one_line, show_text, tip
+from .base import PIPELINE, NodeError, default_base, family_choices, image_tensor, one_line, show_text, tip
 from .nodes_train import MEMORY_CONFIG
 
 FROM_PIPELINE = "(from pipeline)"
@@ -148,9 +148,6 @@ class TrainingMonitor:
         return float("nan")  # the run goes on between queues: always re-read
 
     def show(self, run_folder, smoothing):
-        import numpy as np
-        import torch
-
         from ..tools.monitor import TrainingMonitor as Monitor
         from ..tools.monitor import draw_chart
 
@@ -161,9 +158,8 @@ class TrainingMonitor:
             raise NodeError(str(exc)) from None
         status = monitor.poll()
         chart = draw_chart(status, 800, 400, smoothing=smoothing)
-        image = torch.from_numpy(np.asarray(chart.convert("RGB"), dtype=np.float32) / 255.0)[None]
         line = status.summary_line()
-        return {"ui": {"text": [line]}, "result": (image, line)}
+        return {"ui": {"text": [line]}, "result": (image_tensor(chart), line)}
 
 
 def _newest_run(base: Path) -> Path:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (PIPELINE, NodeError, default_base, ensure_pipeline, family_choices, new_pipeline, one_line,
-                   parse_options, tip)
+from .base import (PIPELINE, NodeError, default_base, ensure_pipeline, family_choices, image_tensor, new_pipeline,
+                   one_line, parse_options, tip)
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 
@@ -118,9 +118,6 @@ class DatasetViewer:
         }
 
     def view(self, pipeline, family, max_items, columns):
-        import numpy as np
-        import torch
-
         from ..errors import PipelineError
         from ..tools.contact_sheet import make_contact_sheet
         from ..tools.dataset import inspect_dataset
@@ -137,8 +134,8 @@ class DatasetViewer:
             raise NodeError(one_line(err)) from None
         items = [i for d in report.datasets for i in d.items][:max_items]
         sheet = make_contact_sheet(items, columns=columns, title=f"{len(items)} items, {family}")
-        image = torch.from_numpy(np.asarray(sheet.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        return {"ui": {"images": [_preview(sheet)], "text": [report.format()]}, "result": (image, report.format())}
+        text = report.format()
+        return {"ui": {"images": [_preview(sheet)], "text": [text]}, "result": (image_tensor(sheet), text)}
 
 
 def _preview(sheet) -> dict:

@@ -32,15 +32,13 @@ def save_image(image) -> str:
 
     import folder_paths
 
+    from ..tools.contact_sheet import save_png
+
     array = (image[0].cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
     digest = hashlib.sha256(array.tobytes()).hexdigest()[:16]
-    folder = Path(folder_paths.get_temp_directory()) / "musubi-pipe"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"image-{digest}.png"
+    path = Path(folder_paths.get_temp_directory()) / "musubi-pipe" / f"image-{digest}.png"
     if not path.exists():
-        tmp = path.with_suffix(".tmp.png")
-        Image.fromarray(array).save(tmp)
-        tmp.replace(path)
+        save_png(Image.fromarray(array), path)
     return str(path)
 
 

@@ -136,16 +136,18 @@ def sample_previews(output_dir: str, node_id, keep: int = 4) -> list[dict]:
 
     import folder_paths
 
+    from ..files import atomic_path
+
     folder = Path(output_dir) / "sample"
     if not output_dir or not folder.is_dir():
         return []
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".webp", ".mp4", ".webm")),
                    key=lambda p: p.stat().st_mtime)[-keep:]
     target = Path(folder_paths.get_temp_directory()) / "musubi-pipe" / f"samples-{node_id}"
-    target.mkdir(parents=True, exist_ok=True)
     shown = []
     for p in files:
-        shutil.copyfile(p, target / p.name)
+        with atomic_path(target / p.name) as tmp:  # /view may serve the file while it is copied
+            shutil.copyfile(p, tmp)
         shown.append({"filename": p.name, "subfolder": f"musubi-pipe/samples-{node_id}", "type": "temp"})
     return shown
 
