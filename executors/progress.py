@@ -196,7 +196,8 @@ class ProgressParser:
             found.append(ev.Event(ev.OUTPUT, step=self.step, data={"name": "file", "path": m["path"]}))
             self._progress(found)
             return
-        if "/" in line and ("学習" in line or "epoch数" in line or "1epoch" in line):
+        # a cheap filter for the lines of the 'running training' block (one word of each) before its regexes
+        if "/" in line and ("学習" in line or "epoch数" in line or "1epoch" in line or "勾配" in line):
             self._training_block(line, found)
             return
         for needle, phase in _PHASE_LINES:

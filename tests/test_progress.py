@@ -69,6 +69,14 @@ def test_training_output_gives_phase_steps_epochs_loss_rate():
     assert prog[-1].phase == "done" and prog[-1].current == 4 and prog[-1].loss == 2.4
 
 
+def test_steps_per_epoch_counts_gradient_accumulation():
+    p = ProgressParser("train", "train")
+    found = p.feed("stdout", TRAIN_STDOUT.replace("1epochのバッチ数: 2", "1epochのバッチ数: 10")
+                   .replace("勾配を合計するステップ数 = 1", "勾配を合計するステップ数 = 4"))
+    planned = next(e for e in progress(found) if e.total)
+    assert planned.data["steps_per_epoch"] == 3  # musubi: ceil(10 batches / 4 accumulated)
+
+
 def test_redraws_without_change_are_not_repeated():
     p = ProgressParser("t", "train")
     bar = "\rsteps:  50%|█████     | 1/2 [00:00<00:00, 12.81it/s, avr_loss=2.67]"
