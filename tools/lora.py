@@ -52,6 +52,16 @@ def _fail(file: Path | str, message: str, fix: str = "") -> PipelineError:
     return PipelineError([_problem(file, message, fix)])
 
 
+def _refuse_existing(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise _fail(path, "the output file already exists", "choose another name or pass --force to overwrite it")
+
+
+def _no_lora_tensors(path: Path | str) -> PipelineError:
+    return _fail(path, "no LoRA tensors found: expected lora_unet_*.lora_down/lora_up/alpha (musubi) or "
+                 "diffusion_model.*.lora_A/lora_B (ComfyUI) names", "check that this file is a LoRA")
+
+
 # ---------------------------------------------------------------------------------------------
 # safetensors reading and writing (bf16 by hand: numpy has no bfloat16)
 
@@ -163,8 +173,7 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, str, tup
     """Write tensors given in the order of `entries` (name, dtype F32/F16/BF16, shape) from the
     iterable `arrays`, streaming, written atomically."""
     path = Path(path)
-    if path.exists() and not force:
-        raise _fail(path, "the output file already exists", "choose another name or pass --force to overwrite it")
+    _refuse_existing(path, force)
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -383,8 +392,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if len(layouts) == 1:
         return layouts.pop()
     if not layouts:
-        raise _fail(path, "no LoRA tensors found: expected lora_unet_*.lora_down/lora_up/alpha (musubi) or "
-                    "diffusion_model.*.lora_A/lora_B (ComfyUI) names", "check that this file is a LoRA")
+        raise _no_lora_tensors(path)
     raise _fail(path, "the file mixes musubi (lora_unet_*) and ComfyUI (diffusion_model.*) tensor names",
                 "convert it with a tool that writes one layout")
 
@@ -433,8 +441,7 @@ def read_lora(path: str | os.PathLike, family: str | None = None, variant: str |
         layout, body, param = s
         groups.setdefault((layout, body), {})[param] = name
     if not groups:
-        raise _fail(path, "no LoRA tensors found: expected lora_unet_*.lora_down/lora_up/alpha (musubi) or "
-                    "diffusion_model.*.lora_A/lora_B (ComfyUI) names", "check that this file is a LoRA")
+        raise _no_lora_tensors(path)
     if stray:
         problems.append(_problem(path, f"{len(stray)} tensors are not LoRA weights and are ignored, e.g. {stray[0]!r}",
                                  severity="warning"))
@@ -459,7 +466,7 @@ def read_lora(path: str | os.PathLike, family: str | None = None, variant: str |
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
 
     # Architecture: metadata first (what musubi wrote), else the module names.
-    fam, source, found_variant = None, "", None
+    fam, source = None, ""
     arch = st.metadata.get("modelspec.architecture", "")
     if arch:
         fam = family_of_modelspec(arch)
@@ -484,7 +491,7 @@ def read_lora(path: str | os.PathLike, family: str | None = None, variant: str |
         var = variant or (found_variant if (guessed == check_family) else None)
         report.variant = var or _targets_data()["families"][check_family]["default_variant"]
         report.coverage = coverage(modules, check_family, report.variant)
-        _coverage_problems(report, explicit_variant=variant is not None)
+        _coverage_problems(report)
     else:
         problems.append(_problem(path, "cannot tell which model family this LoRA is for (no modelspec.architecture "
                                  "metadata and unknown module names)", "pass --family to check it against a family",
@@ -577,7 +584,7 @@ def coverage(modules: dict[str, LoraModule], family: str, variant: str) -> Cover
                     len(targets), unknown, missing, sorted(wrong), sorted(misnamed))
 
 
-def _coverage_problems(r: LoraReport, explicit_variant: bool) -> None:
+def _coverage_problems(r: LoraReport) -> None:
     c = r.coverage
     fam_title = _targets_data()["families"][c.family]["title"]
     if c.unknown:
@@ -723,8 +730,7 @@ def merge_loras(output: str | os.PathLike, inputs: list[tuple[str | os.PathLike,
     output = Path(output)
     if not inputs:
         raise PipelineError([Problem("no input LoRAs given", fix="give two or more LoRA files, each as PATH or PATH:WEIGHT")])
-    if output.exists() and not force:
-        raise _fail(output, "the output file already exists", "choose another name or pass --force to overwrite it")
+    _refuse_existing(output, force)  # before loading the inputs, which can take a while
     if rank is not None and rank < 1:
         raise PipelineError([Problem(f"rank must be at least 1, got {rank}", path="rank")])
     loras = [load_lora(p, family) for p, _ in inputs]
@@ -789,12 +795,10 @@ def merge_loras(output: str | os.PathLike, inputs: list[tuple[str | os.PathLike,
                 down, up = loras[i].down_up(ln)
                 parts.append((up * np.float32(weights[i] * loras[i].report.modules[ln].scale), down))
             up, down, error = _factor(parts, rank)
-            if error:
+            if rank is not None:
                 norm2 = _delta_norm2(parts)
                 err_num += error * error * norm2
                 err_den += norm2
-            elif rank is not None:
-                err_den += _delta_norm2(parts)
             results.append(ModuleMerge(ln, len(which), r, error))
             yield down
             yield up
