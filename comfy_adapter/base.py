@@ -66,11 +66,11 @@ def task_choices(family: str) -> list[str]:
     return [tpl.default_task] + [t for t in tpl.tasks if t != tpl.default_task]
 
 
-def model_inputs(*slots: str, optional: bool = True) -> dict[str, tuple]:
+def model_inputs(*slots: str) -> dict[str, tuple]:
     """A picker over ComfyUI's model folder plus a free path (the path wins when set) per slot."""
     out: dict[str, tuple] = {}
     for slot in slots:
-        out[slot] = ([NONE, *_filenames(MODEL_FOLDERS[slot])],
+        out[slot] = ([NONE, *model_files(MODEL_FOLDERS[slot])],
                      {"default": NONE, "tooltip": f"{MODEL_HELP[slot]}; {NONE} if unused or given as a path"})
         out[f"{slot}_path"] = ("STRING", {"default": "", "tooltip": f"{MODEL_HELP[slot]} as a file path (overrides the picker)"})
         if slot == "dit":
@@ -78,7 +78,12 @@ def model_inputs(*slots: str, optional: bool = True) -> dict[str, tuple]:
     return out
 
 
-def _filenames(folder: str) -> list[str]:
+def lora_picker(tooltip: str = "a LoRA from ComfyUI's loras folder") -> tuple:
+    return ([NONE, *model_files("loras")], {"default": NONE, "tooltip": tooltip})
+
+
+def model_files(folder: str) -> list[str]:
+    """The files of one of ComfyUI's model folders, for a picker ([] outside ComfyUI)."""
     try:
         import folder_paths
     except ImportError:  # outside ComfyUI
@@ -97,15 +102,20 @@ def picked_models(kwargs: dict, slots: tuple[str, ...]) -> dict[str, str]:
         if path:
             models[slot] = path
         elif name != NONE:
-            import folder_paths
-
-            full = folder_paths.get_full_path(MODEL_FOLDERS[slot], name)
-            if full is None:
-                raise NodeError(f"{slot}: {name} is not in ComfyUI's {MODEL_FOLDERS[slot]} folder any more; pick another file")
-            models[slot] = full
+            models[slot] = full_path(MODEL_FOLDERS[slot], name, slot)
     if "dit" in slots and kwargs.get("dit_dtype", "auto") != "auto":
         models["dit_dtype"] = kwargs["dit_dtype"]
     return models
+
+
+def full_path(folder: str, name: str, field: str) -> str:
+    """The file a picker names; a clear error when it left the folder after the list was read."""
+    import folder_paths
+
+    full = folder_paths.get_full_path(folder, name)
+    if full is None:
+        raise NodeError(f"{field}: {name} is not in ComfyUI's {folder} folder any more; pick another file")
+    return full
 
 
 def parse_options(text: str, what: str = "options") -> dict[str, Any]:
@@ -138,6 +148,13 @@ def new_pipeline(name: str, base: str = "", workdir: str = "", dataset: Any = No
         doc["dataset"] = dataset
     doc["stages"] = {}
     return {"document": doc, "base": base}
+
+
+def start_pipeline(kw: dict, name: str) -> dict:
+    """The node's incoming pipeline, or a new one named `name` for a node used on its own."""
+    if not kw.get("pipeline"):
+        kw["pipeline"] = new_pipeline(name)
+    return kw["pipeline"]
 
 
 def ensure_pipeline(pipe: dict | None, name: str = "comfyui") -> dict:

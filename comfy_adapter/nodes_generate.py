@@ -5,8 +5,8 @@ import hashlib
 import time
 from pathlib import Path
 
-from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, lora_value,
-                   model_inputs, new_pipeline, set_if, stage_inputs, step_files, task_choices, tip)
+from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, full_path, lora_picker,
+                   lora_value, model_inputs, set_if, stage_inputs, start_pipeline, step_files, task_choices, tip)
 from .nodes_train import MEMORY_CONFIG, memory_fields
 
 PROMPTS = "MUSUBI_PROMPTS"
@@ -66,7 +66,7 @@ class _Generator(StageNode):
         required["guidance_scale"] = tip("FLOAT", "guidance scale (0 = the family's default)", default=0.0, min=0.0, max=30.0, step=0.1)
         required["flow_shift"] = tip("FLOAT", "flow shift (0 = the family's default)", default=0.0, min=0.0, max=100.0, step=0.1)
         required["seed"] = tip("INT", "seed (-1 = random)", default=-1, min=-1, max=2**31 - 1, control_after_generate=False)
-        required["lora_name"] = ([NONE], {"default": NONE, "tooltip": "a LoRA from ComfyUI's loras folder"})
+        required["lora_name"] = lora_picker()
         required["lora_strength"] = tip("FLOAT", "multiplier of the picked or connected LoRA", default=1.0, min=-5.0, max=5.0, step=0.05)
         optional.update({
             "lora": (LORA, {"tooltip": "a LoRA from a trainer, converter or EMA node"}),
@@ -76,19 +76,12 @@ class _Generator(StageNode):
         if cls.IMAGE:
             optional["image"] = ("IMAGE", {"tooltip": "start image (image-to-video)"})
             optional["end_image"] = ("IMAGE", {"tooltip": "end image (FLF2V, FramePack end frame)"})
-        try:
-            import folder_paths
-
-            required["lora_name"] = ([NONE, *folder_paths.get_filename_list("loras")], required["lora_name"][1])
-        except ImportError:
-            pass
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, prompt, width, height, video_length, infer_steps, guidance_scale, flow_shift, seed, lora_name,
             lora_strength, unique_id=None, task=None, lora=None, prompts=None, memory_config=None, image=None,
             end_image=None, **kw):
-        if not kw.get("pipeline"):
-            kw["pipeline"] = new_pipeline("comfyui-generate")
+        pipe = start_pipeline(kw, "comfyui-generate")
         fields: dict = {}
         if prompts:
             fields["prompts"] = prompts
@@ -108,14 +101,11 @@ class _Generator(StageNode):
         if end_image is not None:
             fields["end_image_path"] = save_image(end_image)
         fields.update(memory_fields(memory_config, False))
-        pipe = kw["pipeline"]
         loras = []
         if lora:
             loras.append({"path": lora_value(lora, pipe, kw.get("more")), "multiplier": lora_strength})
         if lora_name != NONE:
-            import folder_paths
-
-            loras.append({"path": folder_paths.get_full_path("loras", lora_name), "multiplier": lora_strength})
+            loras.append({"path": full_path("loras", lora_name, "lora_name"), "multiplier": lora_strength})
         if loras:
             fields["loras"] = loras
         pipe, stage = build_stage(kw, "generate", self.FAMILY, task, self.SLOTS, fields)

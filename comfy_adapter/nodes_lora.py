@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_choices, finish_stage, lora_value,
-                   loras_folder, model_inputs, new_pipeline, one_line, parse_options, set_if, stage_inputs, step_files, tip)
+from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_choices, finish_stage, full_path,
+                   lora_picker, lora_value, loras_folder, model_inputs, one_line, parse_options, set_if, stage_inputs,
+                   start_pipeline, step_files, tip)
 
 SAVE_TO = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result"})
 
@@ -21,15 +22,9 @@ def lora_format(path: str) -> str:
 
 
 def _lora_inputs(required: dict, optional: dict, count: int = 1) -> None:
-    try:
-        import folder_paths
-
-        names = folder_paths.get_filename_list("loras")
-    except ImportError:
-        names = []
     for i in range(1, count + 1):
         suffix = "" if count == 1 else f"_{i}"
-        required[f"lora_name{suffix}"] = ([NONE, *names], {"default": NONE, "tooltip": "a LoRA from ComfyUI's loras folder"})
+        required[f"lora_name{suffix}"] = lora_picker()
         optional[f"lora{suffix}"] = (LORA, {"tooltip": "a LoRA from a trainer, converter or EMA node (wins over the picker)"})
         if count > 1:
             required[f"strength{suffix}"] = tip("FLOAT", "weight of this LoRA in the merge", default=1.0, min=-5.0, max=5.0, step=0.05)
@@ -42,9 +37,17 @@ def _picked_lora(kw: dict, suffix: str, *pipes) -> str | None:
     name = kw.get(f"lora_name{suffix}", NONE)
     if name == NONE:
         return None
-    import folder_paths
+    return full_path("loras", name, f"lora_name{suffix}")
 
-    return folder_paths.get_full_path("loras", name)
+
+def _picked_loras(kw: dict, *pipes) -> list[tuple[str, float]]:
+    """(LoRA, strength) of each of the three LoRA inputs of a merge node that is set."""
+    picked = []
+    for suffix in ("_1", "_2", "_3"):
+        path = _picked_lora(kw, suffix, *pipes)
+        if path:
+            picked.append((path, kw.get(f"strength{suffix}", 1.0)))
+    return picked
 
 
 def _lora_out(pipe: dict, stage: str, step) -> tuple:
@@ -52,11 +55,6 @@ def _lora_out(pipe: dict, stage: str, step) -> tuple:
     if not files:
         raise NodeError(f"{stage}: {step.output('lora').path} was not written; see the run log")
     return (pipe, {"ref": f"@{stage}.lora", "path": files[0]}, files[0])
-
-
-def _start(kw: dict, name: str) -> None:
-    if not kw.get("pipeline"):
-        kw["pipeline"] = new_pipeline(name)
 
 
 class FormatConverter(StageNode):
@@ -77,8 +75,8 @@ class FormatConverter(StageNode):
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, family, to, save_to, unique_id=None, **kw):
-        _start(kw, "comfyui-convert")
-        source = _picked_lora(kw, "", kw["pipeline"], kw.get("more")) or parse_options(kw.get("options", "")).get("input")
+        pipe = start_pipeline(kw, "comfyui-convert")
+        source = _picked_lora(kw, "", pipe, kw.get("more")) or parse_options(kw.get("options", "")).get("input")
         if not source:
             raise NodeError("no LoRA: pick lora_name or connect a LoRA")
         if to == "auto":
@@ -148,12 +146,8 @@ class LoRAMerger(StageNode):
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, family, output_name, save_to, unique_id=None, **kw):
-        _start(kw, "comfyui-merge")
-        loras = []
-        for i in (1, 2, 3):
-            path = _picked_lora(kw, f"_{i}", kw["pipeline"], kw.get("more"))
-            if path:
-                loras.append({"path": path, "multiplier": kw.get(f"strength_{i}", 1.0)})
+        pipe = start_pipeline(kw, "comfyui-merge")
+        loras = [{"path": path, "multiplier": strength} for path, strength in _picked_loras(kw, pipe, kw.get("more"))]
         if not loras and "loras" not in parse_options(kw.get("options", "")):
             raise NodeError("nothing to merge: pick or connect at least one LoRA")
         fields: dict = {"loras": loras} if loras else {}
@@ -196,11 +190,7 @@ class LoRAWeightedMerge:
         from ..errors import PipelineError
         from ..tools.lora import merge_loras
 
-        inputs = []
-        for i in (1, 2, 3):
-            path = _picked_lora(kw, f"_{i}")
-            if path:
-                inputs.append((path, float(kw.get(f"strength_{i}", 1.0))))
+        inputs = [(path, float(strength)) for path, strength in _picked_loras(kw)]
         if len(inputs) < 2:
             raise NodeError("pick or connect at least two LoRAs to merge")
         name = Path(output_name).name or "merged-lora.safetensors"
