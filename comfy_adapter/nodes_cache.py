@@ -12,6 +12,13 @@ def _family_inputs() -> dict:
     }
 
 
+def _cache(node, kw: dict, family: str, task: str, fields: dict, unique_id) -> tuple:
+    """Add and run the node's cache stage; return (pipeline, its cache folders)."""
+    pipe, name = build_stage(kw, node.KIND, family, task, node.SLOTS, fields)
+    _, step, _ = finish_stage(pipe, name, unique_id)
+    return (pipe, ", ".join(sorted({o.path for o in step.outputs})))
+
+
 class VAELatentCache(StageNode):
     DESCRIPTION = ("Encodes the dataset with the VAE into latent cache files (Wan I2V also with the CLIP image encoder, "
                    "FramePack with its SigLIP image encoder). Files already cached are kept.")
@@ -19,13 +26,15 @@ class VAELatentCache(StageNode):
     RETURN_TYPES = (PIPELINE, "STRING")
     RETURN_NAMES = ("pipeline", "cache_folder")
     OUTPUT_TOOLTIPS = ("the pipeline with this stage", "folder of the latent cache files")
+    KIND = "cache_latents"
+    SLOTS = ("vae", "clip", "image_encoder")
 
     @classmethod
     def INPUT_TYPES(cls):
-        required, optional, hidden = stage_inputs("cache_latents")
+        required, optional, hidden = stage_inputs(cls.KIND)
         required.update(_family_inputs())
-        required.update(model_inputs("vae", "clip", "image_encoder"))
-        required["batch_size"] = tip("INT", f"items encoded at once; 0 = the family template's default", default=0, min=0, max=64)
+        required.update(model_inputs(*cls.SLOTS))
+        required["batch_size"] = tip("INT", "items encoded at once; 0 = the family template's default", default=0, min=0, max=64)
         required["vae_tiling"] = tip("BOOLEAN", "encode in tiles to save VRAM (HunyuanVideo)", default=False)
         optional["memory_config"] = (MEMORY_CONFIG, {"tooltip": "from Memory Optimizer: VAE tiling, chunk size or CPU cache for this GPU"})
         return {"required": required, "optional": optional, "hidden": hidden}
@@ -34,9 +43,7 @@ class VAELatentCache(StageNode):
         fields: dict = dict((memory_config or {}).get("cache_latents", {}))
         set_if(fields, "batch_size", batch_size)
         set_if(fields, "vae_tiling", vae_tiling, False)
-        pipe, name = build_stage(kw, "cache_latents", family, task, ("vae", "clip", "image_encoder"), fields)
-        plan, step, _ = finish_stage(pipe, name, unique_id)
-        return (pipe, ", ".join(sorted({o.path for o in step.outputs})))
+        return _cache(self, kw, family, task, fields, unique_id)
 
 
 class TextEncoderCache(StageNode):
@@ -46,12 +53,14 @@ class TextEncoderCache(StageNode):
     RETURN_TYPES = (PIPELINE, "STRING")
     RETURN_NAMES = ("pipeline", "cache_folder")
     OUTPUT_TOOLTIPS = ("the pipeline with this stage", "folder of the text-encoder cache files")
+    KIND = "cache_text_encoder"
+    SLOTS = ("text_encoder1", "text_encoder2", "t5")
 
     @classmethod
     def INPUT_TYPES(cls):
-        required, optional, hidden = stage_inputs("cache_text_encoder")
+        required, optional, hidden = stage_inputs(cls.KIND)
         required.update(_family_inputs())
-        required.update(model_inputs("text_encoder1", "text_encoder2", "t5"))
+        required.update(model_inputs(*cls.SLOTS))
         required["batch_size"] = tip("INT", "captions encoded at once; 0 = the family template's default", default=0, min=0, max=256)
         required["fp8_text_encoder"] = tip("BOOLEAN", "load the LLM (HunyuanVideo/FramePack) or T5 (Wan) in fp8 to save VRAM", default=False)
         return {"required": required, "optional": optional, "hidden": hidden}
@@ -61,9 +70,7 @@ class TextEncoderCache(StageNode):
         set_if(fields, "batch_size", batch_size)
         if fp8_text_encoder:
             fields["fp8_t5" if family == "wan" else "fp8_llm"] = True
-        pipe, name = build_stage(kw, "cache_text_encoder", family, task, ("text_encoder1", "text_encoder2", "t5"), fields)
-        plan, step, _ = finish_stage(pipe, name, unique_id)
-        return (pipe, ", ".join(sorted({o.path for o in step.outputs})))
+        return _cache(self, kw, family, task, fields, unique_id)
 
 
 NODES = {"MusubiTuner_VAELatentCache": (VAELatentCache, "VAE Latent Cache (musubi)"),

@@ -50,11 +50,17 @@ def _picked_loras(kw: dict, *pipes) -> list[tuple[str, float]]:
     return picked
 
 
-def _lora_out(pipe: dict, stage: str, step) -> tuple:
-    files = step_files(step, "lora")
+def _written(step, stage: str, output: str) -> str:
+    """The file a step's output names, as it is on disk; an error when the step did not write it."""
+    files = step_files(step, output)
     if not files:
-        raise NodeError(f"{stage}: {step.output('lora').path} was not written; see the run log")
-    return (pipe, {"ref": f"@{stage}.lora", "path": files[0]}, files[0])
+        raise NodeError(f"{stage}: {step.output(output).path} was not written; see the run log")
+    return files[0]
+
+
+def _lora_out(pipe: dict, stage: str, step) -> tuple:
+    path = _written(step, stage, "lora")
+    return (pipe, {"ref": f"@{stage}.lora", "path": path}, path)
 
 
 class FormatConverter(StageNode):
@@ -87,7 +93,7 @@ class FormatConverter(StageNode):
             stem = Path(kw["lora"]["path"] if kw.get("lora") else source).stem
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-{to}.safetensors")
         pipe, stage = build_stage(kw, "convert", family, None, (), fields)
-        plan, step, _ = finish_stage(pipe, stage, unique_id)
+        _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
 
 
@@ -123,7 +129,7 @@ class PostHocEMA(StageNode):
             stem = Path(lora["path"]).stem if lora else kw["pipeline"]["document"].get("name", "lora")
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-ema.safetensors")
         pipe, stage = build_stage(kw, "ema", None, None, (), fields)
-        plan, step, _ = finish_stage(pipe, stage, unique_id)
+        _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
 
 
@@ -159,11 +165,8 @@ class LoRAMerger(StageNode):
             folder = next((f for f in folders if Path(f).name == "diffusion_models"), folders[0])
             fields["output"] = str(Path(folder) / "musubi-pipe" / name)
         pipe, stage = build_stage(kw, "merge", family, None, ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder"), fields)
-        plan, step, _ = finish_stage(pipe, stage, unique_id)
-        files = step_files(step, "model")
-        if not files:
-            raise NodeError(f"{stage}: {step.output('model').path} was not written; see the run log")
-        return (pipe, files[0])
+        _, step, _ = finish_stage(pipe, stage, unique_id)
+        return (pipe, _written(step, stage, "model"))
 
 
 class LoRAWeightedMerge:
