@@ -6,10 +6,10 @@ from pathlib import Path
 from .base import (PIPELINE, NodeError, default_base, ensure_pipeline, family_choices, image_tensor, new_pipeline,
                    one_line, parse_options, tip)
 
-VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
-
 
 def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str | None:
+    from ..dsl.dataset import VIDEO_EXTENSIONS
+
     text = (kw.get("dataset_toml") or "").strip()
     if text:
         if "\n" not in text and text.lower().endswith(".toml"):
@@ -21,11 +21,15 @@ def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str | None:
     path = Path(folder) if Path(folder).is_absolute() else Path(base) / folder
     if not path.is_dir():
         raise NodeError(f"media_folder {path} is not a folder; give the folder that holds your clips or images")
-    is_video = any(p.suffix.lower() in VIDEO_EXTS for p in path.iterdir())
+    is_video = any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.iterdir())
     entry: dict = {"video_directory" if is_video else "image_directory": folder,
                    "cache_directory": kw.get("cache_folder") or str(Path(default_base()) / name / "cache")}
     if is_video:
-        frames = [int(x) for x in str(kw.get("target_frames", "1")).replace(" ", "").split(",") if x]
+        counts = str(kw.get("target_frames", "1"))
+        try:
+            frames = [int(x) for x in counts.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise NodeError(f"target_frames {counts!r}: write whole frame counts separated by commas, such as 1, 25, 45") from None
         entry["target_frames"] = frames
         entry["frame_extraction"] = kw.get("frame_extraction", "head")
     general = {"resolution": [kw["width"], kw["height"]], "caption_extension": kw.get("caption_extension") or ".txt",
