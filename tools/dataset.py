@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dsl.dataset import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, round_target_frames
 from ..errors import PipelineError, Problem
 
 # Family -> musubi's architecture suffix for cache files and its target fps for source_fps.
@@ -24,8 +25,6 @@ DEFAULTS = {"resolution": (960, 544), "caption_extension": None, "batch_size": 1
             "enable_bucket": False, "bucket_no_upscale": False}
 VIDEO_DEFAULTS = {"target_frames": [1], "frame_extraction": "head", "frame_stride": 1, "frame_sample": 1,
                   "max_frames": 129, "source_fps": None, "fp_latent_window_size": 9}
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
-VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".flv", ".wmv", ".m4v", ".mpg", ".mpeg")
 
 
 def family_suffix(family: str) -> tuple[str, float]:
@@ -69,10 +68,6 @@ def bucket_for(size: tuple[int, int], resolution: tuple[int, int], enable_bucket
     return min(buckets, key=lambda b: abs(b[0] / b[1] - aspect))
 
 
-def round_frames(frames: list[int]) -> list[int]:
-    return sorted({(f - 1) // 4 * 4 + 1 for f in frames})
-
-
 def frames_loaded(n_source: int, start: int | None, end: int | None, source_fps: float | None,
                   target_fps: float | None) -> int:
     """How many frames musubi's video loader returns for a video of n_source frames."""
@@ -113,8 +108,7 @@ def frame_windows(frame_count: int, target_frames: list[int], extraction: str, s
                 starts = [int(k * step) for k in range(sample - 1)] + [span] if sample > 1 else [0]
                 out += [(s, t) for s in starts]
     elif extraction == "full":
-        t = (min(frame_count, max_frames) - 1) // 4 * 4 + 1
-        out = [(0, t)]
+        out = [(0, round_target_frames([min(frame_count, max_frames)])[0])]
     return out
 
 
@@ -346,7 +340,7 @@ def inspect_dataset(source: Any, family: str = "wan", read_media: bool = True, c
         if is_video:
             for k, v in VIDEO_DEFAULTS.items():
                 settings[k] = entry.get(k, v)
-            settings["target_frames"] = round_frames(settings["target_frames"])
+            settings["target_frames"] = round_target_frames(settings["target_frames"])
             settings["target_fps"] = target_fps
             if settings["frame_extraction"] == "uniform" and settings["frame_sample"] == 1:
                 settings["frame_extraction"] = "head"  # musubi switches with a warning
@@ -389,7 +383,7 @@ def _list_folder(report: DatasetReport, folder: Path, is_video: bool, caption_ex
         report.problems.append(Problem("caption_extension is not set, so musubi cannot read any caption "
                                        "(it opens an empty file name)", path=f"{where}.caption_extension", file=file,
                                        fix='set caption_extension = ".txt" in [general] or in this dataset'))
-    names = sorted(n for n in os.listdir(folder) if _has_ext(n, VIDEO_EXTS if is_video else IMAGE_EXTS)
+    names = sorted(n for n in os.listdir(folder) if _has_ext(n, VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS)
                    and (folder / n).is_file())
     kind = "video" if is_video else "image"
     for name in names:
@@ -413,7 +407,7 @@ def _list_folder(report: DatasetReport, folder: Path, is_video: bool, caption_ex
             item.flags.append("empty caption")
         report.items.append(item)
     if not names:
-        report.problems.append(Problem(f"no {kind}s found in {folder} (extensions: {', '.join(VIDEO_EXTS if is_video else IMAGE_EXTS)})",
+        report.problems.append(Problem(f"no {kind}s found in {folder} (extensions: {', '.join(VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS)})",
                                        path=f"{where}.{key}", file=file, severity="warning", fix="check the folder"))
 
 
@@ -470,7 +464,7 @@ def _read_item(item: Item, settings: dict, suffix: str, target_fps: float) -> No
 
     if path.is_dir():
         # a folder of frames (video_jsonl_file allows it): frames sorted by name
-        frames = sorted(p for p in path.iterdir() if _has_ext(p.name, IMAGE_EXTS))
+        frames = sorted(p for p in path.iterdir() if _has_ext(p.name, IMAGE_EXTENSIONS))
         if not frames:
             item.error = "frame folder holds no images"
             item.flags.append("unreadable")
