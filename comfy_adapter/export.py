@@ -11,7 +11,7 @@ import click
 
 from .base import options_text
 
-# Widget values meaning "not set" on stage nodes: every stage field travels in `options`.
+# The node that runs each stage kind (train and generate: one node per family).
 KIND_NODES = {
     "cache_latents": "MusubiTuner_VAELatentCache",
     "cache_text_encoder": "MusubiTuner_TextEncoderCache",
@@ -68,10 +68,6 @@ def _inputs(class_type: str) -> list[tuple[str, tuple, bool]]:
            [(n, s, False) for n, s in types.get("optional", {}).items()]
 
 
-def _family_value(options: list, value: str) -> str:
-    return value if value in options else options[0]
-
-
 def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, str, str]]]:
     """Nodes (id, class_type, widgets) and links (from id, output slot, to id, input name) for a pipeline file."""
     import networkx as nx
@@ -109,18 +105,16 @@ def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, s
                                           "run this pipeline with `musubi-pipe run`, or remove the stage to export the rest")])
         fields = stage.model_dump(mode="json", exclude_unset=True)
         fields.pop("kind")
+        # Widgets keep their "not set" values: every stage field travels in `options`.
         widgets: dict[str, Any] = {"stage_name": name}
-        names = {n for n, _, _ in _inputs(class_type)}
-        for n, spec, _ in _inputs(class_type):
+        inputs = _inputs(class_type)
+        names = {n for n, _, _ in inputs}
+        for n, spec, _ in inputs:
             if n == "family":
                 widgets[n] = pipeline.family
-            elif n == "task":
-                widgets[n] = pipeline.task or ("" if spec[0] == "STRING" else _family_value(spec[0], ""))
-                if spec[0] != "STRING" and pipeline.task is None:
-                    from ..compiler.templates import family_template
-
-                    widgets[n] = family_template(pipeline.family).default_task or spec[0][0]
-            elif n in ("save_to",):
+            elif n == "task":  # a picker's first task is the family's default
+                widgets[n] = pipeline.task or ("" if spec[0] == "STRING" else spec[0][0])
+            elif n == "save_to":
                 widgets[n] = "pipeline workdir"
             elif n == "to":
                 widgets[n] = fields.pop("to", "comfyui")
@@ -188,40 +182,38 @@ def to_ui(nodes: list[dict], links: list) -> dict:
 
     from .nodes import NODE_DISPLAY_NAME_MAPPINGS
 
+    by_id = {n["id"]: n for n in nodes}
     graph = nx.DiGraph()
-    graph.add_nodes_from(n["id"] for n in nodes)
+    graph.add_nodes_from(by_id)
     graph.add_edges_from((s, d) for s, _, d, _ in links)
     position: dict[str, list[float]] = {}
     sizes: dict[str, list[float]] = {}
     for column, generation in enumerate(nx.topological_generations(graph)):
         y = 60.0
         for node_id in sorted(generation, key=int):
-            cls = next(n for n in nodes if n["id"] == node_id)["class_type"]
+            cls = by_id[node_id]["class_type"]
             count = sum(1 for _, spec, _ in _inputs(cls) if _is_widget(spec))
             sizes[node_id] = [380.0, 80.0 + 26.0 * count]
             position[node_id] = [60.0 + 440.0 * column, y]
             y += sizes[node_id][1] + 60.0
     ui_links, out_links, in_link = [], {}, {}
     for number, (src, slot, dst, name) in enumerate(links, start=1):
-        src_cls = next(n for n in nodes if n["id"] == src)["class_type"]
-        kind = _classes()[src_cls].RETURN_TYPES[slot]
+        kind = _classes()[by_id[src]["class_type"]].RETURN_TYPES[slot]
         ui_links.append([number, int(src), slot, int(dst), None, kind])
         out_links.setdefault((src, slot), []).append(number)
         in_link[(dst, name)] = number
     ui_nodes = []
-    for order, node in enumerate(sorted(nodes, key=lambda n: list(nx.topological_sort(graph)).index(n["id"]))):
+    rank = {node_id: i for i, node_id in enumerate(nx.topological_sort(graph))}
+    for order, node in enumerate(sorted(nodes, key=lambda n: rank[n["id"]])):
         cls = node["class_type"]
         values = _widget_values(cls, node["widgets"])
         inputs = []
         for n, spec, _ in _inputs(cls):
             if not _is_widget(spec):
                 link = in_link.get((node["id"], n))
+                if link is not None:
+                    ui_links[link - 1][4] = len(inputs)  # the link's target slot
                 inputs.append({"name": n, "type": spec[0], "link": link})
-        for entry in inputs:
-            if entry["link"] is not None:
-                for link in ui_links:
-                    if link[0] == entry["link"]:
-                        link[4] = inputs.index(entry)
         klass = _classes()[cls]
         outputs = [{"name": name, "type": kind, "slot_index": i, "links": out_links.get((node["id"], i), [])}
                    for i, (name, kind) in enumerate(zip(klass.RETURN_NAMES, klass.RETURN_TYPES))]
