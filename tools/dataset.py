@@ -13,6 +13,7 @@ from typing import Any
 
 from ..dsl.dataset import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, round_target_frames
 from ..errors import PipelineError, Problem
+from .video import fps_resample_indices
 
 # Family -> musubi's architecture suffix for cache files and its target fps for source_fps.
 FAMILIES = {
@@ -74,19 +75,8 @@ def frames_loaded(n_source: int, start: int | None, end: int | None, source_fps:
     if source_fps is None or target_fps is None:
         lo, hi = start or 0, n_source if end is None else min(end, n_source)
         return max(0, hi - lo)
-    delta, position, previous, count = target_fps / source_fps, 0.0, -1, 0
-    for _ in range(n_source):
-        index = int(position)
-        position += delta
-        if index == previous:
-            continue
-        previous = index
-        if start is not None and index < start:
-            continue
-        if end is not None and index >= end:
-            break
-        count += 1
-    return count
+    kept = fps_resample_indices(n_source, source_fps, target_fps)
+    return sum(1 for _, index in kept if (start is None or index >= start) and (end is None or index < end))
 
 
 def frame_windows(frame_count: int, target_frames: list[int], extraction: str, stride: int, sample: int,
