@@ -442,7 +442,9 @@ class LocalExecutor:
                 return CANCELLED
             from .failures import classify, next_memory_setting
 
-            failure = classify(_tail(log_path), rc, step.kind, step.meta or {})
+            # advice and retry both start from the settings this attempt ran with, not the plan's
+            settings = _settings(args)
+            failure = classify(_tail(log_path), rc, step.kind, {**(step.meta or {}), "family": step.family, "settings": settings})
             cause, fix = failure.cause, failure.fix
             if rc == 0:
                 missing = missing_outputs(step)
@@ -456,7 +458,7 @@ class LocalExecutor:
                 retry_note = f"attempt {attempt} failed ({cause}); retrying in {delay:.0f} s"
             elif failure.category == "oom" and oom_left > 0:
                 oom_left -= 1
-                change = next_memory_setting(step.kind, _settings(args), step.family)
+                change = next_memory_setting(step.kind, settings, step.family)
                 if change:
                     args, what = _apply_setting(args, change)
                     retry_note = f"out of memory; retrying once with {what}"

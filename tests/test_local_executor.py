@@ -182,6 +182,15 @@ def test_out_of_memory_is_retried_once_with_a_memory_setting(double, tmp_path, m
     assert StateFile(state_path(wan_plan(tmp_path))).record("train")["changes"] == [change]
 
 
+def test_out_of_memory_after_the_retry_advises_the_setting_after_the_one_tried(double, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_train_network:oom")
+    result, rec = run(double, wan_plan(tmp_path), retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
+    end = rec.ended()["train"]
+    assert result.status == "failed" and end["category"] == "oom"
+    assert end["changes"][0].startswith("out of memory; retrying once with --gradient_checkpointing")
+    assert end["fix"].startswith("turn on fp8_base with fp8_scaled")
+
+
 def test_generated_files_never_overwrite_a_users_file(double, tmp_path):
     plan = wan_plan(tmp_path)
     (tmp_path / "dataset.toml").write_text("# my own dataset config\n")
