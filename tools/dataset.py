@@ -15,12 +15,9 @@ from ..dsl.dataset import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, round_target_frame
 from ..errors import PipelineError, Problem
 from .video import fps_resample_indices
 
-# Family -> musubi's architecture suffix for cache files and its target fps for source_fps.
-FAMILIES = {
-    "hv": ("hv", 24.0), "hunyuan_video": ("hv", 24.0), "hunyuanvideo": ("hv", 24.0),
-    "wan": ("wan", 16.0),
-    "fp": ("fp", 30.0), "framepack": ("fp", 30.0),
-}
+# The user's spellings of a family (any "wan..." is Wan); its template has the cache suffix and fps.
+FAMILY_NAMES = {"hv": "hunyuan_video", "hunyuan_video": "hunyuan_video", "hunyuanvideo": "hunyuan_video",
+                "wan": "wan", "fp": "framepack", "framepack": "framepack"}
 RESOLUTION_STEPS = 16  # bucket sizes are multiples of 16 for HV, Wan and FramePack
 DEFAULTS = {"resolution": (960, 544), "caption_extension": None, "batch_size": 1, "num_repeats": 1,
             "enable_bucket": False, "bucket_no_upscale": False}
@@ -29,12 +26,16 @@ VIDEO_DEFAULTS = {"target_frames": [1], "frame_extraction": "head", "frame_strid
 
 
 def family_suffix(family: str) -> tuple[str, float]:
+    """musubi's architecture suffix for cache files and its target fps for source_fps."""
+    from ..compiler.templates import family_template  # the compiler package imports networkx: only when asked
+
     key = family.lower().replace("-", "_").replace(".", "")
     if key.startswith("wan"):
         key = "wan"
-    if key not in FAMILIES:
+    if key not in FAMILY_NAMES:
         raise ValueError(f"unknown family {family!r}: use hv (HunyuanVideo), wan or framepack")
-    return FAMILIES[key]
+    template = family_template(FAMILY_NAMES[key])
+    return template.cache_arch, float(template.target_fps)
 
 
 # ---- musubi's rules, reimplemented -------------------------------------------------------
