@@ -198,11 +198,8 @@ class _Trainer(StageNode):
         if not files:
             raise NodeError(f"{stage}: training finished but {step.output('lora').path} is missing; see the run log in {plan.workdir}")
         path = files[0]
-        shown = path
-        try:
-            shown = os.path.relpath(path, loras_folder()) if Path(path).is_relative_to(loras_folder()) else path
-        except Exception:
-            pass
+        loras = loras_folder()
+        shown = os.path.relpath(path, loras) if Path(path).is_relative_to(loras) else path
         result = (pipe, {"ref": f"@{stage}.lora", "path": path}, shown)
         return {"ui": {"images": sample_previews(step.meta.get("output_dir", ""), unique_id), "animated": (True,),
                        "text": [shown]}, "result": result}
