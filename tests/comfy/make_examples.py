@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_OPTIONS = ""
 
 
 def examples() -> dict[str, tuple[list[dict], list[tuple]]]:
@@ -54,8 +53,9 @@ def rendered() -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    from musubi_pipe.files import write_atomic
+
     folder = REPO / "example_workflows"
-    folder.mkdir(exist_ok=True)
     for name, text in rendered().items():
-        (folder / f"{name}.json").write_text(text)
+        write_atomic(folder / f"{name}.json", text)
         print(f"wrote {folder / name}.json")
