@@ -36,7 +36,7 @@ def pack_import(runs: int = 7) -> None:
 
 def _prepare() -> Path:
     """The musubi test double and model files, as tests/comfy/conftest.py makes them."""
-    from conftest import MODEL_FILES
+    from conftest import write_server_files
     from media_factory import make_video
     from musubi_double import make_fake_checkout
 
@@ -44,12 +44,7 @@ def _prepare() -> Path:
     work = double.parent / "work"
     if not (double / "src").exists():
         make_fake_checkout(double)
-    Path(os.environ["MUSUBI_PIPE_CONFIG"]).write_text(f'allowed_output_roots = ["{work}"]\ncancel_grace_s = 1.0\n')
-    models = Path(os.environ["COMFYUI_DIR"]) / "models"
-    for folder, names in MODEL_FILES.items():
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            (models / folder / name).write_bytes(b"\0" * 16)
+    write_server_files(Path(os.environ["COMFYUI_DIR"]), Path(os.environ["MUSUBI_PIPE_CONFIG"]), work)
     clips = work / "bench-clips"
     if not clips.exists():
         for i in range(3):

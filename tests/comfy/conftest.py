@@ -21,6 +21,16 @@ MODEL_FILES = {
 }
 
 
+def write_server_files(comfy_dir: Path, config: Path, work: Path) -> None:
+    """What the server reads at each run: the local config (outputs only under `work`) and the
+    placeholder model files its pickers list."""
+    config.write_text(f'allowed_output_roots = ["{work}"]\ncancel_grace_s = 1.0\n')
+    for folder, names in MODEL_FILES.items():
+        (comfy_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (comfy_dir / "models" / folder / name).write_bytes(b"\0" * 16)
+
+
 def _need(name: str) -> str:
     value = os.environ.get(name, "")
     if not value:
@@ -64,13 +74,8 @@ def test_root(comfy) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     make_fake_checkout(double)
-    config.write_text(f'allowed_output_roots = ["{root / "work"}"]\ncancel_grace_s = 1.0\n')
     (root / "work").mkdir()
-    models = Path(_need("COMFYUI_DIR")) / "models"
-    for folder, names in MODEL_FILES.items():
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            (models / folder / name).write_bytes(b"\0" * 16)
+    write_server_files(Path(_need("COMFYUI_DIR")), config, root / "work")
     return root
 
 

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from test_comfy_server import records
 from workflows import model_widgets, wan_training
 
 RED = (210, 40, 40)  # tools.contact_sheet.FLAG_ERROR: the band of an item musubi cannot use
 LOSS_BLUE = (30, 70, 160)  # tools.monitor.draw_chart: the smoothed loss curve
 LR_ORANGE = (200, 90, 20)  # ... and the learning-rate curve
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def ui_text(outcome, node: str) -> str:
