@@ -217,6 +217,19 @@ def test_dict_input_and_jsonl_dataset(tmp_path):
     assert d.cache.missing == ["one_0320x0240_wan.safetensors", "one_wan_te.safetensors", "two_wan_te.safetensors"]
 
 
+def test_frame_folder_frames_are_the_images_musubi_lists(tmp_path):
+    frames = tmp_path / "clip"
+    for i in range(5):
+        make_image(frames / f"f{i}.png")
+    make_image(frames / "f9.Png")  # musubi globs lower- or upper-case extensions only
+    (frames / "notes.txt").write_text("x", encoding="utf-8")
+    assert [p.name for p in D.frame_files(frames)] == ["f0.png", "f1.png", "f2.png", "f3.png", "f4.png"]
+    (tmp_path / "list.jsonl").write_text(json.dumps({"video_path": str(frames), "caption": "c"}), encoding="utf-8")
+    d = D.inspect_dataset({"datasets": [{"video_jsonl_file": str(tmp_path / "list.jsonl"),
+                                         "cache_directory": str(tmp_path / "c")}]}).datasets[0]
+    assert d.items[0].frames == 5
+
+
 def test_same_stem_collision_is_warned(tmp_path):
     for ext in ("png", "jpg"):
         make_image(tmp_path / "i" / f"x.{ext}")

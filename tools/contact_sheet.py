@@ -69,7 +69,9 @@ def _thumbnail(item, thumb: int):
                 picture.thumbnail((thumb, thumb))
                 return picture
         if path.is_dir():
-            frames = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+            from .dataset import frame_files
+
+            frames = frame_files(path)
             chosen = [frames[0], frames[len(frames) // 2], frames[-1]] if frames else []
             images = [Image.open(p).convert("RGB") for p in chosen]
         else:

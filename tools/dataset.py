@@ -364,6 +364,11 @@ def _has_ext(name: str, exts: tuple[str, ...]) -> bool:
     return ext in exts or ext in tuple(e.upper() for e in exts)
 
 
+def frame_files(folder: Path) -> list[Path]:
+    """The frames of a folder-of-frames video, as musubi lists them: its images, sorted by name."""
+    return sorted(p for p in folder.iterdir() if _has_ext(p.name, IMAGE_EXTENSIONS))
+
+
 def _list_folder(report: DatasetReport, folder: Path, is_video: bool, caption_ext: str | None, where: str, file: str):
     key = "video_directory" if is_video else "image_directory"
     if not folder.is_dir():
@@ -454,8 +459,8 @@ def _read_item(item: Item, settings: dict, suffix: str, target_fps: float) -> No
     from .video import MediaError, probe
 
     if path.is_dir():
-        # a folder of frames (video_jsonl_file allows it): frames sorted by name
-        frames = sorted(p for p in path.iterdir() if _has_ext(p.name, IMAGE_EXTENSIONS))
+        # a folder of frames (video_jsonl_file allows it)
+        frames = frame_files(path)
         if not frames:
             item.error = "frame folder holds no images"
             item.flags.append("unreadable")
