@@ -45,6 +45,10 @@ FLOAT_FIELDS = {"guidance", "cfg_scale", "flow_shift", "video_seconds"}
 
 @dataclass
 class Prompt:
+    """One prompt with every per-prompt option of musubi's parsers. Not dsl.model.Prompt: that is the
+    pipeline language's strict subset; this one keeps a bad value so that every problem of a batch
+    is reported at once, by its prompts[i].field path."""
+
     text: str
     seed: int | None = None
     width: int | None = None
@@ -70,6 +74,14 @@ class Prompt:
         if unknown:
             raise ValueError(f"unknown prompt fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def _as_prompts(prompts: Sequence[Prompt | dict]) -> list[Prompt]:
+    return [Prompt.from_dict(p) if isinstance(p, dict) else p for p in prompts]
+
+
+def _is_set(value) -> bool:
+    return value not in (None, [], ())
 
 
 def _problem(i: int, name: str, message: str, fix: str, file: str) -> Problem:
@@ -124,7 +136,7 @@ def _line(prompt: Prompt, i: int, options: dict[str, str], file: str, sample: bo
     parts = [text]
     for name, option in options.items():
         value = getattr(prompt, name)
-        if value is None or value == [] or value == ():
+        if not _is_set(value):
             continue
         for v in (value if name == "control_images" else [value]):
             found = _check_value(i, name, v, file)
@@ -138,7 +150,7 @@ def _unsupported(prompt: Prompt, i: int, options: dict[str, str], where: str, fi
     out = []
     for f in fields(Prompt):
         value = getattr(prompt, f.name)
-        if f.name != "text" and f.name not in options and value not in (None, [], ()):
+        if f.name != "text" and f.name not in options and _is_set(value):
             out.append(_problem(i, f.name, f"{where} has no per-prompt option for {f.name}",
                                 f"remove it, or use one of: {', '.join(sorted(options))}", file))
     return out
@@ -153,8 +165,7 @@ def generate_prompt_lines(prompts: Sequence[Prompt | dict], script: str, file: s
                                      path="script", file=file, fix="run one generate step per prompt for this family")])
     options = GENERATE_OPTIONS[script]
     lines, problems = [], []
-    for i, p in enumerate(prompts):
-        p = Prompt.from_dict(p) if isinstance(p, dict) else p
+    for i, p in enumerate(_as_prompts(prompts)):
         problems += _unsupported(p, i, options, f"{script}.py", file)
         if p.guidance is not None and p.cfg_scale is not None and p.guidance != p.cfg_scale:
             problems.append(_problem(i, "cfg_scale", "the generate scripts read --g and --l as the same guidance_scale",
@@ -179,9 +190,8 @@ def write_generate_prompts(prompts: Sequence[Prompt | dict], path: str | os.Path
 
 def sample_prompts_json(prompts: Sequence[Prompt | dict], file: str = "") -> str:
     """Training sample prompts as musubi's .json format: texts are never parsed for options."""
-    items = [Prompt.from_dict(p) if isinstance(p, dict) else p for p in prompts]
     problems, out = [], []
-    for i, p in enumerate(items):
+    for i, p in enumerate(_as_prompts(prompts)):
         problems += _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", file)
         if not isinstance(p.text, str) or not p.text.strip():
             problems.append(_problem(i, "text", "is empty", "give a prompt text", file))
@@ -189,7 +199,7 @@ def sample_prompts_json(prompts: Sequence[Prompt | dict], file: str = "") -> str
             if getattr(p, name, None) is not None:
                 problems += _check_value(i, name, getattr(p, name), file)
         out.append({SAMPLE_JSON_KEYS[f.name]: getattr(p, f.name) for f in fields(Prompt)
-                    if f.name in SAMPLE_JSON_KEYS and getattr(p, f.name) not in (None, [], ())})
+                    if f.name in SAMPLE_JSON_KEYS and _is_set(getattr(p, f.name))})
     if problems:
         raise PipelineError(problems)
     return json.dumps(out, ensure_ascii=False, indent=1) + "\n"
@@ -199,16 +209,14 @@ def write_sample_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLi
     """Write a training `--sample_prompts` file. `.json` (recommended: prompt texts are never
     parsed for options) or `.txt` (inline options; texts that musubi would misread are refused)."""
     path = Path(path)
-    items = [Prompt.from_dict(p) if isinstance(p, dict) else p for p in prompts]
-    problems = []
-    for i, p in enumerate(items):
-        problems += _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", str(path))
+    items = _as_prompts(prompts)
     if path.suffix.lower() == ".json":
         write_atomic(path, sample_prompts_json(items, file=str(path)))
         return path
     if path.suffix.lower() != ".txt":
         raise PipelineError([Problem(f"musubi reads sample prompts from .txt, .toml or .json, not {path.suffix or '(no extension)'}",
                                      file=str(path), fix="name the file prompts.json")])
+    problems = [q for i, p in enumerate(items) for q in _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", str(path))]
     lines = []
     for i, p in enumerate(items):
         line, found = _line(p, i, SAMPLE_OPTIONS, str(path), sample=True)
@@ -270,10 +278,9 @@ def match_outputs(prompts: Sequence[Prompt | dict], folder: str | os.PathLike, s
     prompt gets the first remaining output (after the previous match) whose seed equals its own.
     A prompt with no seed takes the next output in order. A prompt whose output is missing (a
     failed prompt) gets None and does not consume another prompt's file."""
-    items = [Prompt.from_dict(p) if isinstance(p, dict) else p for p in prompts]
     outputs = list_outputs(folder, since)
     result, cursor = [], 0
-    for i, p in enumerate(items):
+    for i, p in enumerate(_as_prompts(prompts)):
         chosen = None
         for k in range(cursor, len(outputs)):
             if p.seed is None or outputs[k].seed == p.seed:
