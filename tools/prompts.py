@@ -228,7 +228,6 @@ def write_sample_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLi
     return path
 
 
-
 # ---- outputs back to prompts ---------------------------------------------------------------
 
 # generate scripts save "{YYYYmmdd-HHMMSS-mmm}_{seed}[_{extra}].mp4" (or a .png / a folder of images)
@@ -293,12 +292,3 @@ def match_outputs(prompts: Sequence[Prompt | dict], folder: str | os.PathLike, s
         cursor = chosen + 1
     return result
 
-
-def read_prompts_file(path: str | os.PathLike) -> list[Prompt]:
-    """Prompts from a JSON list of objects (the Prompt fields) or a text file of one prompt per line."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-        return [Prompt.from_dict(d) if isinstance(d, dict) else Prompt(str(d)) for d in data]
-    return [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
