@@ -87,7 +87,7 @@ def test_sample_txt_refuses_texts_the_sample_parser_misreads(tmp_path):
     assert parse(path.read_text(encoding="utf-8").strip()) == {
         "prompt": "a knight", "seed": 5, "width": 512, "height": 512, "frame_count": 25, "sample_steps": 20,
         "cfg_scale": 4.0, "negative_prompt": "bad"}
-    assert not (tmp_path / "s.txt").with_name(".s.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.txt"]  # refused files unwritten, no temporary file left
 
 
 def test_sample_json_keeps_any_text_and_uses_musubi_keys(tmp_path):
