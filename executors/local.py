@@ -682,11 +682,11 @@ def _settings(args: list[str]) -> dict:
 
 
 def _apply_setting(args: list[str], change) -> tuple[list[str], str]:
-    """Apply a memory setting from next_memory_setting to the argv: add or replace its flag and
+    """Apply a MemorySetting from next_memory_setting to the argv: add or replace its flag and
     the flags that must come with it (fp8_scaled needs fp8_base)."""
     words = []
-    for item in [{"flag": change["flag"], "value": change.get("value")}, *change.get("also", [])]:
-        value = None if item["value"] in (None, True) else str(item["value"])
-        args = set_flag(args, item["flag"], value)
-        words.append(" ".join(filter(None, [item["flag"], value])))
-    return args, " ".join(words) + (f": {change.get('description')}" if change.get("description") else "")
+    for name, value in [(change.field, change.value), *change.also]:
+        word = None if value is None or value is True else str(value)  # `1 in (None, True)` is true
+        args = set_flag(args, "--" + name, word)
+        words.append(" ".join(filter(None, ["--" + name, word])))
+    return args, " ".join(words) + (f": {change.explanation}" if change.explanation else "")

@@ -253,6 +253,16 @@ def test_set_flag_replaces_or_appends():
     assert set_flag(["--x", "1"], "--fp8_base") == ["--x", "1", "--fp8_base"]
 
 
+def test_a_memory_setting_of_value_1_is_a_value_not_a_switch():
+    from musubi_pipe.executors.failures import MemorySetting
+    from musubi_pipe.executors.local import _apply_setting
+
+    args, what = _apply_setting(["--t5", "t.pth", "--batch_size", "16"], MemorySetting("batch_size", 1, "one caption at a time"))
+    assert args == ["--t5", "t.pth", "--batch_size", "1"] and what == "--batch_size 1: one caption at a time"
+    args, what = _apply_setting([], MemorySetting("fp8_base", True, "fp8", also=[("fp8_scaled", True)]))
+    assert args == ["--fp8_base", "--fp8_scaled"] and what == "--fp8_base --fp8_scaled: fp8"
+
+
 # ------------------------------------------------------------- a real musubi-tuner checkout
 
 
