@@ -290,6 +290,11 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def _option(dit: DiT, s: Settings, tokens: int, rank: int, fit: Fit, fits: bool = False) -> Option:
+    return Option(s, _torch_peak(dit, s, tokens, rank, fit), _device_peak(dit, s, tokens, rank, fit),
+                  _seconds(dit, s, tokens, fit), fits)
+
+
 def safety_margin(vram_gib: float) -> float:
     """What the plan leaves free: 5% of the GPU (the model's torch-peak error on the measured runs
     is under 3%, and fragmentation) and at least 0.75 GiB for the desktop and other processes."""
@@ -313,9 +318,7 @@ def plan_memory(family: str, task: str | None, vram_gib: float, resolution: str 
     for gc in (False, True):
         for fp8 in ((False, True) if allow_fp8 else (False,)):
             for swap in range(0, dit.max_swap + 1):
-                s = Settings(gc, fp8, swap)
-                o = Option(s, _torch_peak(dit, s, tokens, rank, fit), _device_peak(dit, s, tokens, rank, fit),
-                           _seconds(dit, s, tokens, fit), False)
+                o = _option(dit, Settings(gc, fp8, swap), tokens, rank, fit)
                 o.fits = o.need_gib <= limit
                 options.append(o)
                 if o.fits:
@@ -341,20 +344,18 @@ def _fields(dit, family, best: Option, options, tokens, batch_size, rank, limit,
     train: dict = {}
     why: dict[str, str] = {}
 
-    def peak_without(**change) -> Option | None:
+    def option_with(**change) -> Option:
         alt = Settings(**{**s.__dict__, **change})
-        return next((o for o in options if o.settings == alt), None) or Option(
-            alt, _torch_peak(dit, alt, tokens, rank, fit), _device_peak(dit, alt, tokens, rank, fit),
-            _seconds(dit, alt, tokens, fit), False)
+        return next((o for o in options if o.settings == alt), None) or _option(dit, alt, tokens, rank, fit)
 
     if s.gradient_checkpointing:
         train["gradient_checkpointing"] = True
-        off = peak_without(gradient_checkpointing=False, blocks_to_swap=0)
+        off = option_with(gradient_checkpointing=False, blocks_to_swap=0)
         why["gradient_checkpointing"] = (
             f"on: without it the activations alone make the run need about {off.need_gib:.0f} GiB, more than "
             f"{limit:.1f}; it costs ~{(fit.checkpointing_factor - 1):.0%} more time per step (measured, runs a/d)")
     else:
-        on = peak_without(gradient_checkpointing=True)
+        on = option_with(gradient_checkpointing=True)
         why["gradient_checkpointing"] = (
             f"off: the run fits without it ({best.need_gib:.1f} GiB of {limit:.1f}) and trains "
             f"{fit.checkpointing_factor:.2f}x faster than with it ({on.need_gib:.1f} GiB); measured on an H100: "
@@ -374,7 +375,7 @@ def _fields(dit, family, best: Option, options, tokens, batch_size, rank, limit,
         why["fp8_base"] = "off: not needed to fit, and full-precision weights keep quality"
     if s.blocks_to_swap:
         train["blocks_to_swap"] = s.blocks_to_swap
-        fewer = peak_without(blocks_to_swap=s.blocks_to_swap - 1)
+        fewer = option_with(blocks_to_swap=s.blocks_to_swap - 1)
         why["blocks_to_swap"] = (
             f"{s.blocks_to_swap}: the fewest blocks in CPU memory that fit (with {s.blocks_to_swap - 1} the run would need "
             f"{fewer.need_gib:.1f} GiB); each swapped block costs time moving weights over PCIe (runs c, big_swap: "
@@ -415,6 +416,4 @@ def _cache_fields(family: str, vram: float) -> tuple[dict, dict]:
 def predict(family: str, task: str, settings: Settings, tokens: int = MEASURED_TOKENS, rank: int = MEASURED_RANK) -> Option:
     """The model's prediction for one setting (for tests and for showing alternatives)."""
     family, task = resolve_task(family, task)
-    dit, fit = MODELS[(family, task)], fitted()
-    dev = _device_peak(dit, settings, tokens, rank, fit)
-    return Option(settings, _torch_peak(dit, settings, tokens, rank, fit), dev, _seconds(dit, settings, tokens, fit), True)
+    return _option(MODELS[(family, task)], settings, tokens, rank, fitted(), fits=True)
