@@ -115,6 +115,7 @@ def _block_params(dit: DiT) -> int:
     return sum(b.count * b.params for b in dit.blocks)
 
 
+@lru_cache(maxsize=None)  # the same for every setting the planner tries
 def _lora_params(dit: DiT, rank: int) -> int:
     from .lora import target_modules
 
