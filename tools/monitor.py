@@ -119,14 +119,7 @@ def _decode_simple(data: bytes) -> tuple[float, int, str, float] | None:
     and a summary with one simple_value. None for anything else (the general decoder handles it)."""
     if len(data) < 20 or data[0] != 0x09 or data[9] != 0x10:
         return None
-    pos, step, shift = 10, 0, 0
-    while True:
-        b = data[pos]
-        pos += 1
-        step |= (b & 0x7F) << shift
-        if b < 0x80:
-            break
-        shift += 7
+    step, pos = _varint(data, 10)
     # summary (field 5) > value (field 1) > tag (field 1), simple_value (field 2, fixed32); each
     # length fits one byte for a scalar event
     if data[pos] != 0x2A or data[pos + 2] != 0x0A or data[pos + 4] != 0x0A:
@@ -148,6 +141,10 @@ def decode_event(data: bytes, tags: frozenset | None = None) -> tuple[float, int
     if fast is not None:
         wall, step, tag, value = fast
         return wall, step, [(tag, value)] if tags is None or tag in tags else []
+    return _decode_general(data, tags)
+
+
+def _decode_general(data: bytes, tags: frozenset | None) -> tuple[float, int, list[tuple[str, float]]]:
     wall, step, values = 0.0, 0, []
     for number, wire, value in _fields(data):
         if number == 1 and wire == 1:
@@ -262,7 +259,7 @@ class EventFileReader:
         if size == self.offset:
             return out
         unpack_q, unpack_i = struct.Struct("<Q").unpack_from, struct.Struct("<I").unpack_from
-        tags, decode_simple, good_headers = self.tags, _decode_simple, set()
+        tags, decode_simple, decode_general, good_headers = self.tags, _decode_simple, _decode_general, set()
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             pending = b""
@@ -294,7 +291,7 @@ class EventFileReader:
                         if tags is None or fast[2] in tags:
                             out.append(fast)
                     else:
-                        wall, step, values = decode_event(data, tags)
+                        wall, step, values = decode_general(data, tags)
                         for tag, value in values:
                             out.append((wall, step, tag, value))
                     pos = end
