@@ -521,21 +521,30 @@ def draw_chart(status: TrainingStatus, width: int = 800, height: int = 400, smoo
     if not loss.values and not lr.values:
         d.text((x0 + 10, (y0 + y1) // 2), "no loss or learning-rate data yet", fill=(90, 90, 90), font=font)
         return img
-    steps = loss.steps + lr.steps
-    smin, smax = min(steps), max(steps)
+    all_steps = loss.steps + lr.steps
+    smin, smax = min(all_steps), max(all_steps)
     if smax == smin:
         smax = smin + 1
 
     def sx(s):
         return x0 + (s - smin) / (smax - smin) * (x1 - x0)
 
-    def axis(values):
-        finite = [v for v in values if math.isfinite(v)]
-        if not finite:
-            return 0.0, 1.0
-        lo, hi = min(finite), max(finite)
-        pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
-        return lo - pad, hi + pad
+    def line_points(steps, values, sy):
+        return _thin([(sx(s), sy(v)) for s, v in zip(steps, values) if math.isfinite(v)], x1 - x0)
+
+    def y_axis(values, tick_x: float, label_x: float, fmt: str, colour, name: str):
+        """The value -> y scale for `values`, after drawing its five ticks, their values and its name."""
+        lo, hi = _value_range(values)
+
+        def sy(v):
+            return y1 - (v - lo) / (hi - lo) * (y1 - y0)
+
+        for k in range(5):
+            v = lo + (hi - lo) * k / 4
+            d.line([tick_x, sy(v), tick_x + 4, sy(v)], fill=(120, 120, 120))
+            d.text((label_x, sy(v) - 6), format(v, fmt), fill=colour, font=font)
+        d.text((label_x, y0 - 14), name, fill=colour, font=font)
+        return sy
 
     # x ticks
     for k in range(6):
@@ -545,40 +554,31 @@ def draw_chart(status: TrainingStatus, width: int = 800, height: int = 400, smoo
         d.text((x - 12, y1 + 6), f"{int(round(s))}", fill=(60, 60, 60), font=font)
     d.text(((x0 + x1) // 2 - 12, height - 14), "step", fill=(60, 60, 60), font=font)
     if loss.values:
-        lo, hi = axis(loss.values)
-
-        def sy(v):
-            return y1 - (v - lo) / (hi - lo) * (y1 - y0)
-
-        for k in range(5):
-            v = lo + (hi - lo) * k / 4
-            d.line([x0 - 4, sy(v), x0, sy(v)], fill=(120, 120, 120))
-            d.text((4, sy(v) - 6), f"{v:.4g}", fill=(30, 70, 160), font=font)
-        d.text((4, y0 - 14), "loss", fill=(30, 70, 160), font=font)
-        pts = _thin([(sx(s), sy(v)) for s, v in zip(loss.steps, loss.values) if math.isfinite(v)], x1 - x0)
+        sy = y_axis(loss.values, x0 - 4, 4, ".4g", (30, 70, 160), "loss")
+        pts = line_points(loss.steps, loss.values, sy)
         if len(pts) > 1:
             d.line(pts, fill=(170, 195, 235), width=1)
-        sm = smooth(loss.values, smoothing)
-        pts = _thin([(sx(s), sy(v)) for s, v in zip(loss.steps, sm) if math.isfinite(v)], x1 - x0)
+        pts = line_points(loss.steps, smooth(loss.values, smoothing), sy)
         if len(pts) > 1:
             d.line(pts, fill=(30, 70, 160), width=2)
         elif pts:
             d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(30, 70, 160))
     if lr.values:
-        lo, hi = axis(lr.values)
-
-        def sy2(v):
-            return y1 - (v - lo) / (hi - lo) * (y1 - y0)
-
-        for k in range(5):
-            v = lo + (hi - lo) * k / 4
-            d.line([x1, sy2(v), x1 + 4, sy2(v)], fill=(120, 120, 120))
-            d.text((x1 + 6, sy2(v) - 6), f"{v:.2g}", fill=(200, 90, 20), font=font)
-        d.text((x1 + 6, y0 - 14), "lr", fill=(200, 90, 20), font=font)
-        pts = _thin([(sx(s), sy2(v)) for s, v in zip(lr.steps, lr.values) if math.isfinite(v)], x1 - x0)
+        sy = y_axis(lr.values, x1, x1 + 6, ".2g", (200, 90, 20), "lr")
+        pts = line_points(lr.steps, lr.values, sy)
         if len(pts) > 1:
             d.line(pts, fill=(200, 90, 20), width=1)
     return img
+
+
+def _value_range(values: list[float]) -> tuple[float, float]:
+    """The finite values' range with 5% room above and below (a flat line gets room too)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+    return lo - pad, hi + pad
 
 
 def _thin(points: list[tuple[float, float]], pixels: float) -> list[tuple[float, float]]:
