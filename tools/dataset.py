@@ -395,10 +395,11 @@ def _list_folder(report: DatasetReport, folder: Path, is_video: bool, caption_ex
                     item.error = f"caption {cap.name} cannot be read as UTF-8 text ({exc.__class__.__name__})"
         if item.caption is None:
             item.flags.append("no caption")
+            missing = f"no caption file {Path(item.caption_path).name or '(caption_extension unset)'}"
             if is_video:
-                item.error = item.error or f"no caption file {Path(item.caption_path).name or '(caption_extension unset)'}: musubi's caching stops with FileNotFoundError"
+                item.error = item.error or f"{missing}: musubi's caching stops with FileNotFoundError"
             else:
-                item.skipped = f"no caption file {Path(item.caption_path).name if item.caption_path else ''}: musubi skips this image".replace("  ", " ")
+                item.skipped = f"{missing}: musubi skips this image"
         elif not item.caption:
             item.flags.append("empty caption")
         report.items.append(item)
@@ -422,7 +423,9 @@ def _list_jsonl(report: DatasetReport, jsonl: Path, is_video: bool, where: str, 
             report.problems.append(Problem(f"line {number} is not JSON ({exc.msg}); musubi stops here", path=key,
                                            file=str(jsonl), line=number, fix="fix or remove the line"))
             continue
-        media = entry.get(media_key) or (entry.get("image_path_0") if not is_video else None) if isinstance(entry, dict) else None
+        media = None
+        if isinstance(entry, dict):  # musubi reads image_path_0 where an image line has no image_path
+            media = entry.get(media_key) or (None if is_video else entry.get("image_path_0"))
         if not media:
             report.problems.append(Problem(f"line {number} has no {media_key!r}", path=key, file=str(jsonl), line=number,
                                            fix=f'write {{"{media_key}": "...", "caption": "..."}}'))
