@@ -166,6 +166,8 @@ class Resume:
     args: list[str]
     attempt_name: str  # the --output_name this attempt writes under, renamed afterwards
     note: str
+    out_dir: Path  # where the step writes, and the --output_name its files are renamed to
+    name: str
 
 
 def plan_resume(step: Step, record: dict | None) -> Resume | None:
@@ -224,11 +226,12 @@ def plan_resume(step: Step, record: dict | None) -> Resume | None:
         note = f"resumed from {state_dir.name}: {left} of {total_steps} steps left"
     else:
         return None
-    return Resume(str(state_dir), done_steps, done_epochs, args, attempt_name, note)
+    return Resume(str(state_dir), done_steps, done_epochs, args, attempt_name, note, out_dir, name)
 
 
-def rename_resumed(out_dir: Path, name: str, res: Resume, spe: int | None) -> list[str]:
+def rename_resumed(res: Resume, spe: int | None) -> list[str]:
     """Give a resumed attempt's files the numbering of one uninterrupted run; never overwrite."""
+    out_dir, name = res.out_dir, res.name
     notes = []
     epoch_offset = res.done_epochs if res.done_epochs is not None else (
         res.done_steps // spe if spe and res.done_steps is not None and res.done_steps % spe == 0 else None)
@@ -320,7 +323,7 @@ class LocalExecutor:
                     result.steps[step.id] = "skipped"
                     self._emit(ev.Event(ev.STEP_SKIPPED, step=step.id, data={"reason": why}))
                     continue
-                status = self._run_step(plan, step, reasons[step.id], exclude)
+                status = self._run_step(step, exclude)
                 result.steps[step.id] = status
                 if status != SUCCEEDED:
                     result.status = status
@@ -380,7 +383,7 @@ class LocalExecutor:
             prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
             f.write((prefix + " " if prefix else "") + shlex.join(argv) + "\n\n")
 
-    def _run_step(self, plan: Plan, step: Step, reason: str, exclude: list[str]) -> str:
+    def _run_step(self, step: Step, exclude: list[str]) -> str:
         log_path = self.run_dir / f"{step.id}.log"
         previous = self.state.record(step.id)
         resume = plan_resume(step, previous)
@@ -388,14 +391,13 @@ class LocalExecutor:
         if resume:
             args = resume.args
             changes.append(resume.note)
+        # what a later resume needs from earlier attempts with the same settings
+        same = previous if previous and previous.get("fingerprint") == step.fingerprint else {}
         record = {
             "status": RUNNING, "fingerprint": step.fingerprint, "started": time.time(), "run": str(self.run_dir),
             "log": str(log_path), "inputs": input_identities(step, exclude),
             "needs": {n: stamp(self.state.record(n)) for n in step.needs},
-            # what a later resume needs from earlier attempts with the same settings
-            "progress": (previous or {}).get("progress", {}) if previous and previous.get("fingerprint") == step.fingerprint else {},
-            "resumes": ((previous or {}).get("resumes", 0) if previous and previous.get("fingerprint") == step.fingerprint else 0)
-            + (1 if resume else 0),
+            "progress": same.get("progress", {}), "resumes": same.get("resumes", 0) + (1 if resume else 0),
         }
         self.state.put(step.id, record)
         for out in step.outputs:  # musubi's savers do not create missing folders
@@ -408,46 +410,28 @@ class LocalExecutor:
         while True:
             attempt += 1
             known = dict(record["progress"])
-            outcome = self._attempt(step, args, log_path, attempt, changes, record)
+            status, rc = self._attempt(step, args, log_path, attempt, changes, record)
             if resume:  # the attempt printed only the steps left: keep the whole run's length
                 record["progress"] = {**record["progress"], **{k: known[k] for k in ("total", "epochs") if k in known}}
                 spe = (step.meta or {}).get("steps_per_epoch") or record["progress"].get("steps_per_epoch")
-                out_dir = Path((step.meta or {}).get("output_dir") or flag_value(step.args, "--output_dir"))
-                name = (step.meta or {}).get("output_name") or flag_value(step.args, "--output_name")
-                renamed = rename_resumed(out_dir, name, resume, spe)
-                changes.extend(f"renamed {r}" for r in renamed)
-            status, rc = outcome
-            if status == SUCCEEDED:
-                missing = missing_outputs(step)
-                if not missing:
-                    outs = output_files(step)
-                    for o in outs:
-                        self._emit(ev.Event(ev.OUTPUT, step=step.id, data={"name": o["output"], "path": o["path"]}))
-                    if (step.meta or {}).get("batch_prompts"):
-                        record["prompt_outputs"] = self._match_batch(step, record["started"])
-                    record.update(status=SUCCEEDED, finished=time.time(), outputs=outs, returncode=rc, changes=changes)
-                    self.state.put(step.id, record)
-                    self._emit(ev.Event(ev.STEP_END, step=step.id, data={
-                        "status": SUCCEEDED, "returncode": rc, "log": str(log_path), "changes": changes}))
-                    return SUCCEEDED
+                changes.extend(f"renamed {r}" for r in rename_resumed(resume, spe))
+            missing = missing_outputs(step) if status == SUCCEEDED else []
+            if status == SUCCEEDED and not missing:
+                record["outputs"] = output_files(step)
+                for o in record["outputs"]:
+                    self._emit(ev.Event(ev.OUTPUT, step=step.id, data={"name": o["output"], "path": o["path"]}))
+                if (step.meta or {}).get("batch_prompts"):
+                    record["prompt_outputs"] = self._match_batch(step, record["started"])
+                return self._end_step(step, record, SUCCEEDED, rc, log_path, changes)
             if status == CANCELLED:
-                record.update(status=CANCELLED, finished=time.time(), returncode=rc, changes=changes,
-                              cause="cancelled by the user", fix="run again to continue")
-                self.state.put(step.id, record)
-                self._emit(ev.Event(ev.STEP_END, step=step.id, data={
-                    "status": CANCELLED, "returncode": rc, "log": str(log_path), "cause": "cancelled by the user",
-                    "fix": "run again: finished steps are skipped" + (
-                        ", training resumes from its newest saved state" if (step.meta or {}).get("save_state") else ""),
-                    "changes": changes}))
-                return CANCELLED
+                return self._end_cancelled(step, record, rc, log_path, changes)
             from .failures import classify, next_memory_setting
 
             # advice and retry both start from the settings this attempt ran with, not the plan's
             settings = _settings(args)
             failure = classify(_tail(log_path), rc, step.kind, {**(step.meta or {}), "family": step.family, "settings": settings})
             cause, fix = failure.cause, failure.fix
-            if rc == 0:
-                missing = missing_outputs(step)
+            if missing:
                 cause = f"exited 0 but did not write {missing[0]}" + (f" ({failure.cause})" if failure.cause else "")
                 fix = failure.fix or "read the log; musubi reported success without saving the promised file"
             retry_note, delay = None, 0.0
@@ -463,23 +447,28 @@ class LocalExecutor:
                     args, what = _apply_setting(args, change)
                     retry_note = f"out of memory; retrying once with {what}"
             if retry_note is None:
-                record.update(status=FAILED, finished=time.time(), returncode=rc, cause=cause, fix=fix,
-                              category=failure.category, changes=changes)
-                self.state.put(step.id, record)
-                self._emit(ev.Event(ev.STEP_END, step=step.id, data={
-                    "status": FAILED, "returncode": rc, "cause": cause, "fix": fix, "category": failure.category,
-                    "log": str(log_path), "changes": changes}))
-                return FAILED
+                return self._end_step(step, record, FAILED, rc, log_path, changes, cause=cause, fix=fix,
+                                      category=failure.category)
             changes.append(retry_note)
             self._emit(ev.Event(ev.LOG, step=step.id, data={"stream": "musubi-pipe", "text": retry_note}))
             if delay:
                 (self._sleep or self._cancel.wait)(delay)  # a cancel during the wait ends it early
             if self._cancel.is_set():
-                record.update(status=CANCELLED, finished=time.time(), returncode=rc, changes=changes)
-                self.state.put(step.id, record)
-                self._emit(ev.Event(ev.STEP_END, step=step.id, data={
-                    "status": CANCELLED, "cause": "cancelled by the user", "log": str(log_path), "changes": changes}))
-                return CANCELLED
+                return self._end_cancelled(step, record, rc, log_path, changes)
+
+    def _end_step(self, step: Step, record: dict, status: str, rc: int, log_path: Path, changes: list[str],
+                  **why: str) -> str:
+        """Save how the step ended, then say so: the STEP_END event carries what the record keeps."""
+        record.update(status=status, finished=time.time(), returncode=rc, changes=changes, **why)
+        self.state.put(step.id, record)
+        self._emit(ev.Event(ev.STEP_END, step=step.id, data={
+            "status": status, "returncode": rc, "log": str(log_path), "changes": changes, **why}))
+        return status
+
+    def _end_cancelled(self, step: Step, record: dict, rc: int, log_path: Path, changes: list[str]) -> str:
+        resumes = ", training resumes from its newest saved state" if (step.meta or {}).get("save_state") else ""
+        return self._end_step(step, record, CANCELLED, rc, log_path, changes, cause="cancelled by the user",
+                              fix="run again: finished steps are skipped" + resumes)
 
     def _attempt(self, step: Step, args: list[str], log_path: Path, attempt: int, changes: list[str],
                  record: dict) -> tuple[str, int]:

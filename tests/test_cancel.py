@@ -218,3 +218,21 @@ def test_a_resumed_run_cancelled_again_resumes_from_its_own_newest_state(checkou
     assert argv[argv.index("--max_train_steps") + 1] == "6"
     assert argv[argv.index("--output_name") + 1] == "lora-resume2"
     assert (out / "lora-step00000010.safetensors").exists() and (out / "lora.safetensors").exists()
+
+
+def test_cancel_during_the_wait_before_a_retry_ends_the_step_like_any_cancel(checkout, tmp_path, monkeypatch):
+    from musubi_pipe.executors.local import RetryPolicy
+
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_cache_latents:hub_download")
+    ex = LocalExecutor(config_for(checkout))
+    plan = wan_plan(tmp_path)
+    t, rec, box = start(ex, plan, retry=RetryPolicy(enabled=True, backoff_s=(600.0,)))
+    wait_for(lambda: any(e.kind == "log" and "retrying in 600 s" in e.data.get("text", "") for e in rec.events))
+    ex.cancel()
+    t.join(timeout=20)
+    assert box["result"].status == "cancelled"
+    end = rec.ended()["cache_latents"]
+    assert (end["status"], end["cause"]) == ("cancelled", "cancelled by the user")
+    assert end["fix"].startswith("run again: finished steps are skipped")
+    record = StateFile(state_path(plan)).record("cache_latents")
+    assert (record["status"], record["cause"], record["fix"]) == ("cancelled", end["cause"], end["fix"])
