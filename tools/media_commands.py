@@ -39,14 +39,12 @@ def inspect(config, family, as_json, sheet, no_media, report_file):
         _fail(str(exc))
     except ValueError as exc:
         _fail(f"error: {exc}")
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=1, default=str))
-    else:
-        click.echo(report.format())
+    report_json = json.dumps(report.to_dict(), indent=1, default=str) if as_json or report_file else ""
+    click.echo(report_json if as_json else report.format())
     if report_file:
         from ..files import write_atomic
 
-        write_atomic(report_file, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+        write_atomic(report_file, report_json + "\n")
     if sheet:
         from .contact_sheet import make_contact_sheet, save_png
 
