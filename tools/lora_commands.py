@@ -52,7 +52,7 @@ def _inspect_text(r, modules: bool) -> str:
              (f"  [{r.family_source}]" if r.family_source else ""),
              f"  modules: {len(r.modules)}; rank " + ", ".join(f"{k} x{v}" for k, v in r.ranks().items()) +
              "; alpha " + ", ".join(f"{k} x{v}" for k, v in r.alphas().items()),
-             f"  dtypes:  " + ", ".join(f"{k} x{v}" for k, v in r.dtypes.items())]
+             "  dtypes:  " + ", ".join(f"{k} x{v}" for k, v in r.dtypes.items())]
     if r.coverage:
         c = r.coverage
         lines.append(f"  coverage: {c.matched} of {c.expected} {c.family} {c.variant} modules; "
