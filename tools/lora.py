@@ -399,7 +399,7 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def refuse_if_already(path: str | os.PathLike, target: str) -> None:
     """Raise when converting `path` to `target` (musubi/comfyui, or convert_lora's default/other) would do nothing."""
-    target = {"default": MUSUBI, "other": COMFYUI}.get(target, target)
+    target = {name: layout for layout, name in CONVERT_TARGET.items()}.get(target, target)
     fmt = detect_format(path)
     if fmt == target:
         other = COMFYUI if target == MUSUBI else MUSUBI
