@@ -503,6 +503,14 @@ class LocalExecutor:
                 return FAILED, 127
             log_lock, parse_lock = threading.Lock(), threading.Lock()
 
+            def deliver(parse: Callable[[], list[ev.Event]]) -> None:
+                # both streams feed one parser (its phase is shared): emit under the same lock, so
+                # events leave in the order they were read
+                with parse_lock:
+                    for e in parse():
+                        self._note_progress(record, e)
+                        self._emit(e)
+
             def pump(name: str, pipe) -> None:
                 decoder = codecs.getincrementaldecoder("utf-8")("replace")
                 fd = pipe.fileno()
@@ -518,17 +526,10 @@ class LocalExecutor:
                         log.flush()
                     text = decoder.decode(chunk)
                     if text:
-                        with parse_lock:
-                            found = parser.feed(name, text)
-                        for e in found:
-                            self._note_progress(record, e)
-                            self._emit(e)
+                        deliver(lambda: parser.feed(name, text))
                 rest = decoder.decode(b"", final=True)
                 if rest:
-                    with parse_lock:
-                        found = parser.feed(name, rest)
-                    for e in found:
-                        self._emit(e)
+                    deliver(lambda: parser.feed(name, rest))
 
             threads = [threading.Thread(target=pump, args=(n, p), daemon=True)
                        for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
@@ -552,8 +553,7 @@ class LocalExecutor:
             _kill_group(proc.pid)  # nothing the step started may outlive it
             for t in threads:
                 t.join(timeout=5)
-            for e in parser.flush():  # an unterminated last line is still a line
-                self._emit(e)
+            deliver(parser.flush)  # an unterminated last line is still a line
             for pipe in (proc.stdout, proc.stderr):
                 pipe.close()
             log.write(f"\n=== musubi-pipe: exit code {rc}{' (cancelled)' if cancelled else ''}\n".encode())
