@@ -14,9 +14,12 @@ DEFAULT_FRAMES = 33
 def _dataset_shape(pipe: dict) -> dict:
     """Resolution, frames and batch size of the pipeline's largest training sample ({} without a
     dataset): what the planner needs from the dataset."""
+    from pydantic import ValidationError
+
+    from ..dsl.dataset import DatasetConfig
     from ..errors import PipelineError
     from ..tools.dataset import load_config
-    from ..tools.memory import tokens_for
+    from ..tools.memory import largest_sample
 
     dataset = pipe["document"].get("dataset")
     if dataset is None:
@@ -27,19 +30,10 @@ def _dataset_shape(pipe: dict) -> dict:
         config, _, _ = load_config(dataset)
     except PipelineError as err:
         raise NodeError(one_line(err)) from None
-    general = config.get("general", {})
-    shapes = []
-    for ds in config.get("datasets", []):
-        def value(key, default=None, ds=ds):
-            return ds.get(key, general.get(key, default))
-
-        if value("resolution") is None:
-            continue
-        width, height = value("resolution")
-        video = "video_directory" in ds or "video_jsonl_file" in ds
-        frames = max(value("target_frames", [1]) or [1]) if video else 1
-        shapes.append({"resolution": (int(width), int(height)), "frames": int(frames), "batch_size": int(value("batch_size", 1))})
-    return max(shapes, key=lambda s: tokens_for(*s["resolution"], s["frames"]) * s["batch_size"], default={})
+    try:
+        return largest_sample(DatasetConfig.model_validate(config))
+    except ValidationError as err:
+        raise NodeError(f"the pipeline's dataset is not a valid musubi dataset config: {err.errors()[0]['msg']}") from None
 
 
 def detected_gpu_gib() -> tuple[float | None, str]:

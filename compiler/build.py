@@ -414,19 +414,15 @@ class _Compiler:
 
     def plan_memory(self, name: str, stage, values: dict) -> dict[str, str]:
         """Fill the memory options the user did not set with the planner's fastest setting that
-        fits `gpu_memory_gib`, for the dataset's largest resolution and frame count."""
-        from ..tools.memory import plan_memory
+        fits `gpu_memory_gib`, for the dataset's largest training sample."""
+        from ..tools.memory import largest_sample, plan_memory
 
         if self.dataset is None:
             return {}
-        sections = [self.dataset.general, *self.dataset.datasets]
-        sizes = [s.resolution for s in sections if s.resolution is not None] or [(960, 544)]
-        width, height = max(((r, r) if isinstance(r, int) else tuple(r) for r in sizes), key=lambda wh: wh[0] * wh[1])
-        frames = max((max(d.target_frames or [1]) for d in self.dataset.datasets if d.is_video), default=1)
-        batch = max((s.batch_size for s in sections if s.batch_size), default=1)
+        shape = largest_sample(self.dataset)
         try:
-            plan = plan_memory(self.p.family, self.task, float(stage.gpu_memory_gib), (width, height), frames, batch,
-                               int(values.get("network_dim", 32)))
+            plan = plan_memory(self.p.family, self.task, float(stage.gpu_memory_gib), shape["resolution"], shape["frames"],
+                               shape["batch_size"], int(values.get("network_dim", 32)))
         except PipelineError as exc:
             for problem in exc.problems:
                 self.error(("stages", name, "gpu_memory_gib"), problem.message, problem.fix)

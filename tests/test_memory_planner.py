@@ -134,3 +134,20 @@ def test_cli_plan_memory():
     assert res.exit_code == 0 and "gradient_checkpointing: off: the run fits without it" in res.output
     res = CliRunner().invoke(main, ["plan-memory", "--family", "wan", "--vram", "8", "--resolution", "1280x720", "--frames", "81"])
     assert res.exit_code == 1 and "lower the resolution or the frame count" in res.output
+
+
+def test_largest_sample_takes_each_datasets_own_values():
+    from musubi_pipe.dsl.dataset import DatasetConfig
+    from musubi_pipe.tools.memory import largest_sample
+
+    config = DatasetConfig.model_validate({
+        "general": {"resolution": [640, 480], "batch_size": 2},
+        "datasets": [
+            {"image_directory": "/i", "resolution": 1024},                      # 1 frame, 1024x1024, batch 2
+            {"video_directory": "/v", "target_frames": [1, 45]},               # 640x480 x 45 frames, batch 2
+            {"video_directory": "/w", "target_frames": [81], "batch_size": 1, "resolution": [320, 240]},
+        ]})
+    assert largest_sample(config) == {"resolution": (640, 480), "frames": 45, "batch_size": 2}
+    assert largest_sample(DatasetConfig.model_validate({"datasets": [{"image_directory": "/i"}]})) == \
+        {"resolution": (960, 544), "frames": 1, "batch_size": 1}  # musubi's default resolution
+    assert largest_sample(DatasetConfig()) == {}

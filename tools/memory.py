@@ -212,6 +212,23 @@ def tokens_for(width: int, height: int, frames: int) -> int:
     return latent_frames * (height // 16) * (width // 16)
 
 
+MUSUBI_DEFAULT_RESOLUTION = (960, 544)  # musubi's dataset default when no resolution is given
+
+
+def largest_sample(dataset) -> dict:
+    """Resolution, frames and batch size of a dataset's (dsl.dataset.DatasetConfig) largest training
+    step by DiT tokens x batch, as plan_memory takes them; {} for a dataset with no entries. Each
+    dataset's own value wins over [general], as in musubi."""
+    shapes = []
+    for d in dataset.datasets:
+        res = d.resolution if d.resolution is not None else dataset.general.resolution
+        res = MUSUBI_DEFAULT_RESOLUTION if res is None else (res, res) if isinstance(res, int) else tuple(res)
+        frames = max(d.target_frames or [1]) if d.is_video else 1
+        batch = d.batch_size or dataset.general.batch_size or 1
+        shapes.append({"resolution": (int(res[0]), int(res[1])), "frames": int(frames), "batch_size": int(batch)})
+    return max(shapes, key=lambda s: tokens_for(*s["resolution"], s["frames"]) * s["batch_size"], default={})
+
+
 def parse_resolution(text: str) -> tuple[int, int]:
     try:
         w, h = (int(x) for x in text.lower().replace("*", "x").split("x"))
