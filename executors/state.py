@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def file_identity(path: str | Path) -> dict:
         st = p.stat()
     except OSError:
         return {"path": str(p), "missing": True}
-    if p.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         return {"path": str(p), "dir": True}
     ident = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if st.st_size <= HASH_LIMIT:
@@ -177,10 +178,6 @@ class StateFile:
         self.steps[step_id] = record
         self.save()
 
-    def update(self, step_id: str, **fields) -> None:
-        self.steps.setdefault(step_id, {}).update(fields)
-        self.save()
-
     def save(self) -> None:
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_atomic(self.path, json.dumps(self.data, indent=1, ensure_ascii=False))
@@ -211,6 +208,5 @@ class StateFile:
                 return f"output missing: {old['path']}"
             if not same_identity(old, cur):
                 return f"output changed: {old['path']}"
-        if missing_outputs(step):
-            return f"output missing: {missing_outputs(step)[0]}"
-        return None
+        missing = missing_outputs(step)
+        return f"output missing: {missing[0]}" if missing else None
