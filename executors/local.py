@@ -76,7 +76,10 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
                 problems.append(Problem(f"environment variable {key} may not be set by a pipeline", path=where + ".env",
                                         file=plan.source, fix="set it in your own shell if you really need it"))
     if config.allowed_output_roots:
-        paths = [(f.path, "files") for f in plan.files]
+        # Run records go to the workdir and the state file beside the pipeline: a shared document
+        # (a ComfyUI workflow names its own base folder) must not put them elsewhere either.
+        paths = [(plan.workdir, "workdir"), (str(state_path(plan)), "state file")]
+        paths += [(f.path, "files") for f in plan.files]
         paths += [(o.path, f"steps.{s.id}.outputs.{o.name}") for s in plan.steps for o in s.outputs]
         for path, where in paths:
             if not config.is_allowed_output(path):
@@ -365,11 +368,15 @@ class LocalExecutor:
     def _open_run_dir(self, plan: Plan) -> None:
         base = Path(plan.workdir) / "runs"
         stamp_ = time.strftime("%Y%m%d-%H%M%S")
+        base.mkdir(parents=True, exist_ok=True)
         run_dir, n = base / stamp_, 1
-        while run_dir.exists():
-            n += 1
-            run_dir = base / f"{stamp_}-{n}"
-        run_dir.mkdir(parents=True)
+        while True:  # mkdir, not exists(): two runs starting in the same second get different folders
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                run_dir = base / f"{stamp_}-{n}"
         self.run_dir = run_dir
         write_atomic(run_dir / "plan.json", plan.to_json())
         write_atomic(run_dir / "environment.json",

@@ -158,7 +158,11 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
                                      file=str(path), fix='allowed_output_roots = ["/data/loras"]')])
     cfg.allowed_output_roots = [Path(r).expanduser() for r in roots]
     if "cancel_grace_s" in data:
-        cfg.cancel_grace_s = float(data["cancel_grace_s"])
+        grace = data["cancel_grace_s"]
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+            raise PipelineError([Problem(f"expected seconds as a number, got {grace!r}", path="cancel_grace_s",
+                                         file=str(path), fix="cancel_grace_s = 5.0")])
+        cfg.cancel_grace_s = float(grace)
     return cfg
 
 

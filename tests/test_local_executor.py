@@ -229,6 +229,20 @@ def test_outputs_outside_the_allowed_roots_are_refused(double, tmp_path):
     assert LocalExecutor(cfg).run(plan).status == "succeeded"
 
 
+def test_run_records_outside_the_allowed_roots_are_refused(double, tmp_path):
+    # A shared document chooses its workdir (a ComfyUI workflow its base folder): the run
+    # records and the state file must stay inside the allowed roots as well.
+    plan = wan_plan(tmp_path / "p")
+    cfg = config_for(double.path)
+    cfg.allowed_output_roots = [tmp_path / "p"]
+    with pytest.raises(PipelineError, match="outside the allowed output folders") as err:
+        LocalExecutor(cfg).run(replace(plan, workdir=str(tmp_path / "records")))
+    assert "workdir" in str(err.value)
+    with pytest.raises(PipelineError, match="state file"):
+        LocalExecutor(cfg).run(replace(plan, source=str(tmp_path / "elsewhere" / "pipeline.toml")))
+    assert double.runs() == []
+
+
 def test_gpus_from_the_configuration_reach_the_step(double, tmp_path):
     cfg = config_for(double.path)
     cfg.gpus = "1"

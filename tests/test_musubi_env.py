@@ -122,3 +122,11 @@ def test_doctor_reports_versions_commit_and_missing_packages(tmp_path, env):
 def test_probe_of_a_python_that_cannot_start_is_a_message(tmp_path):
     assert "cannot start" in probe_python(tmp_path / "nope" / "python")["error"]
     assert venv_python(tmp_path) is None
+
+
+def test_a_grace_period_that_is_not_a_number_names_the_file(tmp_path, env):
+    Path(env["MUSUBI_PIPE_CONFIG"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(env["MUSUBI_PIPE_CONFIG"]).write_text('cancel_grace_s = "abc"\n')
+    with pytest.raises(PipelineError) as err:
+        load_config(env)
+    assert "cancel_grace_s" in str(err.value) and "config.toml" in str(err.value) and "cancel_grace_s = 5.0" in str(err.value)
