@@ -3,10 +3,18 @@ never sees half a file and a crash never leaves one."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
+
+__all__ = ["atomic_path", "tomllib", "write_atomic"]
 
 
 @contextmanager

@@ -123,7 +123,7 @@ def parse_options(text: str, what: str = "options") -> dict[str, Any]:
     text = (text or "").strip()
     if not text:
         return {}
-    import tomllib
+    from ..files import tomllib
 
     try:
         return tomllib.loads(text)

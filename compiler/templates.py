@@ -2,16 +2,12 @@
 model files it needs, its defaults. Data, so a new family is a new file, not new code."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ..files import tomllib
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "templates"
 

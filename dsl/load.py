@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import PipelineError, Problem
+from ..files import tomllib
 from .model import STAGE_KINDS, STAGE_MODELS, Pipeline
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10
-    import tomli as tomllib
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
+from musubi_pipe.files import tomllib
 from pathlib import Path
 
 import pytest

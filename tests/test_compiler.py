@@ -163,7 +163,7 @@ def test_changing_a_training_setting_changes_only_downstream_fingerprints(tmp_pa
 
 
 def test_yaml_and_toml_give_the_same_plan(tmp_path):
-    import tomllib
+    from musubi_pipe.files import tomllib
 
     import yaml
 
@@ -200,7 +200,7 @@ input = "/loras/モデル (v2).safetensors"
 
 
 def test_generated_files_hold_the_dataset_with_absolute_folders(tmp_path):
-    import tomllib
+    from musubi_pipe.files import tomllib
 
     plan = compile_file(ROOT / "pipelines/examples/wan21_t2v_1.3b_lora.toml")
     dataset = tomllib.loads(plan.files[0].content)

@@ -1,5 +1,5 @@
 """musubi's dataset schema: loading, checking and writing a dataset TOML without changing its meaning."""
-import tomllib
+from musubi_pipe.files import tomllib
 from pathlib import Path
 
 import pytest

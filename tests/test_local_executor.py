@@ -362,7 +362,7 @@ def _prepare_example(src: Path, tmp_path: Path) -> Path:
                 p.write_text("weights")
             elif p.suffix == ".png":
                 make_images(p.parent, names=(p.stem,))
-    import tomllib
+    from musubi_pipe.files import tomllib
 
     for gen in plan.files:
         if gen.path.endswith(".toml") and "[[datasets]]" in gen.content:

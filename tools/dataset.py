@@ -256,7 +256,7 @@ def load_config(source: Any) -> tuple[dict[str, Any], str, list[Problem]]:
             if path.suffix.lower() == ".json":
                 data = json.loads(text)
             else:
-                import tomllib
+                from ..files import tomllib
 
                 data = tomllib.loads(text)
         except (ValueError, json.JSONDecodeError) as exc:

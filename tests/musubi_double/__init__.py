@@ -89,6 +89,10 @@ def make_fake_checkout(root: Path, contract_dir: Path | None = None, venv: bool 
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / ".venv")],
                        check=True, capture_output=True)
         _install_accelerate(_venv_site(root / ".venv"))
+        # `--system-site-packages` shows the base interpreter's packages only; when the tests run
+        # in a venv (as in CI), the double needs that venv's numpy and safetensors too.
+        parents = [p for p in sys.path if p and Path(p).is_dir() and Path(p).name in ("site-packages", "dist-packages")]
+        (_venv_site(root / ".venv") / "_test_double_parent_site.pth").write_text("\n".join(parents) + "\n", encoding="utf-8")
     return root
 
 

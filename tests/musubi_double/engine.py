@@ -371,7 +371,10 @@ def _check_value(script: str, where: str, key: str, value) -> None:
 
 def load_dataset_config(script: str, path: str | None, logger: str) -> list[dict]:
     """Read and check the dataset TOML like musubi's ConfigSanitizer; returns resolved datasets."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     if path is None:
         traceback_exit(MAIN_FRAMES(script), "ValueError: dataset_config is required / dataset_configが必要です")
