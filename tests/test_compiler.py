@@ -20,6 +20,18 @@ EXAMPLES = sorted(p for p in (ROOT / "pipelines" / "examples").iterdir() if p.su
 CHECK_ARGV = ROOT.parent / "shared" / "musubi-cli" / "check_argv.py"
 
 
+def wan_13b(name: str) -> str:
+    """The head of a small Wan 2.1 T2V 1.3B pipeline with a dataset; tests add stages."""
+    return f"""name = "{name}"
+family = "wan"
+task = "t2v-1.3B"
+[models]
+dit = "/m/wan2.1_t2v_1.3B_bf16.safetensors"
+[dataset]
+datasets = [{{ video_directory = "/clips" }}]
+"""
+
+
 def compile_text(text: str, fmt: str = "toml", folder: Path | None = None) -> Plan:
     pipeline, source = parse_pipeline(text, file=str((folder or ROOT) / f"p.{fmt}"), fmt=fmt)
     return compile_pipeline(pipeline, source)
@@ -380,14 +392,7 @@ negative_prompt = "-blurry"
 
 
 def test_a_length_in_steps_replaces_the_templates_epochs():
-    plan = compile_text("""
-name = "steps"
-family = "wan"
-task = "t2v-1.3B"
-[models]
-dit = "/m/wan2.1_t2v_1.3B_bf16.safetensors"
-[dataset]
-datasets = [{ video_directory = "/clips" }]
+    plan = compile_text(wan_13b("steps") + """
 [stages.t]
 kind = "train"
 max_train_steps = 2000
@@ -417,14 +422,7 @@ to = "comfyui"
 
 
 def test_training_can_start_from_another_stages_lora(tmp_path):
-    plan = compile_text("""
-name = "chain"
-family = "wan"
-task = "t2v-1.3B"
-[models]
-dit = "/m/wan2.1_t2v_1.3B_bf16.safetensors"
-[dataset]
-datasets = [{ video_directory = "/clips" }]
+    plan = compile_text(wan_13b("chain") + """
 [stages.first]
 kind = "train"
 [stages.second]
