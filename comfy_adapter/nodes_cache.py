@@ -68,8 +68,7 @@ class TextEncoderCache(StageNode):
     def run(self, family, task, batch_size, fp8_text_encoder, unique_id=None, **kw):
         fields: dict = {}
         set_if(fields, "batch_size", batch_size)
-        if fp8_text_encoder:
-            fields["fp8_t5" if family == "wan" else "fp8_llm"] = True
+        set_if(fields, "fp8_text_encoder", fp8_text_encoder, False)
         return _cache(self, kw, family, task, fields, unique_id)
 
 

@@ -195,6 +195,9 @@ class _Compiler:
             if self.task_props.get(prop):
                 values.update(extra)
         values.update(stage.model_dump(exclude_none=True, exclude=set(LANGUAGE_FIELDS) - {"mixed_precision", "attention", "network_module"}))
+        for alias, option in tpl.aliases.items():
+            if alias in values:
+                values[option] = values.pop(alias)
         return values
 
     def options(self, name: str, stage, script: str, values: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ class StageTemplate:
     defaults: dict[str, Any] = field(default_factory=dict)
     task_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # family-neutral field -> this family's musubi option
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,8 @@ class CacheTextEncoderStage(_Stage):
     keep_cache: StrictBool | None = None
     fp8_llm: StrictBool | None = None
     fp8_t5: StrictBool | None = None
+    fp8_text_encoder: StrictBool | None = Field(
+        None, description="load the family's text encoder in fp8 (HunyuanVideo/FramePack: fp8_llm; Wan: fp8_t5)")
     text_encoder_dtype: StrictStr | None = None
 
 

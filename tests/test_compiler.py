@@ -434,3 +434,22 @@ logging_dir = "logs"
     assert second.needs == ["first"]
     assert second.args[second.args.index("--network_weights") + 1] == plan.step("first").output("lora").path
     assert second.args[second.args.index("--logging_dir") + 1] == str(tmp_path / "logs")
+
+
+def test_fp8_text_encoder_is_the_familys_own_option():
+    wan = compile_text(wan_13b("te").replace("[dataset]", 't5 = "/m/t5.pth"\n[dataset]')
+                       + '[stages.text]\nkind = "cache_text_encoder"\nfp8_text_encoder = true\n')
+    assert "--fp8_t5" in wan.step("text").args and "--fp8_llm" not in wan.step("text").args
+    hv = compile_text("""
+name = "te"
+family = "hunyuan_video"
+[models]
+text_encoder1 = "/m/llm.safetensors"
+text_encoder2 = "/m/clip.safetensors"
+[dataset]
+datasets = [{ image_directory = "/images" }]
+[stages.text]
+kind = "cache_text_encoder"
+fp8_text_encoder = true
+""")
+    assert "--fp8_llm" in hv.step("text").args
