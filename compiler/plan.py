@@ -16,14 +16,11 @@ LAUNCH_ACCELERATE = "accelerate"
 # loaded from its own folder, so this works where ComfyUI imported it from custom_nodes/ too.
 LAUNCH_TOOL = "musubi-pipe"
 TOOL_COMMANDS = (("lora", "merge"), ("dataset", "inspect"))
-_TOOL_BOOT = (
-    "import importlib.util, sys\n"
-    "root = sys.argv.pop(1)\n"
-    "spec = importlib.util.spec_from_file_location('musubi_pipe', root + '/__init__.py', submodule_search_locations=[root])\n"
-    "sys.modules['musubi_pipe'] = module = importlib.util.module_from_spec(spec)\n"
-    "spec.loader.exec_module(module)\n"
-    "from musubi_pipe.cli import main\n"
-    "main(args=sys.argv[1:], prog_name='musubi-pipe')\n"
+_TOOL_BOOT = (  # one line, so logs and commands.txt show it on one line
+    "import importlib.util, sys; root = sys.argv.pop(1); "
+    "spec = importlib.util.spec_from_file_location('musubi_pipe', root + '/__init__.py', submodule_search_locations=[root]); "
+    "module = importlib.util.module_from_spec(spec); sys.modules['musubi_pipe'] = module; spec.loader.exec_module(module); "
+    "from musubi_pipe.cli import main; main(args=sys.argv[1:], prog_name='musubi-pipe')"
 )
 
 

@@ -199,6 +199,8 @@ def classify(log_tail: str, returncode: int, step_kind: str, meta: dict | None =
     names without dashes, e.g. blocks_to_swap) and its family, so advice names what is not yet used."""
     meta = meta or {}
     text = log_tail.replace("\r\n", "\n").replace("\r", "\n")
+    # the executor's own header and footer lines in the log are not the step's output
+    text = "\n".join(line for line in text.split("\n") if not line.startswith("=== musubi-pipe"))
     rc = returncode
     child = _last(_EXIT_STATUS, text)  # accelerate re-raises the script's exit status
     child_rc = (int(child["rc"]) if child["rc"] else -int(child["sig"])) if child else None
@@ -279,6 +281,13 @@ def classify(log_tail: str, returncode: int, step_kind: str, meta: dict | None =
     if m:
         return Failure(f"a download or connection failed ({m.group().strip()})", "retry; if it keeps failing, check the "
                        "network or pre-download the files into the Hugging Face cache", "network", transient=True)
+    if step_kind == "check_dataset":
+        # `musubi-pipe dataset inspect` lists each problem as "    - <item>: <what>"
+        problems = [ln.strip()[2:] for ln in text.split("\n") if ln.startswith("    - ")]
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            return Failure(f"the dataset has problems: {problems[0]}{more}",
+                           "fix the captions or media listed in the log (or the dataset config), then run again", "dataset")
     line = _last_error_line(text)
     return Failure(f"exited with code {returncode}" + (f": {line}" if line else ""), "read the full log of this step", "unknown")
 

@@ -204,3 +204,21 @@ def test_classifies_what_the_musubi_test_double_prints(tmp_path_factory, kind, c
     r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, timeout=60)
     f = classify(r.stderr.decode(), r.returncode, "cache_latents", {"family": "wan"})
     assert r.returncode != 0 and f.category == category, (f, r.stderr.decode()[-500:])
+
+
+def test_a_failed_dataset_check_names_the_first_problem():
+    log = """=== musubi-pipe: check attempt 1: python -c '...' dataset inspect d.toml
+[0] video dataset /data/clips
+    4 found, 2 used, 2 without caption
+    - c1.mp4: no caption file c1.txt: musubi's caching stops with FileNotFoundError
+    - c3.mp4: cannot be opened as a video
+=== musubi-pipe: exit code 1
+"""
+    f = classify(log, 1, "check_dataset", {})
+    assert f.category == "dataset"
+    assert f.cause == "the dataset has problems: c1.mp4: no caption file c1.txt: musubi's caching stops with FileNotFoundError (+1 more)"
+
+
+def test_the_executors_own_log_lines_are_not_the_cause():
+    log = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: boom\n\n=== musubi-pipe: exit code 1\n"
+    assert classify(log, 1, "generate", {}).cause == "exited with code 1: RuntimeError: boom"
