@@ -18,6 +18,8 @@ KIND_NODES = {
     "ema": "MusubiTuner_PostHocEMA",
     "convert": "MusubiTuner_FormatConverter",
     "merge": "MusubiTuner_LoRAMerger",
+    "check_dataset": "MusubiTuner_DatasetCheck",
+    "lora_merge": "MusubiTuner_LoRAMergeStage",
 }
 FAMILY_NODES = {
     ("train", "hunyuan_video"): "MusubiTuner_HunyuanVideoTrainer", ("train", "wan"): "MusubiTuner_WanTrainer",

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (PIPELINE, NodeError, default_base, ensure_pipeline, family_choices, image_tensor, new_pipeline,
-                   one_line, parse_options, tip)
+from .base import (PIPELINE, NodeError, StageNode, build_stage, default_base, ensure_pipeline, family_choices, finish_stage,
+                   image_tensor, new_pipeline, one_line, parse_options, stage_inputs, step_files, tip)
 
 
 def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str | None:
@@ -142,6 +142,51 @@ class DatasetViewer:
         return {"ui": {"images": [_preview(sheet)], "text": [text]}, "result": (image_tensor(sheet), text)}
 
 
+class DatasetCheck(StageNode):
+    DESCRIPTION = ("Adds a dataset check to the pipeline and runs it: `musubi-pipe dataset inspect` writes a report "
+                   "(and optionally a contact sheet) and stops the run on dataset errors. Caching waits for it.")
+    CATEGORY = "MusubiTuner/Data"
+    RETURN_TYPES = (PIPELINE, "STRING")
+    RETURN_NAMES = ("pipeline", "report_path")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage: connect a cache node", "the JSON dataset report")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("check")
+        required["family"] = (family_choices(), {"default": "wan", "tooltip": "model family: decides frame rate and cache names"})
+        required["contact_sheet"] = tip("BOOLEAN", "also draw a contact sheet of the dataset, shown on this node", default=False)
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def run(self, family, contact_sheet, unique_id=None, **kw):
+        fields = {"contact_sheet": True} if contact_sheet else {}
+        pipe, name = build_stage(kw, "check_dataset", family, None, (), fields)
+        _, step, _ = finish_stage(pipe, name, unique_id)
+        reports = step_files(step, "report")
+        if not reports:
+            raise NodeError(f"{name}: {step.output('report').path} was not written; see the run log")
+        ui: dict = {"text": [reports[0]]}
+        sheets = step_files(step, "contact_sheet")
+        if sheets:
+            ui["images"] = [_preview_file(sheets[0])]
+        return {"ui": ui, "result": (pipe, reports[0])}
+
+
+def _preview_file(path: str) -> dict:
+    """A PNG made by a stage, copied to ComfyUI's temp folder (previews are served only from there); named by content."""
+    import hashlib
+
+    import folder_paths
+
+    from ..files import write_atomic
+
+    data = Path(path).read_bytes()
+    name = f"contact-sheet-{hashlib.sha256(data).hexdigest()[:16]}.png"
+    folder = Path(folder_paths.get_temp_directory()) / "musubi-pipe"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / name, data)
+    return {"filename": name, "subfolder": "musubi-pipe", "type": "temp"}
+
+
 def _preview(sheet) -> dict:
     """The sheet as a PNG in ComfyUI's temp folder, shown on the node; named by its content."""
     import hashlib
@@ -156,4 +201,5 @@ def _preview(sheet) -> dict:
 
 
 NODES = {"MusubiTuner_DatasetConfig": (DatasetConfig, "Dataset Config (musubi)"),
-         "MusubiTuner_DatasetViewer": (DatasetViewer, "Dataset Viewer (musubi)")}
+         "MusubiTuner_DatasetViewer": (DatasetViewer, "Dataset Viewer (musubi)"),
+         "MusubiTuner_DatasetCheck": (DatasetCheck, "Dataset Check (musubi)")}

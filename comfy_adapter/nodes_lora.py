@@ -169,6 +169,42 @@ class LoRAMerger(StageNode):
         return (pipe, _written(step, stage, "model"))
 
 
+class LoRAMergeStage(StageNode):
+    DESCRIPTION = ("Adds a weighted LoRA merge to the pipeline and runs it: several LoRAs (files or LoRAs trained "
+                   "earlier in the pipeline) into one LoRA, exact or re-factorised to a rank.")
+    CATEGORY = "MusubiTuner/LoRA"
+    RETURN_TYPES = (PIPELINE, LORA, "STRING")
+    RETURN_NAMES = ("pipeline", "lora", "lora_path")
+    OUTPUT_TOOLTIPS = ("the pipeline with this stage", "the merged LoRA", "the merged file")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional, hidden = stage_inputs("lora_merge", pipeline_required=False)
+        required["family"] = (family_choices(), {"default": "wan", "tooltip": "model family of the LoRAs"})
+        _lora_inputs(required, optional, count=3)
+        required["rank"] = tip("INT", "rank of the result (0 = exact: the ranks add up)", default=0, min=0, max=4096)
+        required["format"] = (["auto", "musubi", "comfyui"], {"default": "auto", "tooltip": "key layout of the result; auto: the first LoRA's"})
+        required["dtype"] = (["auto", "float32", "float16", "bfloat16"], {"default": "auto", "tooltip": "dtype of the result; auto: the tool's default"})
+        required["save_to"] = SAVE_TO
+        return {"required": required, "optional": optional, "hidden": hidden}
+
+    def run(self, family, rank, format, dtype, save_to, unique_id=None, **kw):
+        pipe = start_pipeline(kw, "comfyui-lora-merge")
+        loras = [{"path": path, "multiplier": float(strength)} for path, strength in _picked_loras(kw, pipe, kw.get("more"))]
+        if not loras and "loras" not in parse_options(kw.get("options", "")):
+            raise NodeError("nothing to merge: pick or connect at least two LoRAs")
+        fields: dict = {"loras": loras} if loras else {}
+        set_if(fields, "rank", rank)
+        set_if(fields, "format", format, "auto")
+        set_if(fields, "dtype", dtype, "auto")
+        if save_to == "loras folder":
+            name = (kw.get("stage_name") or "lora_merge").strip() or "lora_merge"
+            fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{pipe['document'].get('name', 'comfyui')}-{name}.safetensors")
+        pipe, stage = build_stage(kw, "lora_merge", family, None, (), fields)
+        _, step, _ = finish_stage(pipe, stage, unique_id)
+        return _lora_out(pipe, stage, step)
+
+
 class LoRAWeightedMerge:
     DESCRIPTION = ("Merges several LoRAs into one LoRA with a weight each (exact, or re-factorised to a rank), "
                    "saved in ComfyUI's loras folder.")
@@ -211,4 +247,5 @@ NODES = {
     "MusubiTuner_FormatConverter": (FormatConverter, "LoRA Format Converter (musubi)"),
     "MusubiTuner_LoRAMerger": (LoRAMerger, "LoRA Merger (musubi)"),
     "MusubiTuner_PostHocEMA": (PostHocEMA, "Post-hoc EMA (musubi)"),
+    "MusubiTuner_LoRAMergeStage": (LoRAMergeStage, "LoRA Merge Stage (musubi)"),
 }

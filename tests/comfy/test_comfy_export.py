@@ -158,14 +158,98 @@ def test_run_command_with_the_comfy_executor(comfy, clips, record, unique, test_
     assert refused.returncode == 2 and "apply to the local executor" in refused.stderr
 
 
-def test_export_names_a_stage_no_node_can_run(tmp_path):
+TOOL_STAGES = """
+[stages.check]
+kind = "check_dataset"
+contact_sheet = true
+
+[stages.merged]
+kind = "lora_merge"
+loras = [{ path = "a.safetensors", multiplier = 0.7 }, { path = "@train.lora", multiplier = 0.3 }]
+rank = 4
+"""
+
+
+def test_every_stage_kind_has_a_node_in_the_pack():
+    from musubi_pipe.comfy_adapter.export import FAMILY_NODES, KIND_NODES
+    from musubi_pipe.comfy_adapter.nodes import NODE_CLASS_MAPPINGS
+    from musubi_pipe.dsl.model import FAMILIES, STAGE_KINDS
+
+    for kind in STAGE_KINDS:
+        for family in FAMILIES:
+            node = KIND_NODES.get(kind) or FAMILY_NODES.get((kind, family))
+            assert node in NODE_CLASS_MAPPINGS, f"{kind} ({family}) has no node"
+
+
+def test_export_maps_the_tool_stages_to_their_nodes(tmp_path):
     from musubi_pipe.cli import main
+    from musubi_pipe.comfy_adapter.base import parse_options
 
     clips = tmp_path / "clips"
     clips.mkdir()
     path = write_pipeline(tmp_path / "p", "exp", clips)
+    path.write_text(path.read_text() + TOOL_STAGES)
+    result = CliRunner().invoke(main, ["export-comfy", str(path), "-o", str(tmp_path / "wf.json"), "--format", "api"])
+    assert result.exit_code == 0, result.output
+    api = json.loads((tmp_path / "wf.json").read_text())
+    by_stage = {node["inputs"].get("stage_name"): (k, node) for k, node in api.items()}
+    check_id, check = by_stage["check"]
+    assert check["class_type"] == "MusubiTuner_DatasetCheck" and check["inputs"]["pipeline"] == ["1", 0]
+    assert parse_options(check["inputs"]["options"]) == {"contact_sheet": True}
+    # caching waits for the check, so the cache nodes extend the check's pipeline
+    assert by_stage["cache_latents"][1]["inputs"]["pipeline"] == [check_id, 0]
+    merge_id, merge = by_stage["merged"]
+    assert merge["class_type"] == "MusubiTuner_LoRAMergeStage"
+    assert merge["inputs"]["pipeline"] == [by_stage["train"][0], 0]
+    assert parse_options(merge["inputs"]["options"]) == {
+        "loras": [{"path": "a.safetensors", "multiplier": 0.7}, {"path": "@train.lora", "multiplier": 0.3}], "rank": 4}
+
+
+def test_exported_tool_stages_run_in_comfyui(comfy, comfy_dir, clips, record, unique, test_root):
+    import numpy as np
+    from test_lora_tools import deltas, make_lora
+
+    from musubi_pipe.compiler.build import compile_file
+    from musubi_pipe.comfy_adapter.export import export_workflow
+
+    folder = test_root / "work" / unique
+    path = write_pipeline(folder, unique, clips)
+    a = make_lora(folder / "a.safetensors", rank=4, seed=1)
+    b = make_lora(folder / "b.safetensors", rank=4, seed=2)
+    path.write_text(path.read_text() + TOOL_STAGES.replace("@train.lora", "b.safetensors").replace("rank = 4\n", ""))
+    plan = compile_file(path)
+    outcome = comfy.run(export_workflow(path, "api"), timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    report = json.loads(Path(plan.step("check").output("report").path).read_text())
+    assert sum(len(d["items"]) for d in report["datasets"]) == 3
+    sheet = Path(plan.step("check").output("contact_sheet").path)
+    assert sheet.stat().st_size > 1000
+    preview = outcome.outputs("2")["images"][0]  # the sheet shown on the check node
+    assert (comfy_dir / "temp" / preview["subfolder"] / preview["filename"]).read_bytes() == sheet.read_bytes()
+    merged, da, db = deltas(plan.step("merged").output("lora").path), deltas(a), deltas(b)
+    assert set(merged) == set(da)
+    for key in da:  # an exact merge: the weighted sum of the two LoRAs' weight changes
+        np.testing.assert_allclose(merged[key], 0.7 * da[key] + 0.3 * db[key], rtol=1e-4, atol=1e-6)
+    # musubi ran exactly the plan's musubi steps; the tool stages ran musubi-pipe, not musubi
+    ran = sorted((json.loads(line)["script"] + ".py", json.loads(line)["argv"]) for line in record.read_text().splitlines())
+    expected = sorted((step.script, step.args) for step in plan.steps if step.kind not in ("check_dataset", "lora_merge"))
+    assert ran == expected
+
+
+def test_a_broken_dataset_fails_the_check_node_before_caching(comfy, clips, record, unique, test_root):
+    import shutil
+
+    from musubi_pipe.comfy_adapter.export import export_workflow
+
+    bad = test_root / "work" / (unique + "-clips")
+    shutil.copytree(clips, bad)
+    (bad / "clip0.txt").unlink()
+    (bad / "clip1.mp4").write_bytes(b"not a video")
+    path = write_pipeline(test_root / "work" / unique, unique, bad)
     path.write_text(path.read_text() + '\n[stages.check]\nkind = "check_dataset"\n')
-    result = CliRunner().invoke(main, ["export-comfy", str(path), "-o", str(tmp_path / "wf.json")])
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # a message, not a traceback
-    assert "stages.check: a check_dataset stage has no node" in result.output
-    assert not (tmp_path / "wf.json").exists()
+    outcome = comfy.run(export_workflow(path, "api"), timeout=240)
+    assert outcome.ended == "execution_error"
+    error = outcome.error()
+    assert error["node_id"] == "2" and error["exception_type"].endswith("NodeError")  # the check node, one line
+    assert error["exception_message"].startswith("check:"), error["exception_message"]
+    assert record.read_text() == ""  # musubi never started
