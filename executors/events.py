@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 # Event kinds
 PLAN = "plan"  # a run starts: data = {"steps": [...ids...], "skipped": [...]}
-STEP_START = "step_start"  # data = {"argv": [...], "log": path}
+STEP_START = "step_start"  # data = {"argv": [...], "log": path, "kind": ..., "output_dir": training's output folder or ""}
 STEP_SKIPPED = "step_skipped"  # data = {"reason": "..."}
 PROGRESS = "progress"  # phase/current/total/epoch/loss/it_s/eta_s
 LOG = "log"  # one line of the child's output: data = {"stream": "stdout"|"stderr", "text": ...}

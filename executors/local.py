@@ -496,7 +496,8 @@ class LocalExecutor:
             log.write(header.encode("utf-8"))
             log.flush()
             self._emit(ev.Event(ev.STEP_START, step=step.id, data={
-                "argv": argv, "log": str(log_path), "attempt": attempt, "changes": list(changes), "kind": step.kind}))
+                "argv": argv, "log": str(log_path), "attempt": attempt, "changes": list(changes), "kind": step.kind,
+                "output_dir": (step.meta or {}).get("output_dir", "")}))
             popen_kw: dict = {}
             if os.name == "nt":
                 popen_kw["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP

@@ -88,7 +88,7 @@ def test_monitor_reads_run_folder_events_tensorboard_and_samples(tmp_path):
     run.mkdir()
     out_dir = tmp_path / "out"
     events = [
-        Event("step_start", step="train", time=100.0, data={"argv": ["python", "x.py", "--output_dir", str(out_dir)]}),
+        Event("step_start", step="train", time=100.0, data={"argv": ["python", "x.py", "--output_dir", str(out_dir)], "output_dir": str(out_dir)}),
         Event("progress", step="train", time=101.0, phase="training", current=10, total=100, epoch=1, epochs=4, loss=0.3, rate=2.0),
     ]
     (run / "events.jsonl").write_text("".join(json.dumps(e.to_dict()) + "\n" for e in events), encoding="utf-8")

@@ -465,9 +465,9 @@ class TrainingMonitor:
                     st.outputs.append(p)
                     self._sample_dirs.add(Path(p).parent / "sample")
             elif kind == "step_start":
-                argv = (e.get("data") or {}).get("argv") or []
-                if "--output_dir" in argv[:-1]:
-                    self._sample_dirs.add(Path(argv[argv.index("--output_dir") + 1]) / "sample")
+                out_dir = (e.get("data") or {}).get("output_dir")
+                if out_dir:  # musubi saves training samples in <output_dir>/sample
+                    self._sample_dirs.add(Path(out_dir) / "sample")
             elif kind == "run_end":
                 st.finished = (e.get("data") or {}).get("status", "ended")
 
