@@ -251,14 +251,19 @@ def test_pipeline_file_with_embedded_dataset(tmp_path):
     make_image(tmp_path / "i" / "a.png")
     (tmp_path / "i" / "a.txt").write_text("a", encoding="utf-8")
     toml = write_toml(tmp_path / "pipe.toml", """
-[stages.data]
-kind = "dataset"
-[stages.data.general]
+name = "p"
+family = "wan"
+task = "t2v-1.3B"
+[vars]
+images = "i"
+[dataset.general]
 caption_extension = ".txt"
-[[stages.data.datasets]]
-image_directory = "i"
+[[dataset.datasets]]
+image_directory = "{{ images }}"
 """)
-    assert D.inspect_dataset(toml).datasets[0].summary()["used"] == 1
+    # read by the pipeline language: {{ vars }} are interpolated, folders are from the pipeline's
+    report = D.inspect_dataset(toml)
+    assert report.datasets[0].summary()["used"] == 1
 
 
 def test_contact_sheet_draws_flags_and_saves(image_set, tmp_path):

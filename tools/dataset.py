@@ -251,6 +251,8 @@ def load_config(source: Any) -> tuple[dict[str, Any], str, list[Problem]]:
         if not path.is_file():
             raise PipelineError([Problem("dataset config file not found", file=str(path), fix="check the path")])
         file, base = str(path), path.resolve().parent
+        if _is_pipeline(path):
+            return _pipeline_dataset(path)
         text = path.read_text(encoding="utf-8")
         try:
             if path.suffix.lower() == ".json":
@@ -261,8 +263,7 @@ def load_config(source: Any) -> tuple[dict[str, Any], str, list[Problem]]:
                 data = tomllib.loads(text)
         except (ValueError, json.JSONDecodeError) as exc:
             raise PipelineError([Problem(f"cannot parse: {exc}", file=file, fix="fix the syntax")]) from None
-        data = _find_dataset_table(data)
-        if data is None:
+        if not isinstance(data, dict) or not isinstance(data.get("datasets"), list):
             raise PipelineError([Problem("no [[datasets]] found (neither a musubi dataset config nor a pipeline with one)",
                                          file=file, fix="give a dataset TOML with [[datasets]] tables")])
     elif isinstance(source, DatasetConfig):
@@ -285,30 +286,44 @@ def load_config(source: Any) -> tuple[dict[str, Any], str, list[Problem]]:
     return config.with_paths_resolved(base).to_musubi_dict(), file, problems
 
 
+def _is_pipeline(path: Path) -> bool:
+    """A musubi-pipe pipeline document (rather than a musubi dataset config)."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return True
+    if path.suffix.lower() == ".json":
+        return False
+    from ..files import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return False  # reported as a dataset config's syntax error
+    return "datasets" not in data and ("stages" in data or "family" in data or "dataset" in data)
+
+
+def _pipeline_dataset(path: Path) -> tuple[dict[str, Any], str, list[Problem]]:
+    """The dataset of a pipeline file, read by the pipeline language itself ({{ vars }} and all)."""
+    from ..dsl.dataset import DatasetConfig
+    from ..dsl.load import load_pipeline
+
+    pipeline, source = load_pipeline(path)
+    if pipeline.dataset is None:
+        raise PipelineError([Problem("the pipeline has no dataset", path="dataset", file=str(path),
+                                     fix="add a [dataset] table or dataset = \"path/to/dataset.toml\"")])
+    if isinstance(pipeline.dataset, str):
+        target = Path(pipeline.dataset)
+        return load_config(target if target.is_absolute() else source.folder / target)
+    config: DatasetConfig = pipeline.dataset
+    problems = [Problem(msg.removeprefix("warning: "), path=f"dataset.{where}", file=str(path), fix=fix,
+                        severity="warning" if msg.startswith("warning:") else "error")
+                for where, msg, fix in config.problems()]
+    return config.with_paths_resolved(source.folder).to_musubi_dict(), str(path), problems
+
+
 def _fix_for(error: dict) -> str:
     if error.get("type") == "extra_forbidden":
         return "remove this key: musubi rejects unknown keys (cache_directory belongs in a [[datasets]] table)"
     return ""
-
-
-def _find_dataset_table(data: Any) -> dict | None:
-    """The musubi dataset config inside a pipeline document (any table holding a `datasets` list)."""
-    if isinstance(data, dict):
-        if isinstance(data.get("datasets"), list):
-            return data
-        for value in data.values():
-            if isinstance(value, dict) and isinstance(value.get("datasets"), list):
-                # a dataset stage of a pipeline: its other keys (kind, name...) are the pipeline's
-                return {k: value[k] for k in ("general", "datasets") if k in value}
-            found = _find_dataset_table(value)
-            if found is not None:
-                return found
-    elif isinstance(data, list):
-        for value in data:
-            found = _find_dataset_table(value)
-            if found is not None:
-                return found
-    return None
 
 
 # ---- inspection ----------------------------------------------------------------------------
