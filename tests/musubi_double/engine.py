@@ -490,14 +490,20 @@ def dataset_summary(logger: str, datasets: list[dict], counts: list[int]) -> Non
 
 # ---------------------------------------------------------------- scripts
 
-def cache_latents(script: str, arch: str, args, fail: str | None) -> None:
-    logger = "__main__"
+def read_dataset(script: str, args, logger: str, fail: str | None) -> tuple[list[dict], list[list]]:
+    """What both caching scripts do first: load and check the dataset config, find the media, print the summary."""
     if fail == "dataset_schema":
         log(logger, f"Load dataset config from {args.dataset_config}")
         raise_injected(fail, script, args)
     datasets = load_dataset_config(script, args.dataset_config, logger)
     all_items = [media_items(ds) for ds in datasets]
     dataset_summary("musubi_tuner.dataset.config_utils", datasets, [len(x) for x in all_items])
+    return datasets, all_items
+
+
+def cache_latents(script: str, arch: str, args, fail: str | None) -> None:
+    logger = "__main__"
+    datasets, all_items = read_dataset(script, args, logger, fail)
     if getattr(args, "vae", None) is None:
         traceback_exit(MAIN_FRAMES(script), "AssertionError: vae checkpoint is required")
     require_file(script, args.vae, "vae")
@@ -546,12 +552,7 @@ def cache_text_encoder(script: str, arch: str, args, fail: str | None) -> None:
     import numpy as np
 
     logger = "__main__"
-    if fail == "dataset_schema":
-        log(logger, f"Load dataset config from {args.dataset_config}")
-        raise_injected(fail, script, args)
-    datasets = load_dataset_config(script, args.dataset_config, logger)
-    all_items = [media_items(ds) for ds in datasets]
-    dataset_summary("musubi_tuner.dataset.config_utils", datasets, [len(x) for x in all_items])
+    datasets, all_items = read_dataset(script, args, logger, fail)
     for flag in ("t5", "text_encoder1", "text_encoder2", "text_encoder"):
         if flag in vars(args):
             require_file(script, getattr(args, flag), flag)
