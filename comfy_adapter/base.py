@@ -58,7 +58,7 @@ def family_choices() -> list[str]:
 
 def task_choices(family: str) -> list[str]:
     """The family template's tasks for a task picker, its default first ([] for a family without tasks)."""
-    from ..compiler.templates import family_template
+    from ..pipelines.registry import family as family_template
 
     tpl = family_template(family)
     if tpl.default_task is None:

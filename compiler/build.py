@@ -16,7 +16,8 @@ from ..errors import PipelineError, Problem
 from . import contract
 from .graph import Reference, build_graph
 from .plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, GeneratedFile, Input, Output, Plan, Step, fingerprint
-from .templates import FamilyTemplate, StageTemplate, family_template
+from ..pipelines import registry
+from ..pipelines.registry import Family, StageSpec
 
 # Fields of the language that are not musubi options of the same name: the compiler turns
 # them into flags (or files) itself.
@@ -24,11 +25,9 @@ LANGUAGE_FIELDS = {
     "kind", "needs", "extra_args", "description",
     "output_name", "output_dir", "dit", "expert", "attention", "network_module", "mixed_precision",
     "sample_prompts", "num_processes", "num_machines", "latents", "text_encoder_cache",
-    "prompt", "section_prompts", "prompts", "loras", "save_path",
+    "prompt", "section_prompts", "section_images", "prompts", "loras", "loras_high_noise", "save_path",
     "checkpoints", "output", "input", "to", "gpu_memory_gib", "rank", "format", "dtype", "contact_sheet",
 }
-LYCORIS_MODULES = ("networks.loha", "networks.lokr", "lycoris.kohya")
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 # Characters a shell would act on. We never use a shell, but a path with them in a shared
 # pipeline is a mistake or an attempt at injection when someone pastes the plan's commands.
 SHELL_META = re.compile(r"[;|&$`<>\n\r\x00]")
@@ -52,9 +51,9 @@ class _Compiler:
         self.p = pipeline
         self.src = source
         self.problems: list[Problem] = []
-        self.tpl: FamilyTemplate = family_template(pipeline.family)
-        self.task = pipeline.task or self.tpl.default_task
-        self.task_props = self.tpl.task_props(self.task)
+        self.fam: Family = registry.family(pipeline.family)
+        self.task = pipeline.task or self.fam.default_task
+        self.task_props = self.fam.task(self.task) if self.task in self.fam.tasks or not self.fam.tasks else self.fam.model
         self.base = source.folder
         self.workdir = self.path(pipeline.workdir) if pipeline.workdir else str(self.base / "musubi-out" / pipeline.name)
         self.files: list[GeneratedFile] = []
@@ -62,6 +61,7 @@ class _Compiler:
         self.dataset: DatasetConfig | None = None
         self.reported = 0  # problems known before the current stage was built
         self.dataset_file = ""
+        self.train_stages = sum(1 for s in pipeline.stages.values() if s.kind == "train")
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -100,13 +100,13 @@ class _Compiler:
         order = list(nx.lexicographical_topological_sort(graph, key=written.__getitem__))
         for name in order:
             stage = self.p.stages[name]
-            if stage.kind not in self.tpl.stages:
-                self.error(("stages", name, "kind"), f"{self.tpl.title} has no {stage.kind} stage", "remove the stage")
+            if stage.kind not in self.fam.stages:
+                self.error(("stages", name, "kind"), f"{self.fam.title} has no {stage.kind} stage", "remove the stage")
                 continue
             build = getattr(self, f"build_{stage.kind}")
             self.reported = len(self.problems)
             try:
-                step = build(name, stage, self.tpl.stages[stage.kind], {r.field: r for r in refs[name]})
+                step = build(name, stage, self.fam.stages[stage.kind], {r.field: r for r in refs[name]})
             except _Skip:
                 continue
             step = self.finish(name, stage, step, sorted(graph.predecessors(name), key=order.index))
@@ -125,10 +125,10 @@ class _Compiler:
         )
 
     def check_task(self) -> None:
-        if self.tpl.tasks and self.task not in self.tpl.tasks:
-            self.error(("task",), f"{self.p.task!r} is not a {self.tpl.title} task", f"use one of: {', '.join(self.tpl.tasks)}")
-        elif not self.tpl.tasks and self.p.task is not None:
-            self.error(("task",), f"{self.tpl.title} has no tasks", "remove task")
+        if self.fam.tasks and self.task not in self.fam.tasks:
+            self.error(("task",), f"{self.p.task!r} is not a {self.fam.title} task", f"use one of: {', '.join(self.fam.tasks)}")
+        elif not self.fam.tasks and self.p.task is not None:
+            self.error(("task",), f"{self.fam.title} has no tasks", "remove task")
 
     def check_paths(self) -> None:
         for slot, value in self.p.models.model_dump(exclude_none=True).items():
@@ -138,8 +138,11 @@ class _Compiler:
         for name, stage in self.p.stages.items():
             for field in PATH_FIELDS & set(type(stage).model_fields):
                 self.check_path(("stages", name, field), getattr(stage, field))
-            for i, lora in enumerate(getattr(stage, "loras", None) or []):
-                self.check_path(("stages", name, "loras", i, "path"), lora.path)
+            for field in ("loras", "loras_high_noise"):
+                for i, lora in enumerate(getattr(stage, field, None) or []):
+                    self.check_path(("stages", name, field, i, "path"), lora.path)
+            for key, value in (getattr(stage, "section_images", None) or {}).items():
+                self.check_path(("stages", name, "section_images", key), value)
 
     def load_dataset(self) -> None:
         data = self.p.dataset
@@ -187,7 +190,7 @@ class _Compiler:
 
     # --- option handling -------------------------------------------------------------------
 
-    def settings(self, stage, tpl: StageTemplate) -> dict[str, Any]:
+    def settings(self, stage, tpl: StageSpec) -> dict[str, Any]:
         """Template defaults, then task defaults, then the stage's own (already merged with the
         pipeline's [defaults]) values."""
         values = dict(tpl.defaults)
@@ -200,6 +203,13 @@ class _Compiler:
                 values[option] = values.pop(alias)
         return values
 
+    def arg(self, script: str, role: str, value) -> list[str]:
+        """argv words for a value the compiler fills, under the option the registry names for its role."""
+        return contract.render(script, self.fam.flag(role), value)
+
+    def has(self, script: str, role: str) -> bool:
+        return self.fam.flag(role) in contract.options(script)
+
     def options(self, name: str, stage, script: str, values: dict[str, Any]) -> list[str]:
         known = contract.options(script)
         args: list[str] = []
@@ -209,7 +219,7 @@ class _Compiler:
             if key not in known:
                 fields_set = stage.model_fields_set
                 where = ("stages", name, key) if key in fields_set else ("stages", name)
-                self.error(where, f"{key} is not an option of {script} ({self.tpl.title})", f"remove {key}; musubi-tuner {contract.CONTRACT} does not accept it for this family")
+                self.error(where, f"{key} is not an option of {script} ({self.fam.title})", f"remove {key}; musubi-tuner {contract.CONTRACT} does not accept it for this family")
                 continue
             if key in PATH_FIELDS and isinstance(value, str):
                 value = self.path(value)
@@ -234,7 +244,7 @@ class _Compiler:
             args += contract.render(script, dest, value)
         return args
 
-    def models(self, name: str, stage, tpl: StageTemplate, script: str, sampling: bool = False, skip: tuple = ()) -> list[str]:
+    def models(self, name: str, stage, tpl: StageSpec, script: str, sampling: bool = False, skip: tuple = ()) -> list[str]:
         args: list[str] = []
         for slot, mode in tpl.models.items():
             if slot in skip:
@@ -293,20 +303,26 @@ class _Compiler:
     # --- stage builders ---------------------------------------------------------------------
 
     def build_cache_latents(self, name, stage, tpl, refs) -> Step:
-        return self.cache_step(name, stage, tpl, "latent_cache", f"*_{self.tpl.cache_arch}.safetensors")
+        return self.cache_step(name, stage, tpl, "latent_cache", f"*_{self.fam.short}.safetensors")
 
     def build_cache_text_encoder(self, name, stage, tpl, refs) -> Step:
-        return self.cache_step(name, stage, tpl, "text_encoder_cache", f"*_{self.tpl.cache_arch}_te.safetensors")
+        return self.cache_step(name, stage, tpl, "text_encoder_cache", f"*_{self.fam.short}_te.safetensors")
 
     def cache_step(self, name, stage, tpl, artifact: str, pattern: str) -> Step:
         """A caching step: reads the dataset and its media, writes `pattern` files into each cache folder."""
         dataset = self.need_dataset(name)
-        args = ["--dataset_config", dataset] + self.models(name, stage, tpl, tpl.script)
-        args += self.options(name, stage, tpl.script, self.settings(stage, tpl))
+        values = self.settings(stage, tpl)
+        changing = [o for o in self.fam.rule("cache_content_options", []) if values.get(o)]
+        if changing and "skip_existing" not in stage.model_fields_set:
+            # These change what a cache file holds under the same name: musubi's docs re-cache
+            # without --skip_existing (docs/framepack_1f.md).
+            values.pop("skip_existing", None)
+        args = self.arg(tpl.script, "dataset_config", dataset) + self.models(name, stage, tpl, tpl.script)
+        args += self.options(name, stage, tpl.script, values)
         assert self.dataset is not None
         outputs = [Output(artifact, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
         return Step(name, stage.kind, self.p.family, tpl.script, args, inputs=self.media_inputs(dataset), outputs=outputs,
-                    meta={"cache_arch": self.tpl.cache_arch})
+                    meta={"cache_arch": self.fam.short})
 
     def media_inputs(self, dataset_file: str) -> list[Input]:
         """The dataset config and its media: adding a clip or editing a caption re-runs caching."""
@@ -326,25 +342,26 @@ class _Compiler:
         script = tpl.script
         sampling = stage.sample_prompts is not None
         args: list[str] = []
-        if "task" in contract.options(script):
-            args += ["--task", self.task]
-        dit = self.train_dit(name, stage, tpl, values)
+        if self.has(script, "task"):
+            args += self.arg(script, "task", self.task)
+        dit, dit_from = self.train_dit(name, stage, tpl, values, refs)
         if dit:
-            args += ["--dit", dit]
-        args += ["--dataset_config", dataset]
+            args += self.arg(script, "dit", dit)
+        args += self.arg(script, "dataset_config", dataset)
         args += self.models(name, stage, tpl, script, sampling=sampling, skip=("dit",))
         # Exactly one attention flag; musubi's training refuses sage attention.
         attention = values.pop("attention", "sdpa")
-        if attention == "sage_attn":
-            self.error(where + ("attention",), "musubi's training scripts reject sage_attn (it is for inference)", "use sdpa, flash_attn, flash3 or xformers")
+        if attention not in self.fam.training["attention"]:
+            self.error(where + ("attention",), f"musubi's training scripts reject {attention} (it is for inference)", f"use {', '.join(self.fam.training['attention'])}")
         else:
             args += contract.render(script, attention, True)
-        module = values.pop("network_module", None) or self.tpl.network_module
-        if module != self.tpl.network_module and module not in LYCORIS_MODULES:
-            self.error(where + ("network_module",), f"{module} is not the {self.tpl.title} LoRA module (musubi fails with 'No LoRA modules found')", f"use {self.tpl.network_module} (or networks.loha / networks.lokr), or leave it unset")
-        args += ["--network_module", module]
+        module = values.pop("network_module", None) or self.fam.network_module
+        lycoris = self.fam.training["lycoris_modules"]
+        if module != self.fam.network_module and module not in lycoris:
+            self.error(where + ("network_module",), f"{module} is not the {self.fam.title} LoRA module (musubi fails with 'No LoRA modules found')", f"use {self.fam.network_module} (or {' / '.join(lycoris[:2])}), or leave it unset")
+        args += self.arg(script, "network_module", module)
         mixed = self.mixed_precision(name, stage, values.pop("mixed_precision", None))
-        args += ["--mixed_precision", mixed]
+        args += self.arg(script, "mixed_precision", mixed)
         if stage.network_weights is not None:
             values["network_weights"] = self.value_or_ref(refs, where + ("network_weights",), stage.network_weights)[0]
         memory_why = self.plan_memory(name, stage, values) if stage.gpu_memory_gib is not None else {}
@@ -352,19 +369,13 @@ class _Compiler:
         self.check_train_rules(name, stage, values)
         args += self.options(name, stage, script, values)
         output_dir = self.path(stage.output_dir) if stage.output_dir else str(Path(self.workdir) / name)
-        trains = [n for n, s in self.p.stages.items() if s.kind == "train"]
-        output_name = stage.output_name or (self.p.name if len(trains) == 1 else f"{self.p.name}-{name}")
+        output_name = stage.output_name or (self.p.name if self.train_stages == 1 else f"{self.p.name}-{name}")
         if stage.output_name and (SHELL_META.search(output_name) or "/" in output_name or "\\" in output_name):
             self.error(where + ("output_name",), f"output_name {output_name!r} must be a plain file name", "use letters, digits, '-', '_' and '.'")
         if sampling:
-            args += ["--sample_prompts", self.prompt_file(name, stage.sample_prompts, "sample")]
-        args += ["--output_dir", output_dir, "--output_name", output_name]
-        processes = stage.num_processes or 1
-        launch = ["--num_cpu_threads_per_process", "1", "--num_processes", str(processes), "--mixed_precision", mixed]
-        if processes > 1:
-            launch.insert(0, "--multi_gpu")
-        if stage.num_machines and stage.num_machines > 1:
-            launch += ["--num_machines", str(stage.num_machines)]
+            args += self.arg(script, "sample_prompts", self.prompt_file(name, stage.sample_prompts, "sample"))
+        args += self.arg(script, "output_dir", output_dir) + self.arg(script, "output_name", output_name)
+        launch = launch_args(stage.num_processes or 1, mixed, stage.num_machines or 1)
         checkpoints = self.checkpoint_names(values, output_dir, output_name)
         save_state = bool(values.get("save_state") or values.get("save_state_on_train_end"))
         outputs = [
@@ -373,47 +384,53 @@ class _Compiler:
         ]
         if save_state:
             outputs.append(Output("state", "dir", str(Path(output_dir) / f"{output_name}-state"), required=False))
-        inputs = [Input("dit", dit or ""), Input("dataset_config", dataset)]
+        inputs = [Input("dit", dit or "", dit_from), Input("dataset_config", dataset)]
         inputs += [Input(r.artifact, "", r.stage) for r in refs.values()]
         meta = {
             "output_dir": output_dir, "output_name": output_name, "save_state": save_state,
             "checkpoints": checkpoints, "mixed_precision": mixed, "task": self.task, "family": self.p.family,
-            "cache_arch": self.tpl.cache_arch,
+            "cache_arch": self.fam.short,
         }
         if memory_why:
             meta["memory_plan"] = memory_why
-        for key in ("max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_every_n_steps", "gradient_checkpointing",
-                    "fp8_base", "fp8_scaled", "blocks_to_swap", "split_attn", "gradient_accumulation_steps"):
+        for key in self.fam.training["meta"]:
             if key in values:
                 meta[key] = values[key]
         return Step(name, stage.kind, self.p.family, script, args, launcher=LAUNCH_ACCELERATE, launch_args=launch,
                     inputs=inputs, outputs=outputs, meta=meta)
 
-    def train_dit(self, name, stage, tpl: StageTemplate, values: dict) -> str | None:
+    def train_dit(self, name, stage, tpl: StageSpec, values: dict, refs: dict) -> tuple[str | None, str]:
+        """(the DiT this training runs on, the stage that makes it or "")."""
         where = ("stages", name)
-        if self.task_props.get("a14b"):
+        if stage.dit:
+            path, producer = self.value_or_ref(refs, where + ("dit",), stage.dit)
+        if self.task_props.get("experts"):
             if stage.expert is None:
-                self.error(where + ("expert",), f"Wan 2.2 {self.task} trains one expert per run", "set expert = \"high\" or \"low\" (one train stage each)")
-                return None
-            expert = tpl.experts[stage.expert]
-            for key in ("min_timestep", "max_timestep"):
-                values.setdefault(key, expert[key])
-            values.setdefault("preserve_distribution_shape", True)
-            slot = expert["model"]
+                self.error(where + ("expert",), f"{self.fam.title} {self.task} trains one expert per run", "set expert = \"high\" or \"low\" (one train stage each)")
+                return None, ""
+            low_high = self.task_props.expert_timesteps[stage.expert]
+            for key, value in zip(self.fam.experts["timestep_options"], low_high):
+                values.setdefault(key, value)
+            for key, value in tpl.expert_defaults.items():
+                values.setdefault(key, value)
             if stage.dit:
-                return self.path(stage.dit)
+                return path, producer
+            slot = self.fam.experts["slots"][stage.expert]
             if getattr(self.p.models, slot) is None:
                 self.error(("models", slot), f"models.{slot} is required to train the {stage.expert}-noise expert", f"set models.{slot}")
-                return None
-            return self.path(getattr(self.p.models, slot))
+                return None, ""
+            return self.path(getattr(self.p.models, slot)), ""
         if stage.expert is not None:
-            self.error(where + ("expert",), f"expert applies to Wan 2.2 A14B tasks, not {self.task or self.tpl.title}", "remove expert")
+            self.error(where + ("expert",), f"expert applies to two-expert tasks ({', '.join(self.expert_tasks()) or 'none here'}), not {self.task or self.fam.title}", "remove expert")
         if stage.dit:
-            return self.path(stage.dit)
+            return path, producer
         if self.p.models.dit is None:
             self.error(("models", "dit"), f"models.dit is required to train (stage {name!r})", "set models.dit to the DiT checkpoint")
-            return None
-        return self.path(self.p.models.dit)
+            return None, ""
+        return self.path(self.p.models.dit), ""
+
+    def expert_tasks(self) -> list[str]:
+        return [t for t, task in self.fam.tasks.items() if task.get("experts")]
 
     def plan_memory(self, name: str, stage, values: dict) -> dict[str, str]:
         """Fill the memory options the user did not set with the planner's fastest setting that
@@ -430,7 +447,7 @@ class _Compiler:
             for problem in exc.problems:
                 self.error(("stages", name, "gpu_memory_gib"), problem.message, problem.fix)
             return {}
-        chosen = {"gradient_checkpointing": False, "fp8_base": False, "fp8_scaled": False, "blocks_to_swap": 0, "split_attn": False}
+        chosen = dict(self.fam.training["memory_options"])  # what the planner decides, each at its "off" value
         chosen.update({k: v for k, v in plan.train.items() if k in chosen})
         for key, value in chosen.items():
             if key not in stage.model_fields_set:
@@ -447,8 +464,8 @@ class _Compiler:
         if dtype in ("bf16", "fp16") and requested not in ("no", dtype):
             message = f"mixed_precision {requested} does not match the DiT's {dtype} weights"
             fix = f"set mixed_precision = \"{dtype}\" (or models.dit_dtype if the file name misleads)"
-            if self.p.family == "wan":
-                self.error(("stages", name, "mixed_precision"), message + " (musubi asserts this for Wan)", fix)
+            if self.fam.rule("dit_dtype") == "assert":
+                self.error(("stages", name, "mixed_precision"), message + f" (musubi asserts this for {self.fam.title})", fix)
             else:
                 self.warn(("stages", name, "mixed_precision"), message, fix)
         return requested
@@ -469,7 +486,7 @@ class _Compiler:
         optimizer = str(values.get("optimizer_type", ""))
         if not optimizer:
             self.error(where + ("optimizer_type",), "optimizer_type is empty, and musubi's default for it crashes", "set optimizer_type = \"adamw8bit\" (or AdamW, AdaFactor, a dotted class path)")
-        elif optimizer.lower() not in OPTIMIZERS and "." not in optimizer:
+        elif optimizer.lower() not in self.fam.training["optimizers"] and "." not in optimizer:
             self.error(where + ("optimizer_type",), f"unknown optimizer {optimizer!r}", "use AdamW, AdamW8bit, AdaFactor, or a dotted class path such as prodigyopt.Prodigy")
         if values.get("fp8_scaled") and not values.get("fp8_base"):
             self.error(where + ("fp8_scaled",), "fp8_scaled requires fp8_base (musubi stops with 'fp8_scaled requires fp8_base')", "set fp8_base = true")
@@ -523,52 +540,87 @@ class _Compiler:
         self.files.append(GeneratedFile(path, text))
         return path
 
-    def lora_args(self, name, stage, refs, script) -> tuple[list[str], list[Input]]:
-        weights, multipliers, inputs = [], [], []
-        for i, lora in enumerate(stage.loras):
-            path, producer = self.value_or_ref(refs, ("stages", name, "loras", i, "path"), lora.path)
-            weights.append(path)
-            multipliers.append(float(lora.multiplier))
-            inputs.append(Input(f"lora{i}", path, producer))
-        if not weights:
-            return [], inputs
-        # Always one multiplier per LoRA: musubi silently uses 1.0 for a missing one.
-        return contract.render(script, "lora_weight", weights) + contract.render(script, "lora_multiplier", multipliers), inputs
+    def lora_args(self, name, stage, refs, script, tpl: StageSpec) -> tuple[list[str], list[Input]]:
+        """The LoRA flags of each LoRA field the stage's script has (Wan 2.2: one pair per expert)."""
+        args: list[str] = []
+        inputs: list[Input] = []
+        for field, (weights_flag, multipliers_flag) in tpl.loras.items():
+            loras = getattr(stage, field, None) or []
+            if loras and weights_flag not in contract.options(script):
+                self.error(("stages", name, field), f"{self.fam.title} {stage.kind} takes no {field}", "remove it")
+                continue
+            weights, multipliers = [], []
+            for i, lora in enumerate(loras):
+                path, producer = self.value_or_ref(refs, ("stages", name, field, i, "path"), lora.path)
+                weights.append(path)
+                multipliers.append(float(lora.multiplier))
+                inputs.append(Input(f"lora{i}" if field == "loras" else f"{field}{i}", path, producer))
+            if weights:
+                # Always one multiplier per LoRA: musubi silently uses 1.0 for a missing one.
+                args += contract.render(script, weights_flag, weights) + contract.render(script, multipliers_flag, multipliers)
+        return args, inputs
 
     def build_generate(self, name, stage, tpl, refs) -> Step:
         where = ("stages", name)
         script = tpl.script
         values = self.settings(stage, tpl)
+        chosen = stage.model_fields_set
         args: list[str] = []
-        if "task" in contract.options(script):
-            args += ["--task", self.task]
-        args += self.models(name, stage, tpl, script)
-        lora_args, inputs = self.lora_args(name, stage, refs, script)
+        if self.has(script, "task"):
+            args += self.arg(script, "task", self.task)
+        inputs: list[Input] = []
+        if stage.dit:  # a merged model or another DiT file instead of models.dit
+            dit, producer = self.value_or_ref(refs, where + ("dit",), stage.dit)
+            args += self.arg(script, "dit", dit)
+            inputs.append(Input("dit", dit, producer))
+        args += self.models(name, stage, tpl, script, skip=("dit",) if stage.dit else ())
+        lora_args, lora_inputs = self.lora_args(name, stage, refs, script, tpl)
         args += lora_args
+        inputs += lora_inputs
         save_path = self.path(stage.save_path) if stage.save_path else str(Path(self.workdir) / name)
         texts = [stage.prompt is not None, stage.prompts is not None, stage.section_prompts is not None]
         if sum(texts) != 1:
             self.error(where, "a generate stage needs exactly one of prompt, prompts or section_prompts", "set prompt = \"...\" (or prompts = [...] for a batch)")
         if stage.prompt is not None:
-            args += contract.render(script, "prompt", stage.prompt)
+            args += self.arg(script, "prompt", stage.prompt)
+        sections = self.fam.rule("section_prompts")
         if stage.section_prompts is not None:
-            if self.p.family != "framepack":
-                self.error(where + ("section_prompts",), "section prompts are a FramePack feature", "use prompt")
-            args += contract.render(script, "prompt", ";;;".join(f"{k}:{v}" for k, v in stage.section_prompts.items()))
-        if stage.prompts is not None:
-            if "from_file" not in contract.options(script):
-                self.error(where + ("prompts",), f"{script} has no batch mode (--from_file)", "make one generate stage per prompt")
+            if not sections:
+                self.error(where + ("section_prompts",), f"section prompts are not a {self.fam.title} feature", "use prompt")
+            args += self.arg(script, "prompt", _sections(stage.section_prompts))
+        if stage.section_images is not None:
+            if not sections:
+                self.error(where + ("section_images",), f"section start images are not a {self.fam.title} feature", "use image_path")
+            elif stage.image_path is not None and "0" in stage.section_images:
+                self.error(where + ("section_images",), "section 0's image is the start image, and image_path sets it too", "remove image_path or section_images['0']")
             else:
-                args += ["--from_file", self.prompt_file(name, stage.prompts, "batch", script)]
-        needs_image = self.p.family == "framepack" or self.task_props.get("i2v")
-        if needs_image and stage.image_path is None and stage.prompts is None:
-            self.error(where + ("image_path",), f"{self.tpl.title} {self.task or ''} generation starts from an image".replace("  ", " "), "set image_path (musubi would silently use a black image)" if self.p.family == "framepack" else "set image_path")
-        length = values.get("video_length")
-        if length is not None and (length - 1) % 4:
+                images = {k: self.path(v) for k, v in stage.section_images.items()}
+                if stage.image_path is not None:
+                    images = {"0": self.path(stage.image_path), **images}
+                values.pop(self.fam.flag("image"), None)
+                args += self.arg(script, "image", _sections(images))
+        if stage.prompts is not None:
+            if not self.has(script, "batch_file"):
+                self.error(where + ("prompts",), f"{script} has no batch mode (--{self.fam.flag('batch_file')})", "make one generate stage per prompt")
+            else:
+                args += self.arg(script, "batch_file", self.prompt_file(name, stage.prompts, "batch", script))
+        one_frame = values.get(self.fam.flag("one_frame_inference")) is not None
+        # Template defaults that do nothing in the mode the stage asks for are left out.
+        drops = (tpl.one_frame_drops if one_frame else ()) + (tpl.sections_drop if values.get(self.fam.flag("video_sections")) else ())
+        for option in drops:
+            if option not in chosen:
+                values.pop(option, None)
+        if self.task_props.get("start_image") and stage.image_path is None and not stage.section_images and stage.prompts is None:
+            black = self.fam.rule("silent_black_start")
+            self.error(where + ("image_path",), f"{self.fam.title} {self.task or ''} generation starts from an image".replace("  ", " "), "set image_path (musubi would silently use a black image)" if black else "set image_path")
+        if self.task_props.get("control") and values.get(self.fam.flag("control_video")) is None and stage.prompts is None:
+            self.error(where + (self.fam.flag("control_video"),), f"{self.task} (Fun-Control) generates from a control video", f"set {self.fam.flag('control_video')} to the control video")
+        length = values.get(self.fam.flag("video_length"))
+        if self.fam.rule("frame_rule") == "4n+1" and length is not None and (length - 1) % 4:
             self.error(where + ("video_length",), f"video_length must be 4*N+1, got {length}", f"use {(length - 1) // 4 * 4 + 1} or {((length - 1) // 4 + 1) * 4 + 1}")
         args += self.options(name, stage, script, values)
-        args += ["--save_path", save_path]
-        kind = {"video": "*.mp4", "images": "*", "latent": "*.safetensors", "both": "*.mp4", "latent_images": "*"}.get(values.get("output_type", "video"), "*")
+        args += self.arg(script, "save_path", save_path)
+        kind = tpl.outputs.get(values.get(self.fam.flag("output_type"), "video"), "*")
         return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
                     outputs=[Output("videos", "files", save_path, kind)],
                     meta={"save_path": save_path, "prompts": len(stage.prompts or []) or 1,
@@ -584,17 +636,18 @@ class _Compiler:
             ref = refs.get(where + ("loras", i, "path"))
             if ref is not None and self.p.stages[ref.stage].kind == "convert" and self.p.stages[ref.stage].to == "comfyui":
                 self.error(where + ("loras", i, "path"), "musubi merges only musubi-format LoRAs, and this one was converted to ComfyUI format", f"refer to the LoRA before conversion, such as '@{self.p.stages[ref.stage].input.lstrip('@')}'")
-        lora_args, inputs = self.lora_args(name, stage, refs, script)
-        if self.tpl.merge_with == "merge_lora":
-            args = self.models(name, stage, tpl, script) + lora_args + ["--save_merged_model", output]
+        lora_args, inputs = self.lora_args(name, stage, refs, script, tpl)
+        if self.fam.rule("merge_route") == "merge_lora":
+            args = self.models(name, stage, tpl, script) + lora_args + self.arg(script, "merged_model", output)
             if stage.device:
-                args += ["--device", stage.device]
+                args += self.arg(script, "device", stage.device)
         else:
             # Through the generate script. Without --lycoris, Wan and FramePack exit 0 and save nothing
             # (upstream PR #594); a Wan merge also encodes a prompt before it loads the DiT.
-            args = (["--task", self.task] if "task" in contract.options(script) else []) + self.models(name, stage, tpl, script) + lora_args
-            args += ["--lycoris", "--save_merged_model", output, "--prompt", "merge", "--save_path", str(Path(self.workdir) / name)]
-            self.warn(where, "merging Wan/FramePack LoRAs needs the lycoris-lora package in musubi-tuner's venv", "pip install lycoris-lora there (musubi-pipe doctor checks it)")
+            args = (self.arg(script, "task", self.task) if self.has(script, "task") else []) + self.models(name, stage, tpl, script) + lora_args
+            args += self.arg(script, "lycoris", True) + self.arg(script, "merged_model", output) + self.arg(script, "prompt", "merge")
+            args += self.arg(script, "save_path", str(Path(self.workdir) / name))
+            self.warn(where, f"merging {self.fam.title} LoRAs needs the lycoris-lora package in musubi-tuner's venv", "pip install lycoris-lora there (musubi-pipe doctor checks it)")
         return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
                     outputs=[Output("model", "file", output)], meta={"output": output})
 
@@ -629,7 +682,7 @@ class _Compiler:
                 self.warn(where + ("sigma_rel",), "sigma_rel overrides beta and beta2", "remove beta/beta2 or sigma_rel")
         output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{self.p.name}-ema.safetensors")
         # Files in training order, and --no_sort: musubi would otherwise order them by mtime.
-        args = list(paths) + ["--no_sort"] + self.options(name, stage, script, values) + ["--output_file", output]
+        args = list(paths) + self.arg(script, "ema_keep_order", True) + self.options(name, stage, script, values) + self.arg(script, "ema_output", output)
         return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
                     outputs=[Output("lora", "file", output)], meta={"output": output})
 
@@ -651,13 +704,13 @@ class _Compiler:
             except PipelineError as exc:
                 self.problems.extend(Problem(p.message, path=format_path(where + ("input",)), file=self.src.file,
                                              line=self.src.line_of(where + ("input",)), fix=p.fix) for p in exc.problems)
-        if self.p.family == "framepack" and stage.to == "comfyui":
+        if self.fam.rule("convert_comfyui_warning") and stage.to == "comfyui":
             self.warn(where + ("to",), f"musubi-tuner {contract.CONTRACT}'s convert_lora.py writes wrong key names for most FramePack modules",
                       "check the result with `musubi-pipe lora inspect --family framepack`, or keep the musubi-format LoRA")
         stem = Path(source).stem
         output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{stem}-{stage.to}.safetensors")
         values = self.settings(stage, tpl)
-        args = ["--input", source, "--output", output, "--target", "other" if stage.to == "comfyui" else "default"]
+        args = self.arg(script, "convert_input", source) + self.arg(script, "convert_output", output) + self.arg(script, "convert_target", tpl.targets[stage.to])
         args += self.options(name, stage, script, values)
         return Step(name, stage.kind, self.p.family, script, args, inputs=[Input("lora", source, producer)],
                     outputs=[Output("lora", "file", output)], meta={"output": output, "to": stage.to})
@@ -693,6 +746,22 @@ class _Compiler:
             outputs.append(Output("contact_sheet", "file", sheet))
         return Step(name, stage.kind, self.p.family, tpl.script, args, launcher=LAUNCH_TOOL,
                     inputs=self.media_inputs(dataset), outputs=outputs)
+
+
+def _sections(items: dict[str, str]) -> str:
+    """musubi's per-section syntax for --prompt and --image_path: index:value;;;index:value."""
+    return ";;;".join(f"{k}:{v}" for k, v in items.items())
+
+
+def launch_args(processes: int, mixed_precision: str, machines: int = 1) -> list[str]:
+    """accelerate launch flags with everything explicit, so nobody needs `accelerate config`."""
+    flag = {role: "--" + option for role, option in registry.launch_flags().items()}
+    args = [flag["threads"], "1", flag["processes"], str(processes), flag["mixed_precision"], mixed_precision]
+    if processes > 1:
+        args.insert(0, flag["multi_gpu"])
+    if machines > 1:
+        args += [flag["machines"], str(machines)]
+    return args
 
 
 class _Skip(Exception):

@@ -43,25 +43,46 @@ def parse_reference(value: str) -> tuple[str, str | None]:
     return stage, artifact or None
 
 
+# Where a stage may refer to another stage's artifact, and which artifacts fit there.
+REFERENCE_FIELDS = {
+    "loras": ("lora",), "loras_high_noise": ("lora",), "network_weights": ("lora",), "input": ("lora",),
+    "latents": ("latent_cache",), "text_encoder_cache": ("text_encoder_cache",), "dit": ("model",),
+}
+
+
 def references(name: str, stage) -> list[tuple[tuple, str, tuple[str, ...]]]:
-    """(field path, reference text, accepted artifact kinds) for every reference in a stage."""
+    """(field path, reference text, accepted artifact kinds) for every reference in a stage,
+    found wherever it is written; kinds is () where the field takes no reference."""
     base = ("stages", name)
     found = []
-    for i, lora in enumerate(getattr(stage, "loras", None) or []):
-        found.append((base + ("loras", i, "path"), lora.path, ("lora",)))
-    if stage.kind == "convert":
-        found.append((base + ("input",), stage.input, ("lora",)))
-    if stage.kind == "ema":
-        items = [stage.checkpoints] if isinstance(stage.checkpoints, str) else stage.checkpoints
-        for i, item in enumerate(items):
-            path = base + ("checkpoints",) if isinstance(stage.checkpoints, str) else base + ("checkpoints", i)
-            found.append((path, item, ("checkpoints",) if isinstance(stage.checkpoints, str) else ("lora",)))
-    if stage.kind == "train":
-        for field, kinds in (("network_weights", ("lora",)), ("latents", ("latent_cache",)), ("text_encoder_cache", ("text_encoder_cache",))):
-            value = getattr(stage, field)
-            if value is not None:
-                found.append((base + (field,), value, kinds))
+    for field in type(stage).model_fields:
+        value = getattr(stage, field)
+        if field == "checkpoints":
+            items = [value] if isinstance(value, str) else value
+            for i, item in enumerate(items):
+                path = base + ("checkpoints",) if isinstance(value, str) else base + ("checkpoints", i)
+                found.append((path, item, ("checkpoints",) if isinstance(value, str) else ("lora",)))
+            continue
+        kinds = REFERENCE_FIELDS.get(field, ())
+        for path, text in _strings(base + (field,), value):
+            if path[-1] == "path" and field in ("loras", "loras_high_noise"):
+                found.append((path, text, kinds))
+            else:
+                found.append((path, text, kinds if len(path) == 3 else ()))
     return [(path, value, kinds) for path, value, kinds in found if is_reference(value)]
+
+
+def _strings(path: tuple, value) -> list[tuple[tuple, str]]:
+    """Every string inside a field's value, with its path (lists, tables and LoRA entries)."""
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, (list, tuple)):
+        return [found for i, item in enumerate(value) for found in _strings(path + (i,), item)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _strings(path + (key,), item)]
+    if hasattr(type(value), "model_fields"):
+        return [found for key in type(value).model_fields for found in _strings(path + (key,), getattr(value, key))]
+    return []
 
 
 def build_graph(pipeline: Pipeline, source: Source, problems: list[Problem]) -> tuple[nx.DiGraph, dict[str, list[Reference]]]:
@@ -86,6 +107,10 @@ def build_graph(pipeline: Pipeline, source: Source, problems: list[Problem]) -> 
             else:
                 graph.add_edge(need, name, why="needs")
         for path, text, expects in references(name, stage):
+            if not expects:
+                problems.append(source.problem(path, f"{text!r} looks like a reference, but {format_field(path)} takes no reference",
+                                               f"write a file path here; references work in {', '.join(sorted(REFERENCE_FIELDS))} and checkpoints"))
+                continue
             target, artifact = parse_reference(text)
             if target not in stages:
                 problems.append(unknown(path, target))
@@ -128,6 +153,10 @@ def _link_caches_to_training(pipeline: Pipeline, graph: nx.DiGraph, resolved: di
                 for cache in by_kind.get(kind, []):
                     graph.add_edge(cache, name, why=ARTIFACTS[kind][0])
                     resolved[name].append(Reference(("stages", name, field), cache, ARTIFACTS[kind][0], (ARTIFACTS[kind][0],)))
+
+
+def format_field(path: tuple) -> str:
+    return ".".join(str(p) for p in path[2:])
 
 
 def _artifact_fix(expects: tuple[str, ...], stages) -> str:

@@ -10,9 +10,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from ..pipelines import registry
 from .dataset import DatasetConfig
 
-FAMILIES = ("hunyuan_video", "wan", "framepack")
+FAMILIES = registry.family_names()
 STAGE_KINDS = ("check_dataset", "cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "lora_merge", "generate")
 ATTENTION = ("sdpa", "flash_attn", "flash3", "xformers", "sage_attn")
 
@@ -57,7 +58,8 @@ LoraList = Annotated[list[LoraInput], BeforeValidator(_lora_list)]
 
 
 class Prompt(_Strict):
-    """One prompt of a batch generation or of the samples made during training."""
+    """One prompt of a batch generation or of the samples made during training. Control options
+    are musubi's per-prompt ones (Fun-Control video, one-frame control images and mode)."""
 
     text: StrictStr
     negative: StrictStr | None = None
@@ -70,6 +72,9 @@ class Prompt(_Strict):
     flow_shift: Number | None = None
     image: StrictStr | None = None
     end_image: StrictStr | None = None
+    control: StrictStr | None = Field(None, description="Fun-Control: the control video")
+    control_images: list[StrictStr] | None = Field(None, description="one-frame inference: control (reference) images")
+    one_frame: StrictStr | None = Field(None, description="one-frame inference mode, e.g. 'target_index=1,control_index=0'")
 
 
 class _Stage(_Strict):
@@ -93,7 +98,9 @@ class CacheLatentsStage(_Stage):
     vae_chunk_size: StrictInt | None = None
     vae_spatial_tile_sample_min_size: StrictInt | None = None
     vae_cache_cpu: StrictBool | None = None
-    one_frame: StrictBool | None = None
+    one_frame: StrictBool | None = Field(None, description="cache for one-frame training (caching then runs without skip_existing)")
+    one_frame_no_2x: StrictBool | None = Field(None, description="FramePack one-frame: no 2x clean latents")
+    one_frame_no_4x: StrictBool | None = Field(None, description="FramePack one-frame: no 4x clean latents")
 
 
 class CacheTextEncoderStage(_Stage):
@@ -183,12 +190,18 @@ class TrainStage(_Stage):
 
 class GenerateStage(_Stage):
     kind: Literal["generate"]
+    dit: StrictStr | None = Field(None, description="generate with this DiT instead of models.dit, e.g. '@merge.model'")
     prompt: StrictStr | None = None
     section_prompts: dict[StrictStr, StrictStr] | None = Field(None, description="FramePack: prompt per section index ('0', '1', '-1', '0-2')")
     prompts: list[Prompt] | None = Field(None, description="many prompts in one run, one model load")
     negative_prompt: StrictStr | None = None
-    image_path: StrictStr | None = None
+    image_path: StrictStr | None = Field(None, description="start image")
+    section_images: dict[StrictStr, StrictStr] | None = Field(None, description="FramePack: start image per section index ('0' is image_path)")
     end_image_path: StrictStr | None = None
+    one_frame_inference: StrictStr | None = Field(None, description="one-frame inference options, e.g. 'target_index=1,control_index=0'")
+    control_image_path: list[StrictStr] | None = Field(None, description="one-frame inference: control (reference) images")
+    control_image_mask_path: list[StrictStr] | None = None
+    control_path: StrictStr | None = Field(None, description="Fun-Control: the control video")
     video_size: tuple[StrictInt, StrictInt] | None = Field(None, description="[height, width]")
     video_length: StrictInt | None = None
     video_seconds: Number | None = None
@@ -202,6 +215,7 @@ class GenerateStage(_Stage):
     sample_solver: Literal["unipc", "dpm++", "vanilla"] | None = None
     attn_mode: StrictStr | None = None
     loras: LoraList = Field(default_factory=list)
+    loras_high_noise: LoraList = Field(default_factory=list, description="Wan 2.2 A14B: LoRAs for the high-noise expert (loras go on the low-noise one)")
     fp8: StrictBool | None = None
     fp8_scaled: StrictBool | None = None
     blocks_to_swap: StrictInt | None = None
@@ -274,13 +288,19 @@ STAGE_MODELS = {
 }
 
 
+def _family(value: Any) -> Any:
+    """A family's alias (hv, fpack, wan2.2) as its name; anything else is left to the type check."""
+    return registry.canonical(value) or value if isinstance(value, str) else value
+
+
 class Pipeline(_Strict):
     """A musubi-pipe pipeline document."""
 
     version: Literal[1] = 1
     name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used for output names and folders")
-    family: Literal["hunyuan_video", "wan", "framepack"]
-    task: StrictStr | None = Field(None, description="Wan: t2v-1.3B, i2v-14B, t2v-A14B, ...; FramePack: i2v or f1")
+    family: Annotated[Literal[FAMILIES], BeforeValidator(_family)] = Field(description="model family (an alias such as hv or fpack works too)")
+    task: StrictStr | None = Field(None, description="what the model does, for families with tasks: " + "; ".join(
+        f"{f.title}: {', '.join(f.task_names())}" for f in registry.families() if f.tasks))
     workdir: StrictStr | None = Field(None, description="where outputs go (default: musubi-out/<name> beside the pipeline)")
     vars: dict[str, Scalar] = Field(default_factory=dict, description="values for {{ name }} interpolation")
     models: Models = Models()

@@ -15,9 +15,6 @@ from ..dsl.dataset import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, round_target_frame
 from ..errors import PipelineError, Problem
 from .video import fps_resample_indices
 
-# The user's spellings of a family (any "wan..." is Wan); its template has the cache suffix and fps.
-FAMILY_NAMES = {"hv": "hunyuan_video", "hunyuan_video": "hunyuan_video", "hunyuanvideo": "hunyuan_video",
-                "wan": "wan", "fp": "framepack", "framepack": "framepack"}
 RESOLUTION_STEPS = 16  # bucket sizes are multiples of 16 for HV, Wan and FramePack
 DEFAULTS = {"resolution": (960, 544), "caption_extension": None, "batch_size": 1, "num_repeats": 1,
             "enable_bucket": False, "bucket_no_upscale": False}
@@ -25,17 +22,15 @@ VIDEO_DEFAULTS = {"target_frames": [1], "frame_extraction": "head", "frame_strid
                   "max_frames": 129, "source_fps": None, "fp_latent_window_size": 9}
 
 
-def family_suffix(family: str) -> tuple[str, float]:
+def family_suffix(family: str | None) -> tuple[str, float]:
     """musubi's architecture suffix for cache files and its target fps for source_fps."""
-    from ..compiler.templates import family_template  # the compiler package imports networkx: only when asked
+    from ..pipelines import registry
 
-    key = family.lower().replace("-", "_").replace(".", "")
-    if key.startswith("wan"):
-        key = "wan"
-    if key not in FAMILY_NAMES:
-        raise ValueError(f"unknown family {family!r}: use hv (HunyuanVideo), wan or framepack")
-    template = family_template(FAMILY_NAMES[key])
-    return template.cache_arch, float(template.target_fps)
+    try:
+        fam = registry.family(family or registry.default_family())
+    except registry.UnknownFamily as exc:
+        raise ValueError(str(exc)) from None
+    return fam.short, float(fam.target_fps)
 
 
 # ---- musubi's rules, reimplemented -------------------------------------------------------
@@ -328,9 +323,12 @@ def _fix_for(error: dict) -> str:
 
 # ---- inspection ----------------------------------------------------------------------------
 
-def inspect_dataset(source: Any, family: str = "wan", read_media: bool = True, check_cache: bool = True) -> InspectionReport:
+def inspect_dataset(source: Any, family: str | None = None, read_media: bool = True, check_cache: bool = True) -> InspectionReport:
     """Inspect every dataset of a config as musubi's caching and training for `family` will see it.
     Bad media never raises: each item carries its error; config errors raise PipelineError."""
+    from ..pipelines import registry
+
+    family = family or registry.default_family()
     suffix, target_fps = family_suffix(family)
     data, file, problems = load_config(source)
     general = {**DEFAULTS, **(data.get("general") or {})}
@@ -516,6 +514,9 @@ def _read_item(item: Item, settings: dict, suffix: str, target_fps: float) -> No
 
 
 def _expected_cache(item: Item, suffix: str, window: int) -> tuple[list[str], str]:
+    from ..pipelines import registry
+
+    sections = registry.by_short_name(suffix).rule("cache_sections", False)
     stem = Path(item.path).stem
     te = f"{stem}_{suffix}_te.safetensors"
     if item.size is None:
@@ -528,7 +529,7 @@ def _expected_cache(item: Item, suffix: str, window: int) -> tuple[list[str], st
     w, h = item.bucket
     names = []
     for start, n in item.windows:
-        if suffix == "fp":
+        if sections:  # FramePack: one file per section
             names += [f"{stem}_{start:05d}-{n:03d}-{s:04d}_{w:04d}x{h:04d}_{suffix}.safetensors"
                       for s in range(framepack_sections(n, window))]
         else:
