@@ -13,7 +13,7 @@ from ..dsl.dataset import DatasetConfig
 from ..dsl.load import Source, format_path, load_dataset_file, load_pipeline
 from ..dsl.model import Pipeline
 from ..errors import PipelineError, Problem
-from . import contract
+from . import contract, ladder
 from .graph import Reference, build_graph
 from .plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, GeneratedFile, Input, Output, Plan, Step, fingerprint
 from ..pipelines import registry
@@ -276,13 +276,14 @@ class _Compiler:
             reason = None if reported else contract.check(step.script, args)
         if reason:
             self.error(("stages", name), f"musubi's {step.script} would reject this command: {reason}", "fix the option named in the message")
+        fallbacks = [] if reason or step.launcher == LAUNCH_TOOL else ladder.fallbacks(self.fam, stage.kind, step.script, args, self.task)
         upstream = [self.steps[n].fingerprint for n in needs if n in self.steps]
         files = [f.content for f in self.files if f.path in args]
         fp = fingerprint(step.script, step.launcher, step.launch_args, args, files, upstream)
         return Step(
             id=name, kind=stage.kind, family=self.p.family, script=step.script, args=args,
             launcher=step.launcher, launch_args=step.launch_args, env=step.env, cwd=str(self.base),
-            needs=needs, inputs=step.inputs, outputs=step.outputs, fingerprint=fp, meta=step.meta,
+            needs=needs, inputs=step.inputs, outputs=step.outputs, fingerprint=fp, meta=step.meta, fallbacks=fallbacks,
         )
 
     def ref_path(self, ref: Reference) -> str | list[str]:

@@ -57,6 +57,9 @@ def render_plan(plan: Plan) -> str:
         for out in step.outputs:
             where = f"{out.path}/{out.pattern}" if out.pattern else out.path
             lines.append(f"   -> {out.name}: {where}")
+        if step.fallbacks:
+            lines.append("   if out of memory (run --retry), one at a time:")
+            lines += [f"     {i}. {fb.why}" for i, fb in enumerate(step.fallbacks, 1)]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

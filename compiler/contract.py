@@ -135,3 +135,27 @@ def check(script: str, args: list[str]) -> str | None:
     except ContractError as exc:
         return str(exc)
     return None
+
+
+def set_option(script: str, args: list[str], dest: str, value) -> list[str]:
+    """The argv with one option replaced (or added, or removed for a switch turned off): every
+    earlier spelling of it, with its values, goes; the new value is rendered as `render` does."""
+    opt = options(script)[dest]
+    takes = 0 if opt.action in ("store_true", "store_false", "count") else None if opt.nargs in ("*", "+") else (
+        opt.nargs if isinstance(opt.nargs, int) else 1)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == opt.flag or word.startswith(opt.flag + "="):
+            i += 1
+            if word == opt.flag:
+                if takes is None:  # a list: its words up to the next option
+                    while i < len(args) and not (args[i].startswith("--") and not _is_number(args[i])):
+                        i += 1
+                else:
+                    i += takes
+            continue
+        out.append(word)
+        i += 1
+    return out + render(script, dest, value)

@@ -54,6 +54,16 @@ class GeneratedFile:
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """A memory-saving setting an out-of-memory retry may use: the settings changed from the
+    plan's (cumulative), why, and the whole argv with them (checked by musubi's parser)."""
+
+    settings: dict[str, Any]
+    why: str
+    args: list[str]
+
+
+@dataclass(frozen=True)
 class Step:
     id: str  # the stage name in the pipeline
     kind: str  # cache_latents, cache_text_encoder, train, ema, convert, merge, generate
@@ -71,6 +81,7 @@ class Step:
     # Facts executors need and cannot read back from argv cheaply: training length, save
     # cadence, state folders for resume, which progress phases to expect.
     meta: dict[str, Any] = field(default_factory=dict)
+    fallbacks: list[Fallback] = field(default_factory=list)  # out-of-memory retries, cheapest first
 
     def display_argv(self) -> list[str]:
         """The command as a user would type it from a musubi-tuner checkout."""
@@ -133,6 +144,7 @@ class Plan:
                     **s,
                     "inputs": [Input(**i) for i in s.get("inputs", [])],
                     "outputs": [Output(**o) for o in s.get("outputs", [])],
+                    "fallbacks": [Fallback(**f) for f in s.get("fallbacks", [])],
                 }
             )
             for s in data.get("steps", [])

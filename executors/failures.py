@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from collections import namedtuple
 from dataclasses import dataclass
 
 
@@ -13,136 +12,6 @@ class Failure:
     category: str  # oom, host_oom, signal, missing_file, dataset, argparse, offline_hf_cache, network_module,
     #                dtype, config, disk_full, network, unknown
     transient: bool = False  # worth retrying unchanged (a hub download, a lost connection)
-
-
-class MemorySetting(namedtuple("MemorySetting", "field value explanation also")):
-    """The next memory-saving setting: `field` (a musubi flag without dashes) and its value (True
-    for a switch); `also` holds (field, value) pairs that must come with it (fp8_scaled needs
-    fp8_base). Reads as a tuple or, for callers that prefer it, as a mapping: ["flag"], .get("value")."""
-
-    __slots__ = ()
-
-    def __new__(cls, field, value, explanation, also=()):
-        return super().__new__(cls, field, value, explanation, tuple(also))
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.field
-
-    def as_dict(self) -> dict:
-        return {"field": self.field, "flag": self.flag, "value": self.value, "description": self.explanation,
-                "explanation": self.explanation, "also": [{"flag": "--" + f, "value": v} for f, v in self.also]}
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return self.as_dict()[key]
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        return self.as_dict().get(key, default)
-
-
-# ---------------------------------------------------------------- memory settings
-
-# DiT blocks that --blocks_to_swap can move to the CPU, at most (musubi docs; approximate for FramePack)
-MAX_BLOCKS_TO_SWAP = {"hv": 36, "wan": 39, "wan_1.3B": 29, "fp": 38}
-BLOCK_SWAP_STEP = 10
-FP8_SCALED_FAMILIES = {"wan", "fp"}  # training; HunyuanVideo has no --fp8_scaled (musubi-facts §6)
-FAMILY_ALIASES = {"hv": "hv", "hunyuan_video": "hv", "hunyuanvideo": "hv", "hunyuan": "hv", "wan": "wan", "wan21": "wan",
-                  "wan22": "wan", "fp": "fp", "fpack": "fp", "framepack": "fp"}
-NETWORK_MODULE = {"hv": "networks.lora", "wan": "networks.lora_wan", "fp": "networks.lora_framepack"}
-
-
-def _on(settings: dict, field: str) -> bool:
-    value = settings.get(field, settings.get("--" + field))
-    return value not in (None, False, "false", "False", "0", 0)
-
-
-def _int(settings: dict, field: str) -> int:
-    try:
-        return int(settings.get(field, settings.get("--" + field)) or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def family_of(settings: dict) -> str:
-    """hv, wan, fp or "" from an explicit family, the network module, or family-only flags."""
-    fam = str(settings.get("family") or "").lower()
-    if fam:
-        return FAMILY_ALIASES.get(fam, fam)
-    module = str(settings.get("network_module") or "")
-    for family, name in NETWORK_MODULE.items():
-        if module == name:
-            return family
-    if "t5" in settings or "task" in settings:
-        return "wan"
-    if "image_encoder" in settings or "latent_window_size" in settings:
-        return "fp"
-    if "text_encoder1" in settings:
-        return "hv"
-    return ""
-
-
-def next_memory_setting(kind: str, settings: dict, family: str = "") -> MemorySetting | None:
-    """The next memory-saving setting for a step of `kind` that `settings` (flag name -> value)
-    does not use yet, cheapest first; None when the flags are exhausted (then only smaller
-    resolution or fewer frames in the dataset help)."""
-    fam = FAMILY_ALIASES.get(family.lower(), family.lower()) if family else family_of(settings)
-    if kind == "train":
-        if not _on(settings, "gradient_checkpointing"):
-            return MemorySetting("gradient_checkpointing", True, "gradient checkpointing (recomputes activations: much less VRAM, about 20-30% slower)")
-        if not _on(settings, "fp8_base"):
-            if fam in FP8_SCALED_FAMILIES:
-                return MemorySetting("fp8_base", True, "fp8_base with fp8_scaled (DiT weights in scaled fp8: about half their VRAM)",
-                                     also=[("fp8_scaled", True)])
-            return MemorySetting("fp8_base", True, "fp8_base (DiT weights in fp8: about half their VRAM)")
-        return _more_block_swap(settings, fam)
-    if kind == "generate":
-        if not _on(settings, "fp8") and not _on(settings, "fp8_scaled"):
-            if fam in FP8_SCALED_FAMILIES:
-                return MemorySetting("fp8_scaled", True, "fp8_scaled (DiT weights in scaled fp8: about half their VRAM)", also=[("fp8", True)])
-            return MemorySetting("fp8", True, "fp8 (DiT weights in fp8: about half their VRAM)")
-        swap = _more_block_swap(settings, fam)
-        if swap:
-            return swap
-        if fam in ("hv", "fp") and not _int(settings, "vae_chunk_size"):
-            return MemorySetting("vae_chunk_size", 16, "vae_chunk_size 16 (decodes the video in smaller chunks)")
-        if fam in ("hv", "fp") and not _int(settings, "vae_spatial_tile_sample_min_size"):
-            return MemorySetting("vae_spatial_tile_sample_min_size", 128, "vae_spatial_tile_sample_min_size 128 (smaller VAE tiles)")
-        return None
-    if kind == "cache_latents":
-        if fam == "wan":
-            if not _on(settings, "vae_cache_cpu"):
-                return MemorySetting("vae_cache_cpu", True, "vae_cache_cpu (keeps the VAE's cache in CPU memory)")
-            return None
-        if not _on(settings, "vae_tiling") and fam != "fp":  # FramePack's VAE tiles by default
-            return MemorySetting("vae_tiling", True, "vae_tiling (encodes in spatial tiles)")
-        chunk = _int(settings, "vae_chunk_size")
-        if not chunk or chunk > 16:
-            return MemorySetting("vae_chunk_size", 16 if not chunk or chunk > 32 else chunk // 2,
-                                 "a smaller vae_chunk_size (fewer frames through the VAE at once)")
-        if not _int(settings, "vae_spatial_tile_sample_min_size"):
-            return MemorySetting("vae_spatial_tile_sample_min_size", 128, "vae_spatial_tile_sample_min_size 128 (smaller VAE tiles)")
-        return None
-    if kind == "cache_text_encoder":
-        field = "fp8_t5" if fam == "wan" else "fp8_llm"
-        if fam != "" and not _on(settings, field):
-            return MemorySetting(field, True, f"{field} (the text encoder in fp8)")
-        if _int(settings, "batch_size") != 1:
-            return MemorySetting("batch_size", 1, "batch_size 1 (one caption at a time)")
-        return None
-    return None  # convert, ema, merge run on the CPU: no VAE/DiT memory switches
-
-
-def _more_block_swap(settings: dict, fam: str) -> MemorySetting | None:
-    task = str(settings.get("task") or "")
-    top = MAX_BLOCKS_TO_SWAP.get("wan_1.3B" if fam == "wan" and "1.3B" in task else fam, 36)
-    now = _int(settings, "blocks_to_swap")
-    if now >= top:
-        return None
-    value = min(top, now + BLOCK_SWAP_STEP)
-    return MemorySetting("blocks_to_swap", value,
-                         f"blocks_to_swap {value} (keeps {value} DiT blocks in CPU memory: less VRAM, slower, needs system RAM)")
 
 
 # ---------------------------------------------------------------- classification
@@ -190,13 +59,9 @@ def _voluptuous_path(path: str) -> str:
     return out
 
 
-def _settings_of(meta: dict) -> dict:
-    return {**{k: v for k, v in meta.items() if not isinstance(v, (dict, list))}, **(meta.get("settings") or {})}
-
-
 def classify(log_tail: str, returncode: int, step_kind: str, meta: dict | None = None) -> Failure:
-    """The one-line cause and fix of a failed step. `meta` may carry the step's settings (flag
-    names without dashes, e.g. blocks_to_swap) and its family, so advice names what is not yet used."""
+    """The one-line cause and fix of a failed step. `meta` may carry the step's family and, for an
+    out-of-memory failure, `next_memory`: the plan's next memory-saving setting, which the fix names."""
     meta = meta or {}
     text = log_tail.replace("\r\n", "\n").replace("\r", "\n")
     # the executor's own header and footer lines in the log are not the step's output
@@ -258,10 +123,11 @@ def classify(log_tail: str, returncode: int, step_kind: str, meta: dict | None =
     if "SageAttention doesn't support training" in text:
         return Failure("SageAttention cannot be used for training", "use attention = \"sdpa\" (or flash_attn / xformers)", "config")
     if "No LoRA modules found" in text:
-        fam = family_of(_settings_of(meta))
-        want = NETWORK_MODULE.get(fam)
-        fix = f"use network_module = \"{want}\" for this model family" if want else \
-            "use the family's network module (HunyuanVideo networks.lora, Wan networks.lora_wan, FramePack networks.lora_framepack)"
+        from ..pipelines import registry
+
+        fam = registry.canonical(str(meta.get("family") or ""))
+        fix = f"use network_module = \"{registry.family(fam).network_module}\" for this model family" if fam else \
+            "use the family's network module: " + ", ".join(f"{f.title} {f.network_module}" for f in registry.families())
         return Failure("the network module does not match the model: no LoRA modules found", fix, "network_module")
     if "unsupported operand type(s) for +: 'NoneType' and 'str'" in text and step_kind == "train":
         return Failure("training crashed at saving: output_name is not set", "set output_name for the training stage", "config")
@@ -306,10 +172,9 @@ def _last_error_line(text: str) -> str:
 def _oom(text: str, kind: str, meta: dict) -> Failure:
     d = _last(_OOM_DETAIL, text)
     detail = f" (tried to allocate {d['want']}; GPU {d['gpu']} has {d['cap']}, {d['free']} free)" if d else ""
-    settings = _settings_of(meta)
-    nxt = next_memory_setting(kind, settings, str(meta.get("family") or ""))
+    nxt = meta.get("next_memory")  # the plan's next memory-saving setting (compiler.ladder)
     if nxt:
-        fix = f"turn on {nxt.explanation}"
+        fix = f"run with --retry, or set {nxt}"
         if kind == "train":
             fix += "; or lower the resolution / target_frames of the dataset"
     elif kind in ("train", "cache_latents"):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -393,8 +393,14 @@ class LocalExecutor:
     def _run_step(self, step: Step, exclude: list[str]) -> str:
         log_path = self.run_dir / f"{step.id}.log"
         previous = self.state.record(step.id)
-        resume = plan_resume(step, previous)
         args, changes = list(step.args), []
+        # The memory setting that worked last time, if the plan still offers it: out of memory
+        # again first would only cost time.
+        level = _worked_before(step, previous)
+        if level:
+            args = step.fallbacks[level - 1].args
+            changes.append(f"starting with {step.fallbacks[level - 1].why} (it worked last run; out of memory without it)")
+        resume = plan_resume(replace(step, args=args), previous)
         if resume:
             args = resume.args
             changes.append(resume.note)
@@ -406,13 +412,15 @@ class LocalExecutor:
             "needs": {n: stamp(self.state.record(n)) for n in step.needs},
             "progress": same.get("progress", {}), "resumes": same.get("resumes", 0) + (1 if resume else 0),
         }
+        if level:
+            record["memory"] = asdict(step.fallbacks[level - 1])
         self.state.put(step.id, record)
         for out in step.outputs:  # musubi's savers do not create missing folders
             folder = Path(out.path) if out.pattern else Path(out.path).parent
             if out.path:
                 folder.mkdir(parents=True, exist_ok=True)
         transient_left = self._retry.transient_tries if self._retry.enabled else 0
-        oom_left = 1 if self._retry.enabled and self._retry.oom_retry else 0
+        oom_retry = self._retry.enabled and self._retry.oom_retry
         attempt = 0
         while True:
             attempt += 1
@@ -432,11 +440,12 @@ class LocalExecutor:
                 return self._end_step(step, record, SUCCEEDED, rc, log_path, changes)
             if status == CANCELLED:
                 return self._end_cancelled(step, record, rc, log_path, changes)
-            from .failures import classify, next_memory_setting
+            from .failures import classify
 
-            # advice and retry both start from the settings this attempt ran with, not the plan's
-            settings = _settings(args)
-            failure = classify(_tail(log_path), rc, step.kind, {**(step.meta or {}), "family": step.family, "settings": settings})
+            # the advice names the plan's next memory setting after the one this attempt used
+            following = step.fallbacks[level] if level < len(step.fallbacks) else None
+            failure = classify(_tail(log_path), rc, step.kind, {**(step.meta or {}), "family": step.family,
+                                                                "next_memory": following.why if following else None})
             cause, fix = failure.cause, failure.fix
             if missing:
                 cause = f"exited 0 but did not write {missing[0]}" + (f" ({failure.cause})" if failure.cause else "")
@@ -447,12 +456,14 @@ class LocalExecutor:
                 delays = self._retry.backoff_s or (0,)
                 delay = delays[min(len(delays) - 1, self._retry.transient_tries - transient_left - 1)]
                 retry_note = f"attempt {attempt} failed ({cause}); retrying in {delay:.0f} s"
-            elif failure.category == "oom" and oom_left > 0:
-                oom_left -= 1
-                change = next_memory_setting(step.kind, settings, step.family)
-                if change:
-                    args, what = _apply_setting(args, change)
-                    retry_note = f"out of memory; retrying once with {what}"
+            elif failure.category == "oom" and oom_retry and following:
+                level += 1
+                args = following.args
+                if resume:  # resume from the same state, with the new setting
+                    again = plan_resume(replace(step, args=args), previous)
+                    args = again.args if again else args
+                record["memory"] = asdict(following)
+                retry_note = f"out of memory; retrying with {following.why}"
             if retry_note is None:
                 return self._end_step(step, record, FAILED, rc, log_path, changes, cause=cause, fix=fix,
                                       category=failure.category)
@@ -661,29 +672,13 @@ def _tail(path: Path) -> str:
         return f.read().decode("utf-8", "replace")
 
 
-def _settings(args: list[str]) -> dict:
-    """The memory-related settings a step runs with, as the failure module's vocabulary."""
-    settings: dict = {}
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            key = a[2:]
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                settings[key] = args[i + 1]
-                i += 2
-                continue
-            settings[key] = True
-        i += 1
-    return settings
-
-
-def _apply_setting(args: list[str], change) -> tuple[list[str], str]:
-    """Apply a MemorySetting from next_memory_setting to the argv: add or replace its flag and
-    the flags that must come with it (fp8_scaled needs fp8_base)."""
-    words = []
-    for name, value in [(change.field, change.value), *change.also]:
-        word = None if value is None or value is True else str(value)  # `1 in (None, True)` is true
-        args = set_flag(args, "--" + name, word)
-        words.append(" ".join(filter(None, ["--" + name, word])))
-    return args, " ".join(words) + (f": {change.explanation}" if change.explanation else "")
+def _worked_before(step: Step, previous: dict | None) -> int:
+    """The level of the step's memory ladder (1-based; 0 = the plan's own settings) that the last
+    run of this step ended with, when the plan still offers those settings."""
+    memory = (previous or {}).get("memory")
+    if not memory or (previous or {}).get("category") == "oom":
+        return 0
+    for level, fallback in enumerate(step.fallbacks, 1):
+        if fallback.settings == memory.get("settings"):
+            return level
+    return 0

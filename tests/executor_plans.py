@@ -25,8 +25,14 @@ def config_for(checkout: Path, grace_s: float = 3.0) -> MusubiConfig:
 
 
 def _step(**kw) -> Step:
+    """A step as the compiler makes it: fingerprinted, with its memory ladder (task t2v-1.3B for Wan)."""
+    from musubi_pipe.compiler.ladder import fallbacks
+    from musubi_pipe.pipelines import registry
+
     step = Step(**kw)
-    return replace(step, fingerprint=fingerprint(step.script, step.args, step.launch_args, step.env))
+    fam = registry.family(step.family)
+    ladder = fallbacks(fam, step.kind, step.script, step.args, "t2v-1.3B" if fam.tasks else None) if step.kind in fam.stages else []
+    return replace(step, fingerprint=fingerprint(step.script, step.args, step.launch_args, step.env), fallbacks=ladder)
 
 
 def wan_plan(project: Path, epochs: int = 2, network_dim: int = 4, save_state: bool = False,

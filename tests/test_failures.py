@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from musubi_pipe.executors.failures import MemorySetting, classify, next_memory_setting
+from musubi_pipe.executors.failures import classify
 
 TB = 'Traceback (most recent call last):\n  File "/mt/src/musubi_tuner/wan_train_network.py", line 1, in <module>\n    main()\n'
 OOM = (TB + "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB "
@@ -14,46 +14,15 @@ ACCELERATE_TAIL = ("Traceback (most recent call last):\n  File \"/venv/lib/pytho
                    "'src/musubi_tuner/wan_train_network.py', '--dit', 'x']' returned non-zero exit status {rc}.\n")
 
 
-def test_cuda_oom_names_the_next_memory_option_not_yet_used():
-    f = classify("\rsteps:   0%|          | 0/100 [00:00<?, ?it/s]" + OOM + ACCELERATE_TAIL.format(rc=1), 1, "train", {"family": "wan"})
+def test_cuda_oom_names_the_plans_next_memory_setting():
+    f = classify("\rsteps:   0%|          | 0/100 [00:00<?, ?it/s]" + OOM + ACCELERATE_TAIL.format(rc=1), 1, "train",
+                 {"family": "wan", "next_memory": "fp8_base, fp8_scaled: DiT weights in scaled fp8"})
     assert f.category == "oom" and not f.transient
     assert f.cause == "CUDA out of memory (tried to allocate 2.00 GiB; GPU 0 has 23.55 GiB, 1.06 GiB free)"
-    assert f.fix.startswith("turn on gradient checkpointing")
-    f = classify(OOM, 1, "train", {"family": "wan", "gradient_checkpointing": True})
-    assert f.fix.startswith("turn on fp8_base with fp8_scaled")
-    f = classify(OOM, 1, "train", {"family": "hunyuan_video", "gradient_checkpointing": True, "fp8_base": True, "blocks_to_swap": 20})
-    assert f.fix.startswith("turn on blocks_to_swap 30")
-    f = classify(OOM, 1, "train", {"family": "hv", "gradient_checkpointing": True, "fp8_base": True, "blocks_to_swap": 36})
+    assert f.fix.startswith("run with --retry, or set fp8_base, fp8_scaled: DiT weights in scaled fp8")
+    f = classify(OOM, 1, "train", {"family": "hunyuan_video", "next_memory": None})
     assert "resolution or target_frames" in f.fix
-
-
-def test_next_memory_setting_order_for_training():
-    s = {"network_module": "networks.lora_wan", "task": "t2v-14B"}
-    order = []
-    while (nxt := next_memory_setting("train", s)) is not None:
-        field, value, _explanation, also = nxt
-        order.append((field, value))
-        s[field] = value
-        for f, v in also:
-            s[f] = v
-    assert order == [("gradient_checkpointing", True), ("fp8_base", True), ("blocks_to_swap", 10), ("blocks_to_swap", 20),
-                     ("blocks_to_swap", 30), ("blocks_to_swap", 39)]
-    assert s["fp8_scaled"] is True  # comes with fp8_base where the family supports it
-    hv = next_memory_setting("train", {"gradient_checkpointing": True, "network_module": "networks.lora"})
-    assert hv.also == () and hv["flag"] == "--fp8_base"  # HunyuanVideo has no fp8_scaled
-    one = next_memory_setting("train", {"gradient_checkpointing": True, "fp8_base": True, "task": "t2v-1.3B", "blocks_to_swap": "25"}, family="wan")
-    assert (one.field, one.value) == ("blocks_to_swap", 29)
-
-
-def test_next_memory_setting_for_caching_and_generation():
-    assert next_memory_setting("cache_latents", {"vae": "v"}, family="hv").field == "vae_tiling"
-    assert next_memory_setting("cache_latents", {"vae_tiling": True, "vae_chunk_size": "32"}, family="hv").value == 16
-    assert next_memory_setting("cache_latents", {}, family="wan").field == "vae_cache_cpu"
-    assert next_memory_setting("cache_text_encoder", {"t5": "t"}).field == "fp8_t5"
-    gen = next_memory_setting("generate", {"task": "t2v-14B"})
-    assert gen.get("flag") == "--fp8_scaled" and gen.get("also") == [{"flag": "--fp8", "value": True}]
-    assert next_memory_setting("convert", {}) is None
-    assert isinstance(gen, MemorySetting) and gen[0] == "fp8_scaled"
+    assert "video_size" in classify(OOM, 1, "generate", {}).fix
 
 
 def test_killed_by_sigkill_is_likely_host_oom():

@@ -169,26 +169,45 @@ def test_transient_failure_is_not_retried_by_default(double, tmp_path, monkeypat
     assert result.status == "failed" and double.runs().count("wan_cache_text_encoder_outputs") == 1
 
 
-def test_out_of_memory_is_retried_once_with_a_memory_setting(double, tmp_path, monkeypatch):
+def test_out_of_memory_is_retried_with_the_plans_next_memory_setting(double, tmp_path, monkeypatch):
     monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_train_network:oom")
     monkeypatch.setenv("MUSUBI_DOUBLE_FAIL_ONCE", "1")
-    result, rec = run(double, wan_plan(tmp_path), retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
+    plan = wan_plan(tmp_path)
+    first = plan.step("train").fallbacks[0]
+    result, rec = run(double, plan, retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
     assert result.status == "succeeded", rec.ended()
     change = rec.ended()["train"]["changes"][0]
-    assert change.startswith("out of memory; retrying once with --")
-    flag = change.split("with ", 1)[1].split()[0]
+    assert change == f"out of memory; retrying with {first.why}"
+    flag = "--" + next(iter(first.settings))
     commands = (result.run_dir / "commands.txt").read_text().split("# train")
     assert flag not in commands[1] and flag in commands[2]  # the record shows what changed
-    assert StateFile(state_path(wan_plan(tmp_path))).record("train")["changes"] == [change]
+    record = StateFile(state_path(plan)).record("train")
+    assert record["changes"] == [change] and record["memory"]["settings"] == first.settings
 
 
-def test_out_of_memory_after_the_retry_advises_the_setting_after_the_one_tried(double, tmp_path, monkeypatch):
+def test_the_next_run_starts_from_the_memory_setting_that_worked(double, tmp_path, monkeypatch):
     monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_train_network:oom")
-    result, rec = run(double, wan_plan(tmp_path), retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL_ONCE", "1")
+    run(double, wan_plan(tmp_path), retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
+    monkeypatch.delenv("MUSUBI_DOUBLE_FAIL")
+    changed = wan_plan(tmp_path, network_dim=8)  # a new setting: training runs again
+    result, rec = run(double, changed)
+    assert result.status == "succeeded"
+    first = changed.step("train").fallbacks[0]
+    assert rec.ended()["train"]["changes"][0] == f"starting with {first.why} (it worked last run; out of memory without it)"
+    assert "--" + next(iter(first.settings)) in (result.run_dir / "commands.txt").read_text().split("# train")[1]
+
+
+def test_out_of_memory_steps_through_the_whole_ladder_then_advises_the_dataset(double, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_train_network:oom")
+    plan = wan_plan(tmp_path)
+    result, rec = run(double, plan, retry=RetryPolicy(enabled=True, backoff_s=(0.0,)))
     end = rec.ended()["train"]
+    ladder = plan.step("train").fallbacks
     assert result.status == "failed" and end["category"] == "oom"
-    assert end["changes"][0].startswith("out of memory; retrying once with --gradient_checkpointing")
-    assert end["fix"].startswith("turn on fp8_base with fp8_scaled")
+    assert end["changes"] == [f"out of memory; retrying with {fb.why}" for fb in ladder]
+    assert double.runs().count("wan_train_network") == 1 + len(ladder)
+    assert "resolution or target_frames" in end["fix"]
 
 
 def test_generated_files_never_overwrite_a_users_file(double, tmp_path):
@@ -265,16 +284,6 @@ def test_set_flag_replaces_or_appends():
     assert set_flag(["--a", "1", "--b"], "--a", "2") == ["--b", "--a", "2"]
     assert set_flag(["--a=1"], "--a", "2") == ["--a", "2"]
     assert set_flag(["--x", "1"], "--fp8_base") == ["--x", "1", "--fp8_base"]
-
-
-def test_a_memory_setting_of_value_1_is_a_value_not_a_switch():
-    from musubi_pipe.executors.failures import MemorySetting
-    from musubi_pipe.executors.local import _apply_setting
-
-    args, what = _apply_setting(["--t5", "t.pth", "--batch_size", "16"], MemorySetting("batch_size", 1, "one caption at a time"))
-    assert args == ["--t5", "t.pth", "--batch_size", "1"] and what == "--batch_size 1: one caption at a time"
-    args, what = _apply_setting([], MemorySetting("fp8_base", True, "fp8", also=[("fp8_scaled", True)]))
-    assert args == ["--fp8_base", "--fp8_scaled"] and what == "--fp8_base --fp8_scaled: fp8"
 
 
 # ------------------------------------------------------------- a real musubi-tuner checkout
