@@ -266,7 +266,7 @@ class _Compiler:
         if step.launcher == LAUNCH_TOOL:
             if stage.extra_args:
                 self.error(("stages", name, "extra_args"), f"{stage.kind} is musubi-pipe's own tool, not a musubi script", "remove extra_args")
-            args, reason = step.args, None
+            args, reason, fallbacks = step.args, None, []
         else:
             words = set(step.args)
             taken = {dest for dest, opt in contract.options(step.script).items() if opt.flag in words}
@@ -274,9 +274,10 @@ class _Compiler:
             # musubi's parser is the last word, but only on a stage whose own problems are fixed.
             reported = any(p.severity == "error" for p in self.problems[self.reported:])
             reason = None if reported else contract.check(step.script, args)
+            sound = not reported and not reason
+            fallbacks = ladder.fallbacks(self.fam, stage.kind, step.script, args, self.task) if sound else []
         if reason:
             self.error(("stages", name), f"musubi's {step.script} would reject this command: {reason}", "fix the option named in the message")
-        fallbacks = [] if reason or step.launcher == LAUNCH_TOOL else ladder.fallbacks(self.fam, stage.kind, step.script, args, self.task)
         upstream = [self.steps[n].fingerprint for n in needs if n in self.steps]
         files = [f.content for f in self.files if f.path in args]
         fp = fingerprint(step.script, step.launcher, step.launch_args, args, files, upstream)

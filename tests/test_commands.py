@@ -23,7 +23,11 @@ def test_plan_text_commands_can_be_pasted():
     blocks = text.split("\n\n")
     for step in plan.steps:
         block = next(b for b in blocks if b.lstrip().startswith(f"{plan.steps.index(step) + 1}. {step.id}:"))
-        command = "\n".join(line for line in block.splitlines()[1:] if not line.strip().startswith("->"))
+        lines = block.splitlines()[1:]
+        end = next(i for i, line in enumerate(lines) if not line.endswith("\\"))  # the command's last line
+        command = "\n".join(lines[:end + 1])
+        assert all(line.startswith("   ->") or line.startswith("   if out of memory") or line.startswith("     ")
+                   for line in lines[end + 1:])
         assert shlex.split(command.replace("\\\n", " ")) == step.display_argv()
 
 
