@@ -100,6 +100,7 @@ class Task:
     dit: str  # key of the family's memory facts
     switches: dict[str, Any]  # clip, image_latents, start_image, experts, control, one_frame_only, f1, ...
     expert_timesteps: dict[str, tuple[int, int]] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # short spellings users type (lower case)
 
     def __getitem__(self, key: str) -> Any:
         return self.switches.get(key)
@@ -127,6 +128,7 @@ class Family:
     stages: dict[str, StageSpec]
     dits: dict[str, DiT]  # task (or the model's name) -> memory facts
     lora: dict[str, Any]
+    memory: dict[str, Any]  # [memory] beyond the DiT facts: cache rules by GPU size, measured runs
     flags: dict[str, Any]  # role -> musubi option (common, overridden per family)
     training: dict[str, Any]  # common training knowledge (attention flags, optimizers, ...)
 
@@ -157,12 +159,13 @@ class Family:
         return sorted(names, key=lambda t: t != self.default_task)
 
     def resolve_task(self, name: str | None) -> str | None:
-        """The task's name as musubi spells it, from any capitalisation; None if not a task here."""
+        """The task's name as musubi spells it, from any capitalisation or a short alias
+        (1.3b, a14b); None if not a task here."""
         if name is None:
             return self.default_task
-        for task in self.tasks:
-            if task.lower() == name.lower():
-                return task
+        for task in self.tasks.values():
+            if name.lower() in (task.name.lower(), *task.aliases):
+                return task.name
         return None
 
     def dit(self, task: str | None = None) -> DiT:
@@ -196,7 +199,8 @@ def _task(name: str, data: dict) -> Task:
     title, dit = data.pop("title"), data.pop("dit")
     data.pop("default", None)
     timesteps = {k: tuple(v) for k, v in data.pop("expert_timesteps", {}).items()}
-    return Task(name, title, dit, data, timesteps)
+    aliases = tuple(a.lower() for a in data.pop("aliases", ()))
+    return Task(name, title, dit, data, timesteps, aliases)
 
 
 @lru_cache(maxsize=1)
@@ -231,7 +235,8 @@ def _load(name: str) -> Family:
         comfy_name=ident["comfy_name"], order=ident.get("order", 99), rules=data["rules"],
         models={slot: ModelSlot(slot, m["folder"], m["help"]) for slot, m in data["models"].items()},
         tasks=tasks, default_task=default_task, model=model or tasks[default_task],
-        experts=data.get("experts", {}), stages=stages, dits=dits, lora=data["lora"], flags=flags,
+        experts=data.get("experts", {}), stages=stages, dits=dits, lora=data["lora"],
+        memory={k: v for k, v in data["memory"].items() if k != "dits"}, flags=flags,
         training=common["training"],
     )
 

@@ -206,7 +206,7 @@ def test_lora_for_another_model_size(tmp_path):
     p = make_lora(tmp_path / "small.safetensors", variant="t2v-1.3B")
     r = lora.read_lora(p, family="wan", variant="t2v-14B")
     assert len(r.coverage.wrong_shape) == 10
-    assert any("shapes for another model size than Wan 2.1/2.2 t2v-14B" in e.message and "1536->1536, expected 5120->5120"
+    assert any("shapes for another model size than Wan 2.1 / 2.2 t2v-14B" in e.message and "1536->1536, expected 5120->5120"
                in e.message for e in r.errors)
 
 

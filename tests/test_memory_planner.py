@@ -19,9 +19,9 @@ def dests(script: str) -> set[str]:
     return {a["dest"] for a in json.loads((CLI / script.replace(".py", ".json")).read_text())["args"]}
 
 
-@pytest.mark.parametrize("run", list(memory.MEASURED))
+@pytest.mark.parametrize("run", list(memory.measured_runs()))
 def test_measured_runs_are_reproduced(run):
-    task, gc, fp8, swap, s_it, torch_gib, device_mib = memory.MEASURED[run]
+    task, gc, fp8, swap, s_it, torch_gib, device_mib = memory.measured_runs()[run]
     got = memory.predict("wan", task, Settings(gc, fp8, swap))
     assert got.torch_peak_gib == pytest.approx(torch_gib, rel=0.03)  # torch peak within 3%
     assert got.device_peak_gib * 1024 == pytest.approx(device_mib, rel=0.04)  # nvidia-smi peak within 4%
@@ -107,7 +107,7 @@ def test_fields_are_musubi_argument_names_of_the_family(family, task, vram):
 
 
 def test_hunyuan_block_swap_counts_follow_musubi():
-    dit = memory.MODELS[("hunyuan_video", "t2v")]
+    dit = memory.dit_for("hunyuan_video", None)
     assert dit.swapped(20) == (10, 21) and dit.swapped(38) == (19, 39)  # the largest musubi accepts
 
 

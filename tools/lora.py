@@ -214,35 +214,39 @@ def lora_name_of(module: str) -> str:
     return MUSUBI_PREFIX + module.replace(".", "_")
 
 
-@lru_cache(maxsize=None)
-def _targets_data() -> dict:
-    with open(Path(__file__).parent / "data" / "lora_targets.json", encoding="utf-8") as f:
-        return json.load(f)
+def _lora(family: str) -> dict:
+    """The registry's [lora] facts of a family: network module, module sets, variants."""
+    from ..pipelines import registry
+
+    return registry.family(family).lora
 
 
 def family_names() -> list[str]:
-    return sorted(_targets_data()["families"])
+    from ..pipelines import registry
+
+    return list(registry.family_names())
 
 
 def resolve_family(name: str) -> str:
     """The canonical family name for a user's spelling (wan, hv, hunyuan-video, fpack, ...)."""
-    key = name.strip().lower().replace(" ", "_")
-    for fam, spec in _targets_data()["families"].items():
-        if key == fam or key in spec.get("aliases", []):
-            return fam
-    raise PipelineError([Problem(f"unknown model family {name!r}", path="family",
-                                 fix=f"use one of: {', '.join(family_names())}")])
+    from ..pipelines import registry
+
+    found = registry.canonical(name)
+    if found is None:
+        raise PipelineError([Problem(f"unknown model family {name!r}", path="family",
+                                     fix=f"use one of: {', '.join(family_names())}")])
+    return found
 
 
 def variants(family: str) -> list[str]:
-    return list(_targets_data()["families"][resolve_family(family)]["variants"])
+    return list(_lora(resolve_family(family))["variants"])
 
 
 @lru_cache(maxsize=None)
 def target_modules(family: str, variant: str | None = None) -> dict[str, TargetModule]:
     """LoRA name -> module, for one family variant (default: the family's default variant)."""
     family = resolve_family(family)
-    spec = _targets_data()["families"][family]
+    spec = _lora(family)
     variant = variant or spec["default_variant"]
     if variant not in spec["variants"]:
         raise PipelineError([Problem(f"{family} has no variant {variant!r}", path="variant",
@@ -264,20 +268,18 @@ def target_modules(family: str, variant: str | None = None) -> dict[str, TargetM
 def _all_module_names() -> dict[str, str]:
     """LoRA name -> dotted module name over every family and variant (to undo '_' for '.')."""
     names: dict[str, str] = {}
-    for fam, spec in _targets_data()["families"].items():
-        for var in spec["variants"]:
+    for fam in family_names():
+        for var in _lora(fam)["variants"]:
             for ln, m in target_modules(fam, var).items():
                 names[ln] = m.module
     return names
 
 
 def family_of_modelspec(arch: str) -> str | None:
-    """'wan2.1/lora' -> 'wan'; None for an architecture that is not a video family here."""
-    base = arch.split("/")[0].strip().lower()
-    for fam, spec in _targets_data()["families"].items():
-        if base in [a.lower() for a in spec["modelspec"]]:
-            return fam
-    return None
+    """'wan2.1/lora' -> its family; None for an architecture that is not a family here."""
+    from ..pipelines import registry
+
+    return registry.family_of_modelspec(arch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,8 +474,8 @@ def read_lora(path: str | os.PathLike, family: str | None = None, variant: str |
         fam = family_of_modelspec(arch)
         source = f"metadata modelspec.architecture={arch}"
         if fam is None:
-            problems.append(_problem(path, f"metadata says architecture {arch!r}, which is not HunyuanVideo, Wan or "
-                                     "FramePack", "use this LoRA with its own model family", severity="warning"))
+            problems.append(_problem(path, f"metadata says architecture {arch!r}, which is none of the families here "
+                                     f"({', '.join(family_names())})", "use this LoRA with its own model family", severity="warning"))
     guessed, found_variant = _guess_family(modules)
     if fam is None and guessed:
         fam, source = guessed, "module names"
@@ -489,7 +491,7 @@ def read_lora(path: str | os.PathLike, family: str | None = None, variant: str |
     check_family = want or fam
     if check_family:
         var = variant or (found_variant if (guessed == check_family) else None)
-        report.variant = var or _targets_data()["families"][check_family]["default_variant"]
+        report.variant = var or _lora(check_family)["default_variant"]
         report.coverage = coverage(modules, check_family, report.variant)
         _coverage_problems(report)
     else:
@@ -543,18 +545,19 @@ def _check_module(st: SafetensorsFile, m: LoraModule, layout: str, problems: lis
                                  "convert_lora.py --target default, which adds it"))
 
 
-_FAMILY_HINTS = [  # a module-name fragment that only this family's networks produce
-    ("wan", re.compile(r"^lora_unet_blocks_\d+_(self_attn|cross_attn|ffn)_")),
-    ("hunyuan_video", re.compile(r"^lora_unet_(double_blocks_\d+_(img|txt)_(attn|mlp)_|single_blocks_\d+_linear[12]$)")),
-    ("framepack", re.compile(r"^lora_unet_(single_)?transformer_blocks_\d+_(attn_|ff_|ff_context_|proj_)")),
-]
+
+
+@lru_cache(maxsize=1)
+def _family_hints() -> list[tuple[str, re.Pattern]]:
+    """(family, a module-name pattern only that family's networks produce), from the registry."""
+    return [(fam, re.compile(_lora(fam)["hint"])) for fam in family_names()]
 
 
 def _guess_family(modules: dict[str, LoraModule]) -> tuple[str | None, str | None]:
     """The family whose modules match most names, and the variant whose shapes fit best."""
     votes: dict[str, int] = {}
     for ln in modules:
-        for fam, pat in _FAMILY_HINTS:
+        for fam, pat in _family_hints():
             if pat.match(ln):
                 votes[fam] = votes.get(fam, 0) + 1
     if not votes:
@@ -586,7 +589,9 @@ def coverage(modules: dict[str, LoraModule], family: str, variant: str) -> Cover
 
 def _coverage_problems(r: LoraReport) -> None:
     c = r.coverage
-    fam_title = _targets_data()["families"][c.family]["title"]
+    from ..pipelines import registry
+
+    fam_title = registry.family(c.family).title
     if c.unknown:
         r.problems.append(_problem(r.path, f"{len(c.unknown)} of {len(r.modules)} modules are not {fam_title} modules "
                                    f"that musubi trains, so they would not load (\"lora key not loaded\"), e.g. "

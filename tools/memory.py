@@ -6,84 +6,46 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..errors import PipelineError, Problem
+from ..pipelines import registry
+from ..pipelines.registry import DiT
 
 GIB = 2 ** 30
 MIB = 2 ** 20
 
-# --- The model's parts, one per DiT. Parameter counts are exact: musubi-tuner 30c658c's own
-# model classes built on the meta device (WanModel with wan/configs/*, HYVideoDiffusionTransformer
-# with HUNYUAN_VIDEO_CONFIG["HYVideo-T/2-cfgdistill"], HunyuanVideoTransformer3DModelPacked with
-# image projection and clean-latent embedders), summing parameters / Linear weights per block.
+# --- The model's parts, one per DiT, and the runs the constants are fitted to: memory facts of
+# the registry (pipelines/families/*.toml, [memory]).
 
 
-@dataclass(frozen=True)
-class BlockKind:
-    count: int
-    params: int  # all parameters of one block
-    linear_weights: int  # of which Linear weight matrices (what fp8 stores in one byte)
+def dit_for(family: str, task: str | None) -> DiT:
+    family, task = resolve_task(family, task)
+    return registry.family(family).dits[task]
 
 
-@dataclass(frozen=True)
-class DiT:
-    title: str
-    params: int
-    hidden: int
-    blocks: tuple[BlockKind, ...]  # (double, single) for HunyuanVideo/FramePack; one kind for Wan
-    lora_family: str
-    lora_variant: str
-    fp8_scaled: bool  # musubi has --fp8_scaled for this family's training
-    max_swap: int
-
-    def swapped(self, n: int) -> tuple[int, ...]:
-        """How many blocks of each kind --blocks_to_swap n moves to the CPU (musubi's enable_block_swap)."""
-        if n <= 0:
-            return tuple(0 for _ in self.blocks)
-        if len(self.blocks) == 1:
-            return (n,)
-        double = n // 2  # hunyuan_model/models.py and frame_pack/hunyuan_video_packed.py
-        return (double, (n - double) * 2 + 1)
+@lru_cache(maxsize=1)
+def _measured() -> tuple[registry.Family, dict]:
+    """(the family whose runs were measured, its [memory.measured] table)."""
+    for fam in registry.families():
+        table = fam.memory.get("measured")
+        if table:
+            return fam, table
+    raise LookupError("no family file has [memory.measured]")
 
 
-_WAN_13 = (BlockKind(30, 46_440_704, 46_399_488),)
-_WAN_13_IMG = (BlockKind(30, 51_163_904, 51_118_080),)
-_WAN_14 = (BlockKind(40, 351_394_304, 351_272_960),)
-_WAN_14_IMG = (BlockKind(40, 403_838_464, 403_701_760),)
-_HV_BLOCKS = (BlockKind(20, 339_831_296, 339_738_624), BlockKind(40, 141_591_808, 141_557_760))
+def measured_runs() -> dict[str, tuple]:
+    """run: (task, gradient checkpointing, fp8, blocks_to_swap, s/it, torch peak GiB, device peak MiB)."""
+    _, table = _measured()
+    return {name: (r["task"], r["gradient_checkpointing"], r["fp8"], r["blocks_to_swap"], r["s_per_it"],
+                   r["torch_peak_gib"], r["device_peak_mib"]) for name, r in table["runs"].items()}
 
-MODELS: dict[tuple[str, str], DiT] = {
-    ("wan", "t2v-1.3B"): DiT("Wan 2.1 T2V 1.3B", 1_418_996_800, 1536, _WAN_13, "wan", "t2v-1.3B", True, 29),
-    ("wan", "t2v-1.3B-FC"): DiT("Wan 2.1 Fun-Control 1.3B", 1_564_502_336, 1536, _WAN_13_IMG, "wan", "t2v-1.3B-FC", True, 29),
-    ("wan", "t2v-14B"): DiT("Wan 2.1 T2V 14B", 14_288_491_584, 5120, _WAN_14, "wan", "t2v-14B", True, 39),
-    ("wan", "t2i-14B"): DiT("Wan 2.1 T2I 14B", 14_288_491_584, 5120, _WAN_14, "wan", "t2i-14B", True, 39),
-    ("wan", "i2v-14B"): DiT("Wan 2.1 I2V 14B", 16_394_878_784, 5120, _WAN_14_IMG, "wan", "i2v-14B", True, 39),
-    ("wan", "flf2v-14B"): DiT("Wan 2.1 FLF2V 14B", 16_394_878_784, 5120, _WAN_14_IMG, "wan", "flf2v-14B", True, 39),
-    ("wan", "t2v-14B-FC"): DiT("Wan 2.1 Fun-Control T2V 14B", 16_394_878_784, 5120, _WAN_14_IMG, "wan", "t2v-14B-FC", True, 39),
-    ("wan", "i2v-14B-FC"): DiT("Wan 2.1 Fun-Control I2V 14B", 16_394_878_784, 5120, _WAN_14_IMG, "wan", "i2v-14B-FC", True, 39),
-    ("wan", "t2v-A14B"): DiT("Wan 2.2 T2V A14B (one expert)", 14_288_491_584, 5120, _WAN_14, "wan", "t2v-A14B", True, 39),
-    ("wan", "i2v-A14B"): DiT("Wan 2.2 I2V A14B (one expert)", 14_288_901_184, 5120, _WAN_14, "wan", "i2v-A14B", True, 39),
-    ("hunyuan_video", "t2v"): DiT("HunyuanVideo", 12_821_012_544, 3072, _HV_BLOCKS, "hunyuan_video", "t2v", False, 38),
-    ("framepack", "i2v"): DiT("FramePack", 12_874_314_816, 3072, _HV_BLOCKS, "framepack", "i2v", True, 38),
-}
-TASK_ALIASES = {("wan", "a14b"): "t2v-A14B", ("wan", "1.3b"): "t2v-1.3B", ("wan", "14b"): "t2v-14B",
-                ("hunyuan_video", "hv"): "t2v", ("hunyuan_video", "i2v"): "t2v", ("framepack", "f1"): "i2v",
-                ("framepack", "framepack"): "i2v"}
-DEFAULT_TASK = {"wan": "t2v-14B", "hunyuan_video": "t2v", "framepack": "i2v"}
 
-# --- What was measured (gpu-measurements.md, H100 80GB, musubi 30c658c, Wan 2.1 random weights,
-# 832x480x33 = 14,040 tokens, batch 1, LoRA rank 32, AdamW, bf16, sdpa).
-MEASURED_TOKENS = 14_040
-MEASURED_RANK = 32
-MEASURED = {
-    # run: (task, gradient checkpointing, fp8, blocks_to_swap, s/it, torch peak GiB, device peak MiB)
-    "a": ("t2v-1.3B", True, False, 0, 1.027, 6.40, 8011),
-    "b": ("t2v-1.3B", True, True, 0, 1.056, 5.19, 6849),
-    "c": ("t2v-1.3B", True, False, 10, 1.183, 5.55, 7349),
-    "d": ("t2v-1.3B", False, False, 0, 0.735, 43.68, 47615),
-    "big_a": ("t2v-14B", True, False, 0, 4.835, 38.56, 44899),
-    "big_swap": ("t2v-14B", True, False, 20, 9.150, 25.46, 31287),
-}
+def _reference(run: str) -> DiT:
+    fam, _ = _measured()
+    return fam.dits[measured_runs()[run][0]]
+
 
 BF16 = 2
+MEASURED_TOKENS = 14_040  # 832x480x33 with Wan's VAE and patches: the measured runs' sample
+MEASURED_RANK = 32
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + AdamW's two fp32 moments
 CHECKPOINT_BYTES = BF16  # with checkpointing, each block keeps only its bf16 input per token and hidden unit
 
@@ -119,7 +81,7 @@ def _block_params(dit: DiT) -> int:
 def _lora_params(dit: DiT, rank: int) -> int:
     from .lora import target_modules
 
-    return sum(rank * (m.in_features + m.out_features) for m in target_modules(dit.lora_family, dit.lora_variant).values())
+    return sum(rank * (m.in_features + m.out_features) for m in target_modules(dit.family, dit.task).values())
 
 
 def _weight_bytes(dit: DiT, s: Settings) -> tuple[float, float]:
@@ -155,8 +117,8 @@ def _device_peak(dit: DiT, s: Settings, tokens: int, rank: int, fit: Fit) -> flo
 
 
 def _seconds(dit: DiT, s: Settings, tokens: int, fit: Fit) -> float:
-    ref = MODELS[("wan", "t2v-1.3B")]
-    t = MEASURED["d"][4] * (_block_params(dit) / _block_params(ref)) ** fit.time_exponent * tokens / MEASURED_TOKENS
+    ref = _reference("d")
+    t = measured_runs()["d"][4] * (_block_params(dit) / _block_params(ref)) ** fit.time_exponent * tokens / MEASURED_TOKENS
     t *= fit.checkpointing_factor if s.gradient_checkpointing else 1.0
     t *= fit.fp8_factor if s.fp8 else 1.0
     _, swapped = _weight_bytes(dit, s)
@@ -172,8 +134,9 @@ def fitted() -> Fit:
     """Solve the constants from the measured runs (two runs per pair of constants)."""
     import math
 
-    wan13, wan14 = MODELS[("wan", "t2v-1.3B")], MODELS[("wan", "t2v-14B")]
-    a, b, c, d, big_a, big_swap = (MEASURED[k] for k in ("a", "b", "c", "d", "big_a", "big_swap"))
+    measured = measured_runs()
+    wan13, wan14 = _reference("a"), _reference("big_a")  # the small and the large measured DiT
+    a, b, c, d, big_a, big_swap = (measured[k] for k in ("a", "b", "c", "d", "big_a", "big_swap"))
     n, h, tok = _n_blocks(wan13), wan13.hidden, MEASURED_TOKENS
     fixed = (_weight_bytes(wan13, Settings(True, False, 0))[0] + _lora_params(wan13, MEASURED_RANK) * LORA_BYTES_PER_PARAM) / GIB
     # a: peak = fixed + n*tok*h*2/GIB + tok*h*k/GIB + C ;  d: peak = fixed + n*tok*h*k/GIB + C
@@ -186,7 +149,7 @@ def fitted() -> Fit:
     ov_a, ov_big = a[6] * MIB - a[5] * GIB, big_a[6] * MIB - big_a[5] * GIB
     o1 = (ov_big - ov_a) / (w14 - w13)
     o0 = (ov_a - o1 * w13) / MIB
-    context = min(r[6] * MIB - r[5] * GIB for r in MEASURED.values()) / GIB
+    context = min(r[6] * MIB - r[5] * GIB for r in measured.values()) / GIB
     gc = a[4] / d[4]
     fp8 = b[4] / a[4]
     expo = math.log((big_a[4] / gc) / d[4]) / math.log(_block_params(wan14) / _block_params(wan13))
@@ -240,16 +203,18 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def resolve_task(family: str, task: str | None) -> tuple[str, str]:
-    from .lora import resolve_family
-
-    family = resolve_family(family)
-    task = task or DEFAULT_TASK[family]
-    task = TASK_ALIASES.get((family, task.lower()), task)
-    if (family, task) not in MODELS:
-        tasks = sorted({t for f, t in MODELS if f == family} | {t for f, t in TASK_ALIASES if f == family})
-        raise PipelineError([Problem(f"{family} has no task {task!r} the planner knows", path="task",
-                                     fix=f"use one of: {', '.join(tasks)}")])
-    return family, task
+    """(family, task) as the registry names them; the one model of a family without tasks."""
+    try:
+        fam = registry.family(family)
+    except registry.UnknownFamily as exc:
+        raise PipelineError([Problem(str(exc), path="family", fix=f"use one of: {', '.join(registry.family_names())}")]) from None
+    if not fam.tasks:
+        return fam.name, fam.model.name
+    name = fam.resolve_task(task)
+    if name is None:
+        raise PipelineError([Problem(f"{fam.name} has no task {task!r} the planner knows", path="task",
+                                     fix=f"use one of: {', '.join(fam.task_names())}")])
+    return fam.name, name
 
 
 @dataclass
@@ -298,7 +263,7 @@ class MemoryPlan:
 
     def explain(self) -> str:
         c = self.chosen
-        lines = [f"{MODELS[(self.family, self.task)].title}, {self.tokens:,} tokens, batch {self.batch_size}, "
+        lines = [f"{dit_for(self.family, self.task).title}, {self.tokens:,} tokens, batch {self.batch_size}, "
                  f"{self.vram_gib:g} GiB GPU (plan to {self.limit_gib:.1f} GiB):",
                  f"  predicted: needs {c.need_gib:.1f} GiB (torch peak {c.torch_peak_gib:.1f} + CUDA context); "
                  f"nvidia-smi would show up to {c.device_peak_gib:.1f} GiB on a larger GPU; ~{c.seconds_per_step:.2f} "
@@ -329,13 +294,13 @@ def plan_memory(family: str, task: str | None, vram_gib: float, resolution: str 
     if batch_size < 1 or frames < 1 or rank < 1:
         raise PipelineError([Problem("batch size, frames and rank must be at least 1", fix="e.g. --frames 33 --batch-size 1")])
     w, h = parse_resolution(resolution) if isinstance(resolution, str) else resolution
-    dit, fit = MODELS[(family, task)], fitted()
+    dit, fit = dit_for(family, task), fitted()
     tokens = tokens_for(w, h, frames) * batch_size
     limit = vram_gib - safety_margin(vram_gib)
     options = []
     for gc in (False, True):
         for fp8 in ((False, True) if allow_fp8 else (False,)):
-            for swap in range(0, dit.max_swap + 1):
+            for swap in range(0, dit.max_blocks_to_swap + 1):
                 o = _option(dit, Settings(gc, fp8, swap), tokens, rank, fit)
                 o.fits = o.need_gib <= limit
                 options.append(o)
@@ -346,7 +311,7 @@ def plan_memory(family: str, task: str | None, vram_gib: float, resolution: str 
         least = min(options, key=lambda o: o.need_gib)
         raise PipelineError([Problem(
             f"{dit.title} at {w}x{h}, {frames} frames, batch {batch_size} needs about {least.need_gib:.1f} GiB even "
-            f"with gradient checkpointing, fp8 and {dit.max_swap} swapped blocks; the plan allows {limit:.1f} GiB of "
+            f"with gradient checkpointing, fp8 and {dit.max_blocks_to_swap} swapped blocks; the plan allows {limit:.1f} GiB of "
             f"{vram_gib:g}", path="resolution",
             fix="lower the resolution or the frame count (the activations grow with both), or use a larger GPU")])
     best = min(fitting, key=lambda o: (o.seconds_per_step, o.settings.fp8, o.settings.blocks_to_swap))
@@ -377,7 +342,7 @@ def _fields(dit, family, best: Option, options, tokens, batch_size, rank, limit,
         why["gradient_checkpointing"] = (
             f"off: the run fits without it ({best.need_gib:.1f} GiB of {limit:.1f}) and trains "
             f"{fit.checkpointing_factor:.2f}x faster than with it ({on.need_gib:.1f} GiB); measured on an H100: "
-            f"{MEASURED['d'][4]} vs {MEASURED['a'][4]} s/it for Wan 1.3B")
+            f"{measured_runs()['d'][4]} vs {measured_runs()['a'][4]} s/it for {_reference('a').title}")
     if s.fp8:
         plain = [o for o in options if o.fits and not o.settings.fp8]
         versus = (f"{best.seconds_per_step:.2f} s/step, faster than the best setting without fp8 "
@@ -407,31 +372,22 @@ def _fields(dit, family, best: Option, options, tokens, batch_size, rank, limit,
                              "and xformers fail without it there, and it saves a little memory elsewhere")
     else:
         why["split_attn"] = "off: batch size 1 gains nothing from split attention, which is slightly slower"
-    if dit.title.startswith("Wan 2.2"):
-        why["note"] = "Wan 2.2 A14B: planned for one expert per run (--dit with its timestep range)"
+    task = registry.family(dit.family).task(dit.task if dit.task in registry.family(dit.family).tasks else None)
+    if task.get("experts"):
+        why["note"] = f"{task.title}: planned for one expert per run (its DiT with its timestep range)"
     return train, why
 
 
 def _cache_fields(family: str, vram: float) -> tuple[dict, dict]:
-    """VAE options for the latent-caching stage. Not measured: thresholds follow musubi's docs
-    (framepack.md: chunk size 32, then 16 or 8 and spatial tiling when VRAM overflows)."""
-    if family == "wan":
-        if vram < 12:
-            return {"vae_cache_cpu": True}, {"vae_cache_cpu": "on: with under 12 GiB, keep the Wan VAE's feature cache in CPU memory (rule of thumb, not measured)"}
-        return {}, {"vae_cache_cpu": "off: enough GPU memory for the Wan VAE's cache (rule of thumb, not measured)"}
-    if vram < 12:
-        return ({"vae_chunk_size": 16, "vae_tiling": True},
-                {"vae_tiling": "on, with vae_chunk_size 16: under 12 GiB, encode in spatial tiles and small Conv3D chunks "
-                               "(musubi's docs; not measured here)"})
-    if vram < 24:
-        return ({"vae_chunk_size": 32, "vae_tiling": True},
-                {"vae_tiling": "on, with vae_chunk_size 32: under 24 GiB, the setting musubi's docs use (not measured here)"})
-    # vae_tiling False explicitly: the HunyuanVideo template turns tiling on by default.
-    return ({"vae_chunk_size": 32, "vae_tiling": False},
-            {"vae_tiling": "off: with 24 GiB or more, only Conv3D chunks of 32 (musubi's docs' setting)"})
+    """VAE options for the latent-caching stage: the family's first [[memory.cache]] rule whose
+    below_gib the GPU is under (not measured: thresholds follow musubi's docs)."""
+    for rule in registry.family(family).memory.get("cache", []):
+        if vram < rule.get("below_gib", float("inf")):
+            return dict(rule["set"]), dict(rule["why"])
+    return {}, {}
 
 
 def predict(family: str, task: str, settings: Settings, tokens: int = MEASURED_TOKENS, rank: int = MEASURED_RANK) -> Option:
     """The model's prediction for one setting (for tests and for showing alternatives)."""
     family, task = resolve_task(family, task)
-    return _option(MODELS[(family, task)], settings, tokens, rank, fitted(), fits=True)
+    return _option(dit_for(family, task), settings, tokens, rank, fitted(), fits=True)
