@@ -28,6 +28,8 @@ LANGUAGE_FIELDS = {
     "prompt", "section_prompts", "section_images", "prompts", "loras", "loras_high_noise", "save_path",
     "checkpoints", "output", "input", "to", "gpu_memory_gib", "rank", "format", "dtype", "contact_sheet",
 }
+# Stage fields that hold LoRAs; the registry says which flags each becomes for a family.
+LORA_FIELDS = ("loras", "loras_high_noise")
 # Characters a shell would act on. We never use a shell, but a path with them in a shared
 # pipeline is a mistake or an attempt at injection when someone pastes the plan's commands.
 SHELL_META = re.compile(r"[;|&$`<>\n\r\x00]")
@@ -134,6 +136,9 @@ class _Compiler:
         for slot, value in self.p.models.model_dump(exclude_none=True).items():
             if slot != "dit_dtype":
                 self.check_path(("models", slot), value)
+                if value.startswith("@"):
+                    self.error(("models", slot), f"models.{slot} takes a file, not a reference ({value!r})",
+                               f"set {slot} = {value!r} on the stage that should use it (train and generate stages take dit)")
         self.check_path(("workdir",), self.p.workdir)
         for name, stage in self.p.stages.items():
             for field in PATH_FIELDS & set(type(stage).model_fields):
@@ -546,11 +551,16 @@ class _Compiler:
         """The LoRA flags of each LoRA field the stage's script has (Wan 2.2: one pair per expert)."""
         args: list[str] = []
         inputs: list[Input] = []
-        for field, (weights_flag, multipliers_flag) in tpl.loras.items():
+        for field in LORA_FIELDS:
             loras = getattr(stage, field, None) or []
-            if loras and weights_flag not in contract.options(script):
-                self.error(("stages", name, field), f"{self.fam.title} {stage.kind} takes no {field}", "remove it")
+            if not loras:
                 continue
+            flags = tpl.loras.get(field)
+            if flags is None or flags[0] not in contract.options(script) or (field != "loras" and not self.task_props.get("experts")):
+                self.error(("stages", name, field), f"{self.fam.title} {self.task or ''} {stage.kind} takes no {field}".replace("  ", " "),
+                           f"remove it; {field} is for two-expert tasks ({', '.join(self.expert_tasks()) or 'none in this family'})")
+                continue
+            weights_flag, multipliers_flag = flags
             weights, multipliers = [], []
             for i, lora in enumerate(loras):
                 path, producer = self.value_or_ref(refs, ("stages", name, field, i, "path"), lora.path)

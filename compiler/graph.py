@@ -50,6 +50,11 @@ REFERENCE_FIELDS = {
 }
 
 
+# Free text, where '@' is just a character.
+TEXT_FIELDS = {"prompt", "negative_prompt", "section_prompts", "description", "text", "negative", "one_frame_inference",
+               "one_frame", "output_name"}
+
+
 def references(name: str, stage) -> list[tuple[tuple, str, tuple[str, ...]]]:
     """(field path, reference text, accepted artifact kinds) for every reference in a stage,
     found wherever it is written; kinds is () where the field takes no reference."""
@@ -65,6 +70,8 @@ def references(name: str, stage) -> list[tuple[tuple, str, tuple[str, ...]]]:
             continue
         kinds = REFERENCE_FIELDS.get(field, ())
         for path, text in _strings(base + (field,), value):
+            if TEXT_FIELDS & {p for p in path if isinstance(p, str)}:
+                continue  # free text may start with '@'; references are for paths
             if path[-1] == "path" and field in ("loras", "loras_high_noise"):
                 found.append((path, text, kinds))
             else:

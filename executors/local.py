@@ -24,11 +24,14 @@ from .musubi_env import MusubiConfig, environment_facts
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, sha256_file, stamp, state_path)
 
-# `accelerate launch` flags a plan may carry. Anything else (--module, --no_python, a config
-# file) could change what runs, and the program that runs is the configuration's choice only.
-LAUNCH_FLAGS = {"--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
-                "--main_process_port", "--mixed_precision", "--num_cpu_threads_per_process",
-                "--multi_gpu", "--gpu_ids", "--dynamo_backend", "--same_network", "--quiet"}
+def launch_flags() -> set[str]:
+    """`accelerate launch` flags a plan may carry (the registry's). Anything else (--module,
+    --no_python, a config file) could change what runs, and that is the configuration's choice only."""
+    from ..pipelines import registry
+
+    return {"--" + option for option in registry.launch_flags().values()}
+
+
 # Environment a plan must not set: it would choose another program or inject code.
 FORBIDDEN_ENV = re.compile(r"^(PATH|PYTHON(?!UNBUFFERED$|IOENCODING$).*|LD_.*|DYLD_.*|ACCELERATE_CONFIG_FILE|"
                            r"BASH_ENV|ENV|SHELL|HOME|COMSPEC|PATHEXT)$", re.IGNORECASE)
@@ -58,6 +61,7 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
     """Refuse a plan that could run anything but musubi-tuner's own scripts, or write outside
     the configured output roots (when the configuration names any)."""
     problems = []
+    allowed = launch_flags()
     for step in plan.steps:
         where = f"steps.{step.id}"
         if step.launcher == LAUNCH_TOOL:
@@ -68,9 +72,9 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
             problems.append(Problem(f"script {step.script!r} is not a musubi-tuner script name", path=where + ".script",
                                     file=plan.source, fix="a plan may only name scripts inside src/musubi_tuner/"))
         for arg in step.launch_args:
-            if arg.startswith("-") and arg.split("=", 1)[0] not in LAUNCH_FLAGS:
+            if arg.startswith("-") and arg.split("=", 1)[0] not in allowed:
                 problems.append(Problem(f"accelerate launch flag {arg!r} is not allowed", path=where + ".launch_args",
-                                        file=plan.source, fix=f"allowed: {', '.join(sorted(LAUNCH_FLAGS))}"))
+                                        file=plan.source, fix=f"allowed: {', '.join(sorted(allowed))}"))
         for key in step.env:
             if FORBIDDEN_ENV.match(key):
                 problems.append(Problem(f"environment variable {key} may not be set by a pipeline", path=where + ".env",

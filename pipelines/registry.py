@@ -298,6 +298,11 @@ def all_task_names() -> set[str]:
     return {t for fam in families() for t in fam.tasks}
 
 
+def training() -> dict[str, Any]:
+    """What musubi's training does the same for every family (common.toml [training])."""
+    return dict(_common()["training"])
+
+
 def launch_flags() -> dict[str, str]:
     """accelerate launch's options by role (musubi's training scripts run under accelerate)."""
     return dict(_common()["launch"])

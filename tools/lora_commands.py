@@ -121,7 +121,7 @@ def plan_memory_command(family, task, vram, resolution, frames, batch_size, rank
 
 
 @click.command()
-@click.option("--family", default="wan", show_default=True, help="family for the advice")
+@click.option("--family", help="family for the advice (default: the first in the registry's order)")
 @click.option("--task", help="task for the advice (default: the family's largest)")
 @click.option("--json", "as_json", is_flag=True)
 def gpu(family, task, as_json):

@@ -23,7 +23,7 @@ def dataset():
 
 @dataset.command("inspect")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--family", default="wan", show_default=True, help="hv, wan or framepack: picks cache suffix and target fps")
+@click.option("--family", help="model family (a name or alias): picks cache suffix and target fps; default: the first in the registry's order")
 @click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
 @click.option("--sheet", type=click.Path(dir_okay=False), help="also write a contact sheet PNG here")
 @click.option("--no-media", is_flag=True, help="only list files; do not open images and videos")

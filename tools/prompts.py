@@ -14,28 +14,26 @@ from typing import Sequence
 from ..errors import PipelineError, Problem
 from ..files import write_atomic
 
-# Prompt field -> inline option, per parser. The generate scripts' parse_prompt_line (30c658c)
-# splits a line on " --" and reads the first word of each part; FramePack's --f is seconds.
-GENERATE_OPTIONS = {
-    "wan_generate_video": {"width": "w", "height": "h", "frames": "f", "seed": "d", "steps": "s", "guidance": "g",
-                           "cfg_scale": "l", "flow_shift": "fs", "image": "i", "end_image": "ei", "control": "cn",
-                           "negative": "n", "control_images": "ci", "one_frame": "of"},
-    "fpack_generate_video": {"width": "w", "height": "h", "video_seconds": "f", "seed": "d", "steps": "s",
-                             "guidance": "g", "cfg_scale": "l", "flow_shift": "fs", "image": "i", "negative": "n",
-                             "video_sections": "vs", "end_image": "ei", "control_images": "ci", "one_frame": "of"},
-    "hv_1_5_generate_video": {"width": "w", "height": "h", "frames": "f", "seed": "d", "steps": "s", "guidance": "g",
-                              "cfg_scale": "l", "flow_shift": "fs", "image": "i", "negative": "n"},
-}
-# Training's sample prompts (training/sampling_prompts.py line_to_prompt_dict): inline options in
-# .txt, or the same keys spelled out in .json.
-SAMPLE_OPTIONS = {"width": "w", "height": "h", "frames": "f", "seed": "d", "steps": "s", "guidance": "g",
-                  "flow_shift": "fs", "cfg_scale": "l", "negative": "n", "image": "i", "end_image": "ei",
-                  "control": "cn", "control_images": "ci", "one_frame": "of"}
-SAMPLE_JSON_KEYS = {"text": "prompt", "width": "width", "height": "height", "frames": "frame_count", "seed": "seed",
-                    "steps": "sample_steps", "guidance": "guidance_scale", "flow_shift": "discrete_flow_shift",
-                    "cfg_scale": "cfg_scale", "negative": "negative_prompt", "image": "image_path",
-                    "end_image": "end_image_path", "control": "control_video_path",
-                    "control_images": "control_image_path", "one_frame": "one_frame"}
+# Prompt field -> inline option, per parser: the registry's generate stages (prompt_options:
+# parse_prompt_line splits a line on " --" and reads the first word of each part) and training's
+# sample prompts (training/sampling_prompts.py line_to_prompt_dict: inline options in .txt, the
+# same keys spelled out in .json).
+
+
+def generate_options() -> dict[str, dict[str, str]]:
+    """Generate script (stem) -> prompt field -> inline option, for scripts with --from_file."""
+    from ..pipelines import registry
+
+    return {Path(f.stages["generate"].script).stem: f.stages["generate"].prompt_options
+            for f in registry.families() if "generate" in f.stages and f.stages["generate"].prompt_options}
+
+
+def _sample(table: str) -> dict[str, str]:
+    from ..pipelines import registry
+
+    return registry.training()[table]
+
+
 # The sample parser also tries every option pattern on the prompt text itself (case-insensitive),
 # so "i love my cat" becomes image_path="love my cat".
 _SAMPLE_TEXT_TRAPS = re.compile(r"^(?:[whfds] \d|(?:g|fs|l) [\d.]|(?:n|i|ei|cn|ci|of) .)", re.IGNORECASE)
@@ -159,11 +157,12 @@ def _unsupported(prompt: Prompt, i: int, options: dict[str, str], where: str, fi
 def generate_prompt_lines(prompts: Sequence[Prompt | dict], script: str, file: str = "") -> list[str]:
     """Lines of a `--from_file` prompt file for a generate script; all problems raise at once."""
     script = Path(script).stem
-    if script not in GENERATE_OPTIONS:
-        has = ", ".join(sorted(GENERATE_OPTIONS))
+    options = generate_options()
+    if script not in options:
+        has = ", ".join(sorted(options))
         raise PipelineError([Problem(f"{script}.py has no --from_file batch mode (scripts with it: {has})",
                                      path="script", file=file, fix="run one generate step per prompt for this family")])
-    options = GENERATE_OPTIONS[script]
+    options = options[script]
     lines, problems = [], []
     for i, p in enumerate(_as_prompts(prompts)):
         problems += _unsupported(p, i, options, f"{script}.py", file)
@@ -192,14 +191,14 @@ def sample_prompts_json(prompts: Sequence[Prompt | dict], file: str = "") -> str
     """Training sample prompts as musubi's .json format: texts are never parsed for options."""
     problems, out = [], []
     for i, p in enumerate(_as_prompts(prompts)):
-        problems += _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", file)
+        problems += _unsupported(p, i, _sample("sample_options"), "training's sample prompts", file)
         if not isinstance(p.text, str) or not p.text.strip():
             problems.append(_problem(i, "text", "is empty", "give a prompt text", file))
         for name in INT_FIELDS | FLOAT_FIELDS:
             if getattr(p, name, None) is not None:
                 problems += _check_value(i, name, getattr(p, name), file)
-        out.append({SAMPLE_JSON_KEYS[f.name]: getattr(p, f.name) for f in fields(Prompt)
-                    if f.name in SAMPLE_JSON_KEYS and _is_set(getattr(p, f.name))})
+        out.append({_sample("sample_json_keys")[f.name]: getattr(p, f.name) for f in fields(Prompt)
+                    if f.name in _sample("sample_json_keys") and _is_set(getattr(p, f.name))})
     if problems:
         raise PipelineError(problems)
     return json.dumps(out, ensure_ascii=False, indent=1) + "\n"
@@ -216,10 +215,10 @@ def write_sample_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLi
     if path.suffix.lower() != ".txt":
         raise PipelineError([Problem(f"musubi reads sample prompts from .txt, .toml or .json, not {path.suffix or '(no extension)'}",
                                      file=str(path), fix="name the file prompts.json")])
-    problems = [q for i, p in enumerate(items) for q in _unsupported(p, i, SAMPLE_OPTIONS, "training's sample prompts", str(path))]
+    problems = [q for i, p in enumerate(items) for q in _unsupported(p, i, _sample("sample_options"), "training's sample prompts", str(path))]
     lines = []
     for i, p in enumerate(items):
-        line, found = _line(p, i, SAMPLE_OPTIONS, str(path), sample=True)
+        line, found = _line(p, i, _sample("sample_options"), str(path), sample=True)
         problems += found
         lines.append(line)
     if problems:

@@ -122,12 +122,15 @@ def _process_name(nv, pid: int) -> str:
         return "?"
 
 
-def advice(gpu: GpuInfo, family: str = "wan", task: str | None = None, resolution: str = "832x480",
+def advice(gpu: GpuInfo, family: str | None = None, task: str | None = None, resolution: str = "832x480",
            frames: int = 33) -> str:
     """What to set for training on this GPU's free memory, from the memory planner."""
     from ..errors import PipelineError
     from .memory import plan_memory
 
+    from ..pipelines import registry
+
+    family = family or registry.default_family()
     free = gpu.memory_free_mib / 1024
     try:
         plan = plan_memory(family, task, free, resolution, frames)
@@ -144,7 +147,7 @@ def advice(gpu: GpuInfo, family: str = "wan", task: str | None = None, resolutio
     return text
 
 
-def report_text(report: GpuReport, family: str = "wan", task: str | None = None) -> str:
+def report_text(report: GpuReport, family: str | None = None, task: str | None = None) -> str:
     if not report.available:
         return report.message
     lines = []
