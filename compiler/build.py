@@ -228,8 +228,19 @@ class _Compiler:
                 continue
             if key in PATH_FIELDS and isinstance(value, str):
                 value = self.path(value)
-            args += contract.render(script, key, value)
+            args += self.render(("stages", name, key) if key in stage.model_fields_set else ("stages", name), script, key, value)
         return args
+
+    def render(self, where: tuple, script: str, dest: str, value) -> list[str]:
+        """argv words for an option; a list item that musubi's parser would read as a flag is refused
+        (`network_args = ["--network_module", "x"]` would otherwise choose what musubi imports)."""
+        if isinstance(value, (list, tuple)):
+            flags = [v for v in value if isinstance(v, str) and v.startswith("-") and not contract.is_number(v)]
+            if flags:
+                self.error(where, f"{dest} item {flags[0]!r} starts with '-', so musubi would read it as another option",
+                           f"remove it: {dest} items are values such as 'key=value'")
+                return []
+        return contract.render(script, dest, value)
 
     def extra(self, name: str, stage, script: str, taken: set[str]) -> list[str]:
         known = contract.options(script)
@@ -246,7 +257,7 @@ class _Compiler:
             if dest in type(stage).model_fields or dest in taken:
                 self.error(where, f"{dest} is set by the pipeline language", f"set {dest} on the stage itself, not in extra_args")
                 continue
-            args += contract.render(script, dest, value)
+            args += self.render(where, script, dest, value)
         return args
 
     def models(self, name: str, stage, tpl: StageSpec, script: str, sampling: bool = False, skip: tuple = ()) -> list[str]:

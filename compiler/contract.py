@@ -56,7 +56,7 @@ def render(script: str, dest: str, value) -> list[str]:
         return words
     if opt.action == "append":
         return [w for v in words for w in (_joined(opt.flag, v) if v.startswith("-") else (opt.flag, v))]
-    if len(words) == 1 and words[0].startswith("-") and not _is_number(words[0]):
+    if len(words) == 1 and words[0].startswith("-") and not is_number(words[0]):
         return _joined(opt.flag, words[0])
     return [opt.flag, *words]
 
@@ -67,7 +67,7 @@ def _joined(flag: str, value: str) -> list[str]:
     return [f"{flag}={value}"]
 
 
-def _is_number(word: str) -> bool:
+def is_number(word: str) -> bool:
     try:
         float(word)
         return True
@@ -151,7 +151,7 @@ def set_option(script: str, args: list[str], dest: str, value) -> list[str]:
             i += 1
             if word == opt.flag:
                 if takes is None:  # a list: its words up to the next option
-                    while i < len(args) and not (args[i].startswith("--") and not _is_number(args[i])):
+                    while i < len(args) and not (args[i].startswith("--") and not is_number(args[i])):
                         i += 1
                 else:
                     i += takes

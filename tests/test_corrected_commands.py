@@ -264,3 +264,4 @@ def test_real_musubi_parsers_accept_every_corrected_plan(tmp_path):
     results = json.loads(line[len("RESULTS "):])
     assert len(results) == len(items)
     assert all(r[1] == "ok" for r in results), [r for r in results if r[1] != "ok"]
+
