@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from ..errors import PipelineError, Problem
 from ..files import tomllib
+from . import limits
 from .model import STAGE_KINDS, STAGE_MODELS, Pipeline
 
 
@@ -51,12 +52,7 @@ def format_path(path: tuple) -> str:
 def load_pipeline(path: str | Path) -> tuple[Pipeline, Source]:
     """Read and validate a pipeline file; raise PipelineError with every problem found."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError([Problem("no such file", file=str(path), fix="check the path")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError([Problem(f"cannot read the file: {exc}", file=str(path), fix="save it as UTF-8 text")]) from None
+    text = limits.read_document(path, "pipeline")
     fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"
     return parse_pipeline(text, file=str(path), fmt=fmt)
 
@@ -71,6 +67,7 @@ def validate_pipeline(data: Any, source: Source) -> Pipeline:
     """Validate a document already parsed into Python values (also used by the ComfyUI nodes)."""
     if not isinstance(data, dict):
         raise PipelineError([source.problem((), "the document must be a table of settings", "start with name = ..., family = ...")])
+    limits.check_shape(data, source)
     problems: list[Problem] = []
     data = _interpolate(data, source, problems)
     data = _apply_defaults(data, source, problems)
@@ -87,36 +84,84 @@ def validate_pipeline(data: Any, source: Source) -> Pipeline:
 # --- parsing -------------------------------------------------------------------------------
 
 def _parse(source: Source) -> Any:
+    """The document's values; every syntax error, excess (see limits.py) or parser failure is a
+    PipelineError with the line."""
     if source.format == "yaml":
-        import yaml
-
-        try:
-            node = yaml.compose(source.text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(source.text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark else None
-            what = getattr(exc, "problem", None) or str(exc)
-            raise PipelineError([Problem(f"YAML syntax error: {what}", file=source.file, line=line, fix="fix the YAML syntax at that line")]) from None
-        if node is not None:
-            _record_yaml_lines(node, (), source.yaml_lines)
-        return data if data is not None else {}
+        return _parse_yaml(source)
     try:
+        if source.format == "json":
+            import json
+
+            # duplicate keys: json keeps the last one silently; refuse as TOML does
+            return json.loads(source.text, object_pairs_hook=_json_object)
         return tomllib.loads(source.text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = str(exc)
+    except RecursionError:
+        raise limits.too_deep(source.file, source.text) from None
+    except _DuplicateKey as exc:
+        raise PipelineError([Problem(f"duplicate key {exc.args[0]!r}", file=source.file, line=_json_key_line(source.text, exc.args[0]),
+                                     fix="rename or remove one of them")]) from None
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors; so is a 5000-digit number
+        msg = getattr(exc, "msg", None) or str(exc)
+        line = getattr(exc, "lineno", None)
         match = re.search(r"\(at line (\d+), column (\d+)\)", msg)
-        line = int(match.group(1)) if match else None
-        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        if match:
+            line = int(match.group(1))
+            msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        if source.format == "json":
+            raise PipelineError([Problem(f"JSON syntax error: {msg}", file=source.file, line=line, fix="fix the JSON syntax at that line")]) from None
         raise PipelineError([Problem(f"TOML syntax error: {msg}", file=source.file, line=line, fix="fix the TOML syntax at that line (strings need quotes, tables [name] stand on their own line)")]) from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _json_object(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _json_key_line(text: str, key: str) -> int | None:
+    lines = [i for i, raw in enumerate(text.splitlines(), 1) if f'"{key}"' in raw]
+    return lines[1] if len(lines) > 1 else None
+
+
+def _parse_yaml(source: Source) -> Any:
+    import yaml
+
+    try:
+        loader, node = limits.compose_yaml(source.text)
+        try:
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except limits.YamlRefused as exc:
+        raise PipelineError([Problem(exc.message, file=source.file, line=exc.line, fix=exc.fix)]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        what = getattr(exc, "problem", None) or str(exc)
+        raise PipelineError([Problem(f"YAML syntax error: {what}", file=source.file, line=line, fix="fix the YAML syntax at that line")]) from None
+    except (ValueError, TypeError, RecursionError) as exc:  # a 5000-digit int, an unhashable key, ...
+        raise PipelineError([Problem(f"YAML value cannot be read: {exc}", file=source.file, fix="write plain strings, numbers, lists and tables")]) from None
+    if node is not None:
+        _record_yaml_lines(node, (), source.yaml_lines)
+    return data if data is not None else {}
+
+
 def _record_yaml_lines(node: Any, path: tuple, lines: dict) -> None:
+    """Line of every field path (the node graph is bounded by limits.compose_yaml)."""
     import yaml
 
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # refused by the constructor (unhashable key)
             child = path + (key.value,)
             _record_yaml_lines(value, child, lines)
             lines[child] = key.start_mark.line + 1  # the key's line, not its value's
@@ -179,27 +224,31 @@ def _match_depth(keys: list[str], indexes: dict[str, int], path: tuple) -> int:
 # --- variables and defaults ------------------------------------------------------------------
 
 def _interpolate(data: dict, source: Source, problems: list[Problem]) -> dict:
-    """Render {{ var }} in every string with the document's [vars] (jinja2, sandboxed)."""
+    """Render {{ var }} in every string with the document's [vars] (see template.py for the
+    bounded template language)."""
     raw_vars = data.get("vars", {})
     if not isinstance(raw_vars, dict):
         return data  # the model reports the wrong type
+    from .template import MAX_TEMPLATES, TemplateRefused, render as render_template
+
     context: dict[str, Any] = {"name": data.get("name"), "family": data.get("family"), "pipeline_dir": str(source.folder)}
-    jinja: list = []  # imported on first use: most documents have nothing to interpolate
+    budget = [MAX_TEMPLATES]
+    done: dict[str, Any] = {}  # text -> rendering, once [vars] are known (YAML aliases repeat strings)
 
     def render(value: Any, path: tuple) -> Any:
-        if isinstance(value, str) and ("{{" in value or "{%" in value):
-            if not jinja:
-                from jinja2 import StrictUndefined, TemplateError
-                from jinja2.sandbox import SandboxedEnvironment
-
-                jinja[:] = [SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True), TemplateError]
-            env, TemplateError = jinja
+        if isinstance(value, str) and ("{{" in value or "{%" in value or "{#" in value):
+            if path[:1] != ("vars",) and value in done:
+                return done[value]
             try:
-                return env.from_string(value).render(context)
-            except TemplateError as exc:
+                out = render_template(value, context, budget)
+            except TemplateRefused as exc:
                 known = ", ".join(sorted(k for k in context if context[k] is not None)) or "none"
-                problems.append(source.problem(path, f"cannot interpolate {value!r}: {exc}", f"define it under [vars] (known: {known})"))
-                return value
+                fix = f"{exc.fix} (known: {known})" if exc.fix.startswith("define") else exc.fix
+                problems.append(source.problem(path, f"cannot interpolate {_show(value)}: {exc.message}", fix))
+                out = value
+            if path[:1] != ("vars",):
+                done[value] = out
+            return out
         if isinstance(value, dict):
             return {k: render(v, path + (k,)) for k, v in value.items()}
         if isinstance(value, list):
@@ -354,26 +403,20 @@ def _type_fix(loc: tuple, err: dict) -> str:
 
 def load_dataset_file(path: str | Path):
     """Read a musubi dataset config (TOML or JSON) with the same checks and messages as a pipeline."""
-    import json
+    return load_dataset_source(path)[0]
 
+
+def load_dataset_source(path: str | Path):
+    """(DatasetConfig, Source) of a dataset config file; PipelineError with every problem."""
     from .dataset import DatasetConfig
 
     path = Path(path)
+    text = limits.read_document(path, "dataset config")
+    source = Source(file=str(path), text=text, format="json" if path.suffix.lower() == ".json" else "toml")
+    data = _parse(source)
+    limits.check_shape(data, source)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        raise PipelineError([Problem("dataset config not found", file=str(path), fix="check the dataset path")]) from None
-    if path.suffix.lower() == ".json":
-        source = Source(file=str(path), text=text, format="json")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PipelineError([Problem(f"JSON syntax error: {exc.msg}", file=str(path), line=exc.lineno, fix="fix the JSON syntax at that line")]) from None
-    else:
-        source = Source(file=str(path), text=text, format="toml")
-        data = _parse(source)
-    try:
-        return DatasetConfig.model_validate(data)
+        return DatasetConfig.model_validate(data), source
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):
