@@ -293,7 +293,7 @@ def _unknown_key(source: Source, path: tuple, key: str, allowed: list[str]) -> P
 def _pydantic_problems(exc: ValidationError, data: dict, source: Source) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[tuple] = set()
-    for err in exc.errors(include_url=False):
+    for err in _union_errors(exc, data):
         kind = err["type"]
         loc = _clean_loc(err["loc"], data, missing_ok=kind == "missing")
         if kind == "extra_forbidden":
@@ -323,6 +323,23 @@ def _pydantic_problems(exc: ValidationError, data: dict, source: Source) -> list
             seen.add(key)
             problems.append(problem)
     return _drop_union_noise(problems)
+
+
+_TYPE_ERRORS = ("int_type", "int_from_float", "int_parsing", "float_type", "float_parsing", "tuple_type", "list_type")
+
+
+def _union_errors(exc: ValidationError, data: Any) -> list[dict]:
+    """pydantic's errors, less the "not a <type>" of union branches the value did not mean:
+    -1 for a whole-or-decimal number is "must be more than 0", not also "not a whole number"."""
+    errors = exc.errors(include_url=False)
+    located = [(_clean_loc(e["loc"], data, missing_ok=e["type"] == "missing"), e) for e in errors]
+    out = []
+    for loc, err in located:
+        if err["type"] in _TYPE_ERRORS and any(other is not err and other["type"] not in _TYPE_ERRORS and where[:len(loc)] == loc
+                                               for where, other in located):
+            continue
+        out.append(err)
+    return out
 
 
 def _clean_loc(loc: tuple, data: dict, missing_ok: bool = False) -> tuple:
@@ -381,9 +398,23 @@ def _show(value: Any) -> str:
     return text if len(text) < 60 else text[:57] + "..."
 
 
+_BOUNDS = {"greater_than_equal": ("ge", "{n} or more"), "greater_than": ("gt", "more than {n}"),
+           "less_than_equal": ("le", "{n} or less"), "less_than": ("lt", "less than {n}")}
+
+
 def _type_fix(loc: tuple, err: dict) -> str:
     kind = err["type"]
     name = loc[-1] if loc else "value"
+    if isinstance(name, int):  # an item of a list: name the list
+        name = next((p for p in reversed(loc) if isinstance(p, str)), "value")
+    if kind in _BOUNDS:
+        key, text = _BOUNDS[kind]
+        n = err.get("ctx", {}).get(key)
+        return f"set {name} to {text.format(n=int(n) if isinstance(n, float) and n.is_integer() else n)}"
+    if kind == "finite_number":
+        return f"write {name} as an ordinary number (nan and inf are not allowed)"
+    if kind == "string_too_long":
+        return f"shorten {name} to at most {err.get('ctx', {}).get('max_length')} characters"
     if kind.startswith("int"):
         return f"write {name} as a whole number without quotes"
     if kind.startswith("float"):
@@ -419,7 +450,7 @@ def load_dataset_source(path: str | Path):
         return DatasetConfig.model_validate(data), source
     except ValidationError as exc:
         problems = []
-        for err in exc.errors(include_url=False):
+        for err in _union_errors(exc, data):
             loc = _clean_loc(err["loc"], data, missing_ok=err["type"] == "missing")
             if err["type"] == "extra_forbidden":
                 problems.append(source.problem(loc, f"unknown key {loc[-1]!r} (musubi: extra keys not allowed)", _dataset_key_fix(loc, data)))
