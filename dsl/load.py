@@ -3,6 +3,7 @@ validate, and turn every problem into one message with file, line, field path an
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,7 +412,7 @@ def _type_fix(loc: tuple, err: dict) -> str:
         key, text = _BOUNDS[kind]
         n = err.get("ctx", {}).get(key)
         return f"set {name} to {text.format(n=int(n) if isinstance(n, float) and n.is_integer() else n)}"
-    if kind == "finite_number":
+    if kind == "finite_number" or (isinstance(err.get("input"), float) and not math.isfinite(err["input"])):
         return f"write {name} as an ordinary number (nan and inf are not allowed)"
     if kind == "string_too_long":
         return f"shorten {name} to at most {err.get('ctx', {}).get('max_length')} characters"
