@@ -270,7 +270,7 @@ def _apply_defaults(data: dict, source: Source, problems: list[Problem]) -> dict
     merged = {}
     for name, stage in stages.items():
         kind = stage.get("kind") if isinstance(stage, dict) else None
-        extra = defaults.get(kind)
+        extra = defaults.get(kind) if isinstance(kind, str) and kind in STAGE_MODELS else None
         if isinstance(extra, dict) and isinstance(stage, dict):
             fields = STAGE_MODELS[kind].model_fields
             for key in extra:
