@@ -234,7 +234,7 @@ def compile_pipeline(pipe: dict):
     file = str(Path(base) / f"{doc.get('name', 'comfyui')}.workflow.toml")
     try:
         text = tomli_w.dumps(doc)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # the loader reports what is wrong
         text = ""
     source = Source(file=file, text=text, format="toml")
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import networkx as nx
 
 from ..dsl.dataset import DatasetConfig
-from ..dsl.load import Source, format_path, load_dataset_file, load_pipeline
+from ..dsl.load import Source, format_path, load_dataset_source, load_pipeline
 from ..dsl.model import Pipeline
 from ..errors import PipelineError, Problem
 from . import contract, ladder
@@ -157,12 +157,11 @@ class _Compiler:
             self.check_path(("dataset",), data)
             file = Path(self.path(data))
             try:
-                config = load_dataset_file(file)
+                config, source = load_dataset_source(file)
             except PipelineError as exc:
                 self.problems.extend(exc.problems)
                 return
             base, where = file.parent, ()
-            source = Source(file=str(file), text=file.read_text(encoding="utf-8"), format="toml")
         else:
             config, base, where, source = data, self.base, ("dataset",), self.src
         for i, d in enumerate(config.datasets):

@@ -23,6 +23,11 @@ def compile_or_exit(path: str) -> Plan:
         sys.exit(1)
     for warning in plan.warnings:
         click.echo(warning, err=True)
+    from ..dsl.inputs import check_file
+
+    # Inputs may live on the machine that will run the pipeline: here, only a warning.
+    for problem in check_file(path, "warning", produced_under=plan.workdir):
+        click.echo(str(problem), err=True)
     return plan
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, StrictBool, StrictInt, StrictStr, Tag, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, field_validator
 
 FRAME_EXTRACTIONS = ("head", "chunk", "slide", "uniform", "full")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
@@ -19,13 +19,16 @@ DEPRECATED_KEYS = {
 }
 VAE_FRAME_STRIDE = 4  # target_frames are rounded down to N*4+1
 
-Resolution = Union[StrictInt, tuple[StrictInt, StrictInt]]
+Count = Annotated[StrictInt, Field(ge=1)]  # sizes, counts: musubi fails or makes nothing below 1
+Resolution = Union[Count, tuple[Count, Count]]
 
 
 def _strict_float(value: Any) -> Any:
     # voluptuous checks isinstance(value, float): 30 is rejected, 30.0 accepted.
     if isinstance(value, bool) or not isinstance(value, float):
         raise ValueError(f"expected a float such as {value!r}.0, got {value!r} (musubi rejects a whole number here)")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a frame rate such as 30.0, got {value!r}")
     return value
 
 
@@ -35,8 +38,8 @@ class _Section(BaseModel):
     # The "ascendable" keys: allowed in [general] and in every dataset.
     resolution: Resolution | None = None
     caption_extension: StrictStr | None = None
-    batch_size: StrictInt | None = None
-    num_repeats: StrictInt | None = None
+    batch_size: Count | None = None
+    num_repeats: Count | None = None
     enable_bucket: StrictBool | None = None
     bucket_no_upscale: StrictBool | None = None
 
@@ -51,9 +54,9 @@ class ImageDataset(_Section):
     cache_directory: StrictStr | None = None
     control_directory: StrictStr | None = None
     multiple_target: StrictBool | None = None
-    fp_latent_window_size: StrictInt | None = None
-    fp_1f_clean_indices: list[StrictInt] | None = None
-    fp_1f_target_index: StrictInt | None = None
+    fp_latent_window_size: Count | None = None
+    fp_1f_clean_indices: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    fp_1f_target_index: Annotated[StrictInt, Field(ge=0)] | None = None
     fp_1f_no_post: StrictBool | None = None
     no_resize_control: StrictBool | None = None
     control_resolution: Resolution | None = None
@@ -78,7 +81,7 @@ class VideoDataset(_Section):
     frame_sample: StrictInt | None = None
     max_frames: StrictInt | None = None
     source_fps: float | None = None
-    fp_latent_window_size: StrictInt | None = None
+    fp_latent_window_size: Count | None = None
 
     @field_validator("source_fps", mode="before")
     @classmethod

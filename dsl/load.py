@@ -3,6 +3,7 @@ validate, and turn every problem into one message with file, line, field path an
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 
 from ..errors import PipelineError, Problem
 from ..files import tomllib
+from . import limits
 from .model import STAGE_KINDS, STAGE_MODELS, Pipeline
 
 
@@ -51,12 +53,7 @@ def format_path(path: tuple) -> str:
 def load_pipeline(path: str | Path) -> tuple[Pipeline, Source]:
     """Read and validate a pipeline file; raise PipelineError with every problem found."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError([Problem("no such file", file=str(path), fix="check the path")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError([Problem(f"cannot read the file: {exc}", file=str(path), fix="save it as UTF-8 text")]) from None
+    text = limits.read_document(path, "pipeline")
     fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"
     return parse_pipeline(text, file=str(path), fmt=fmt)
 
@@ -71,6 +68,7 @@ def validate_pipeline(data: Any, source: Source) -> Pipeline:
     """Validate a document already parsed into Python values (also used by the ComfyUI nodes)."""
     if not isinstance(data, dict):
         raise PipelineError([source.problem((), "the document must be a table of settings", "start with name = ..., family = ...")])
+    limits.check_shape(data, source)
     problems: list[Problem] = []
     data = _interpolate(data, source, problems)
     data = _apply_defaults(data, source, problems)
@@ -87,36 +85,84 @@ def validate_pipeline(data: Any, source: Source) -> Pipeline:
 # --- parsing -------------------------------------------------------------------------------
 
 def _parse(source: Source) -> Any:
+    """The document's values; every syntax error, excess (see limits.py) or parser failure is a
+    PipelineError with the line."""
     if source.format == "yaml":
-        import yaml
-
-        try:
-            node = yaml.compose(source.text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(source.text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark else None
-            what = getattr(exc, "problem", None) or str(exc)
-            raise PipelineError([Problem(f"YAML syntax error: {what}", file=source.file, line=line, fix="fix the YAML syntax at that line")]) from None
-        if node is not None:
-            _record_yaml_lines(node, (), source.yaml_lines)
-        return data if data is not None else {}
+        return _parse_yaml(source)
     try:
+        if source.format == "json":
+            import json
+
+            # duplicate keys: json keeps the last one silently; refuse as TOML does
+            return json.loads(source.text, object_pairs_hook=_json_object)
         return tomllib.loads(source.text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = str(exc)
+    except RecursionError:
+        raise limits.too_deep(source.file, source.text) from None
+    except _DuplicateKey as exc:
+        raise PipelineError([Problem(f"duplicate key {exc.args[0]!r}", file=source.file, line=_json_key_line(source.text, exc.args[0]),
+                                     fix="rename or remove one of them")]) from None
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors; so is a 5000-digit number
+        msg = getattr(exc, "msg", None) or str(exc)
+        line = getattr(exc, "lineno", None)
         match = re.search(r"\(at line (\d+), column (\d+)\)", msg)
-        line = int(match.group(1)) if match else None
-        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        if match:
+            line = int(match.group(1))
+            msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        if source.format == "json":
+            raise PipelineError([Problem(f"JSON syntax error: {msg}", file=source.file, line=line, fix="fix the JSON syntax at that line")]) from None
         raise PipelineError([Problem(f"TOML syntax error: {msg}", file=source.file, line=line, fix="fix the TOML syntax at that line (strings need quotes, tables [name] stand on their own line)")]) from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _json_object(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _json_key_line(text: str, key: str) -> int | None:
+    lines = [i for i, raw in enumerate(text.splitlines(), 1) if f'"{key}"' in raw]
+    return lines[1] if len(lines) > 1 else None
+
+
+def _parse_yaml(source: Source) -> Any:
+    import yaml
+
+    try:
+        loader, node = limits.compose_yaml(source.text)
+        try:
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except limits.YamlRefused as exc:
+        raise PipelineError([Problem(exc.message, file=source.file, line=exc.line, fix=exc.fix)]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        what = getattr(exc, "problem", None) or str(exc)
+        raise PipelineError([Problem(f"YAML syntax error: {what}", file=source.file, line=line, fix="fix the YAML syntax at that line")]) from None
+    except (ValueError, TypeError, RecursionError) as exc:  # a 5000-digit int, an unhashable key, ...
+        raise PipelineError([Problem(f"YAML value cannot be read: {exc}", file=source.file, fix="write plain strings, numbers, lists and tables")]) from None
+    if node is not None:
+        _record_yaml_lines(node, (), source.yaml_lines)
+    return data if data is not None else {}
+
+
 def _record_yaml_lines(node: Any, path: tuple, lines: dict) -> None:
+    """Line of every field path (the node graph is bounded by limits.compose_yaml)."""
     import yaml
 
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # refused by the constructor (unhashable key)
             child = path + (key.value,)
             _record_yaml_lines(value, child, lines)
             lines[child] = key.start_mark.line + 1  # the key's line, not its value's
@@ -179,27 +225,31 @@ def _match_depth(keys: list[str], indexes: dict[str, int], path: tuple) -> int:
 # --- variables and defaults ------------------------------------------------------------------
 
 def _interpolate(data: dict, source: Source, problems: list[Problem]) -> dict:
-    """Render {{ var }} in every string with the document's [vars] (jinja2, sandboxed)."""
+    """Render {{ var }} in every string with the document's [vars] (see template.py for the
+    bounded template language)."""
     raw_vars = data.get("vars", {})
     if not isinstance(raw_vars, dict):
         return data  # the model reports the wrong type
+    from .template import MAX_TEMPLATES, TemplateRefused, render as render_template
+
     context: dict[str, Any] = {"name": data.get("name"), "family": data.get("family"), "pipeline_dir": str(source.folder)}
-    jinja: list = []  # imported on first use: most documents have nothing to interpolate
+    budget = [MAX_TEMPLATES]
+    done: dict[str, Any] = {}  # text -> rendering, once [vars] are known (YAML aliases repeat strings)
 
     def render(value: Any, path: tuple) -> Any:
-        if isinstance(value, str) and ("{{" in value or "{%" in value):
-            if not jinja:
-                from jinja2 import StrictUndefined, TemplateError
-                from jinja2.sandbox import SandboxedEnvironment
-
-                jinja[:] = [SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True), TemplateError]
-            env, TemplateError = jinja
+        if isinstance(value, str) and ("{{" in value or "{%" in value or "{#" in value):
+            if path[:1] != ("vars",) and value in done:
+                return done[value]
             try:
-                return env.from_string(value).render(context)
-            except TemplateError as exc:
+                out = render_template(value, context, budget)
+            except TemplateRefused as exc:
                 known = ", ".join(sorted(k for k in context if context[k] is not None)) or "none"
-                problems.append(source.problem(path, f"cannot interpolate {value!r}: {exc}", f"define it under [vars] (known: {known})"))
-                return value
+                fix = f"{exc.fix} (known: {known})" if exc.fix.startswith("define") else exc.fix
+                problems.append(source.problem(path, f"cannot interpolate {_show(value)}: {exc.message}", fix))
+                out = value
+            if path[:1] != ("vars",):
+                done[value] = out
+            return out
         if isinstance(value, dict):
             return {k: render(v, path + (k,)) for k, v in value.items()}
         if isinstance(value, list):
@@ -220,7 +270,7 @@ def _apply_defaults(data: dict, source: Source, problems: list[Problem]) -> dict
     merged = {}
     for name, stage in stages.items():
         kind = stage.get("kind") if isinstance(stage, dict) else None
-        extra = defaults.get(kind)
+        extra = defaults.get(kind) if isinstance(kind, str) and kind in STAGE_MODELS else None
         if isinstance(extra, dict) and isinstance(stage, dict):
             fields = STAGE_MODELS[kind].model_fields
             for key in extra:
@@ -244,7 +294,7 @@ def _unknown_key(source: Source, path: tuple, key: str, allowed: list[str]) -> P
 def _pydantic_problems(exc: ValidationError, data: dict, source: Source) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[tuple] = set()
-    for err in exc.errors(include_url=False):
+    for err in _union_errors(exc, data):
         kind = err["type"]
         loc = _clean_loc(err["loc"], data, missing_ok=kind == "missing")
         if kind == "extra_forbidden":
@@ -274,6 +324,23 @@ def _pydantic_problems(exc: ValidationError, data: dict, source: Source) -> list
             seen.add(key)
             problems.append(problem)
     return _drop_union_noise(problems)
+
+
+_TYPE_ERRORS = ("int_type", "int_from_float", "int_parsing", "float_type", "float_parsing", "tuple_type", "list_type")
+
+
+def _union_errors(exc: ValidationError, data: Any) -> list[dict]:
+    """pydantic's errors, less the "not a <type>" of union branches the value did not mean:
+    -1 for a whole-or-decimal number is "must be more than 0", not also "not a whole number"."""
+    errors = exc.errors(include_url=False)
+    located = [(_clean_loc(e["loc"], data, missing_ok=e["type"] == "missing"), e) for e in errors]
+    out = []
+    for loc, err in located:
+        if err["type"] in _TYPE_ERRORS and any(other is not err and other["type"] not in _TYPE_ERRORS and where[:len(loc)] == loc
+                                               for where, other in located):
+            continue
+        out.append(err)
+    return out
 
 
 def _clean_loc(loc: tuple, data: dict, missing_ok: bool = False) -> tuple:
@@ -332,9 +399,23 @@ def _show(value: Any) -> str:
     return text if len(text) < 60 else text[:57] + "..."
 
 
+_BOUNDS = {"greater_than_equal": ("ge", "{n} or more"), "greater_than": ("gt", "more than {n}"),
+           "less_than_equal": ("le", "{n} or less"), "less_than": ("lt", "less than {n}")}
+
+
 def _type_fix(loc: tuple, err: dict) -> str:
     kind = err["type"]
     name = loc[-1] if loc else "value"
+    if isinstance(name, int):  # an item of a list: name the list
+        name = next((p for p in reversed(loc) if isinstance(p, str)), "value")
+    if kind in _BOUNDS:
+        key, text = _BOUNDS[kind]
+        n = err.get("ctx", {}).get(key)
+        return f"set {name} to {text.format(n=int(n) if isinstance(n, float) and n.is_integer() else n)}"
+    if kind == "finite_number" or (isinstance(err.get("input"), float) and not math.isfinite(err["input"])):
+        return f"write {name} as an ordinary number (nan and inf are not allowed)"
+    if kind == "string_too_long":
+        return f"shorten {name} to at most {err.get('ctx', {}).get('max_length')} characters"
     if kind.startswith("int"):
         return f"write {name} as a whole number without quotes"
     if kind.startswith("float"):
@@ -354,29 +435,23 @@ def _type_fix(loc: tuple, err: dict) -> str:
 
 def load_dataset_file(path: str | Path):
     """Read a musubi dataset config (TOML or JSON) with the same checks and messages as a pipeline."""
-    import json
+    return load_dataset_source(path)[0]
 
+
+def load_dataset_source(path: str | Path):
+    """(DatasetConfig, Source) of a dataset config file; PipelineError with every problem."""
     from .dataset import DatasetConfig
 
     path = Path(path)
+    text = limits.read_document(path, "dataset config")
+    source = Source(file=str(path), text=text, format="json" if path.suffix.lower() == ".json" else "toml")
+    data = _parse(source)
+    limits.check_shape(data, source)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        raise PipelineError([Problem("dataset config not found", file=str(path), fix="check the dataset path")]) from None
-    if path.suffix.lower() == ".json":
-        source = Source(file=str(path), text=text, format="json")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PipelineError([Problem(f"JSON syntax error: {exc.msg}", file=str(path), line=exc.lineno, fix="fix the JSON syntax at that line")]) from None
-    else:
-        source = Source(file=str(path), text=text, format="toml")
-        data = _parse(source)
-    try:
-        return DatasetConfig.model_validate(data)
+        return DatasetConfig.model_validate(data), source
     except ValidationError as exc:
         problems = []
-        for err in exc.errors(include_url=False):
+        for err in _union_errors(exc, data):
             loc = _clean_loc(err["loc"], data, missing_ok=err["type"] == "missing")
             if err["type"] == "extra_forbidden":
                 problems.append(source.problem(loc, f"unknown key {loc[-1]!r} (musubi: extra keys not allowed)", _dataset_key_fix(loc, data)))

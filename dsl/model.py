@@ -11,15 +11,34 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ..pipelines import registry
-from .dataset import DatasetConfig
+from .dataset import Count, DatasetConfig
 
 FAMILIES = registry.family_names()
 STAGE_KINDS = ("check_dataset", "cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "lora_merge", "generate")
 ATTENTION = ("sdpa", "flash_attn", "flash3", "xformers", "sage_attn")
 
-Scalar = Union[StrictBool, StrictInt, float, StrictStr]
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # nan and inf reach musubi as text it cannot use
+Scalar = Union[StrictBool, StrictInt, Finite, StrictStr]
 ArgValue = Union[Scalar, list[Scalar]]
-Number = Union[StrictInt, float]
+Number = Union[StrictInt, Finite]
+
+
+def _number(**bounds) -> Any:
+    """A whole or decimal number within bounds (ge/gt/le/lt)."""
+    return Union[Annotated[StrictInt, Field(**bounds)], Annotated[float, Field(allow_inf_nan=False, **bounds)]]
+
+
+# Ranges where musubi fails or silently misbehaves outside them.
+Amount = Annotated[StrictInt, Field(ge=0)]  # workers, blocks to swap, indexes
+TrainSeed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]  # numpy's seed range (accelerate's set_seed)
+Seed = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]  # torch's manual_seed range
+Positive = _number(gt=0)
+NonNegative = _number(ge=0)
+Fraction = _number(ge=0, le=1)
+Dropout = _number(ge=0, lt=1)
+Timestep = Annotated[StrictInt, Field(ge=0, le=1000)]
+TimestepBoundary = _number(ge=0, le=1000)  # Wan training: whole numbers out of 1000
+GiB = _number(gt=0, le=4096)
 
 
 class _Strict(BaseModel):
@@ -63,13 +82,13 @@ class Prompt(_Strict):
 
     text: StrictStr
     negative: StrictStr | None = None
-    seed: StrictInt | None = None
-    width: StrictInt | None = None
-    height: StrictInt | None = None
-    frames: StrictInt | None = None
-    steps: StrictInt | None = None
-    guidance: Number | None = None
-    flow_shift: Number | None = None
+    seed: Seed | None = None
+    width: Count | None = None
+    height: Count | None = None
+    frames: Count | None = None
+    steps: Count | None = None
+    guidance: NonNegative | None = None
+    flow_shift: Positive | None = None
     image: StrictStr | None = None
     end_image: StrictStr | None = None
     control: StrictStr | None = Field(None, description="Fun-Control: the control video")
@@ -88,15 +107,15 @@ class _Stage(_Strict):
 
 class CacheLatentsStage(_Stage):
     kind: Literal["cache_latents"]
-    batch_size: StrictInt | None = None
-    num_workers: StrictInt | None = None
+    batch_size: Count | None = None
+    num_workers: Amount | None = None
     device: StrictStr | None = None
     vae_dtype: StrictStr | None = None
     skip_existing: StrictBool | None = Field(None, description="keep cache files that already exist (default true)")
     keep_cache: StrictBool | None = Field(None, description="never delete cache files of items not in the dataset (default true)")
     vae_tiling: StrictBool | None = None
-    vae_chunk_size: StrictInt | None = None
-    vae_spatial_tile_sample_min_size: StrictInt | None = None
+    vae_chunk_size: Count | None = None
+    vae_spatial_tile_sample_min_size: Count | None = None
     vae_cache_cpu: StrictBool | None = None
     one_frame: StrictBool | None = Field(None, description="cache for one-frame training (caching then runs without skip_existing)")
     one_frame_no_2x: StrictBool | None = Field(None, description="FramePack one-frame: no 2x clean latents")
@@ -105,8 +124,8 @@ class CacheLatentsStage(_Stage):
 
 class CacheTextEncoderStage(_Stage):
     kind: Literal["cache_text_encoder"]
-    batch_size: StrictInt | None = None
-    num_workers: StrictInt | None = None
+    batch_size: Count | None = None
+    num_workers: Amount | None = None
     device: StrictStr | None = None
     skip_existing: StrictBool | None = None
     keep_cache: StrictBool | None = None
@@ -119,36 +138,36 @@ class CacheTextEncoderStage(_Stage):
 
 class TrainStage(_Stage):
     kind: Literal["train"]
-    output_name: StrictStr | None = Field(None, description="file name of the LoRA, without extension")
+    output_name: StrictStr | None = Field(None, max_length=200, description="file name of the LoRA, without extension")
     output_dir: StrictStr | None = None
     dit: StrictStr | None = Field(None, description="train on this DiT instead of models.dit")
     expert: Literal["high", "low"] | None = Field(None, description="Wan 2.2 A14B: which expert this run trains")
     network_module: StrictStr | None = None
-    network_dim: StrictInt | None = None
-    network_alpha: Number | None = None
+    network_dim: Count | None = None
+    network_alpha: NonNegative | None = None
     network_args: list[StrictStr] | None = None
-    network_dropout: Number | None = None
+    network_dropout: Dropout | None = None
     network_weights: StrictStr | None = Field(None, description="start from this LoRA")
-    learning_rate: Number | None = None
+    learning_rate: Positive | None = None
     optimizer_type: StrictStr | None = None
     optimizer_args: list[StrictStr] | None = None
     lr_scheduler: StrictStr | None = None
-    lr_warmup_steps: Number | None = None
+    lr_warmup_steps: NonNegative | None = None
     lr_scheduler_args: list[StrictStr] | None = None
-    max_grad_norm: Number | None = None
-    max_train_epochs: StrictInt | None = None
-    max_train_steps: StrictInt | None = None
-    gradient_accumulation_steps: StrictInt | None = None
-    save_every_n_epochs: StrictInt | None = None
-    save_every_n_steps: StrictInt | None = None
-    save_last_n_epochs: StrictInt | None = None
-    save_last_n_steps: StrictInt | None = None
+    max_grad_norm: NonNegative | None = None
+    max_train_epochs: Count | None = None
+    max_train_steps: Count | None = None
+    gradient_accumulation_steps: Count | None = None
+    save_every_n_epochs: Count | None = None
+    save_every_n_steps: Count | None = None
+    save_last_n_epochs: Count | None = None
+    save_last_n_steps: Count | None = None
     save_state: StrictBool | None = Field(None, description="save optimizer state with each checkpoint, so an interrupted run can resume")
     save_state_on_train_end: StrictBool | None = None
-    save_last_n_epochs_state: StrictInt | None = None
-    save_last_n_steps_state: StrictInt | None = None
+    save_last_n_epochs_state: Count | None = None
+    save_last_n_steps_state: Count | None = None
     save_precision: Literal["fp32", "fp16", "bf16", "float", "float16", "bfloat16"] | None = None
-    seed: StrictInt | None = None
+    seed: TrainSeed | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     attention: Literal["sdpa", "flash_attn", "flash3", "xformers", "sage_attn"] | None = None
     split_attn: StrictBool | None = None
@@ -157,32 +176,32 @@ class TrainStage(_Stage):
     fp8_base: StrictBool | None = None
     fp8_scaled: StrictBool | None = None
     fp8_llm: StrictBool | None = None
-    blocks_to_swap: StrictInt | None = None
+    blocks_to_swap: Amount | None = None
     use_pinned_memory_for_block_swap: StrictBool | None = None
     img_in_txt_in_offloading: StrictBool | None = None
     timestep_sampling: StrictStr | None = None
-    discrete_flow_shift: Number | None = None
+    discrete_flow_shift: Positive | None = None
     weighting_scheme: StrictStr | None = None
-    sigmoid_scale: Number | None = None
-    min_timestep: StrictInt | None = None
-    max_timestep: StrictInt | None = None
+    sigmoid_scale: Positive | None = None
+    min_timestep: Timestep | None = None
+    max_timestep: Timestep | None = None
     preserve_distribution_shape: StrictBool | None = None
-    timestep_boundary: Number | None = None
-    guidance_scale: Number | None = None
-    max_data_loader_n_workers: StrictInt | None = None
+    timestep_boundary: TimestepBoundary | None = None
+    guidance_scale: NonNegative | None = None
+    max_data_loader_n_workers: Amount | None = None
     persistent_data_loader_workers: StrictBool | None = None
     logging_dir: StrictStr | None = None
     log_with: Literal["tensorboard", "wandb", "all"] | None = None
     log_prefix: StrictStr | None = None
     sample_prompts: list[Prompt] | StrictStr | None = Field(None, description="prompts for samples during training, or a prompt file")
-    sample_every_n_epochs: StrictInt | None = None
-    sample_every_n_steps: StrictInt | None = None
+    sample_every_n_epochs: Count | None = None
+    sample_every_n_steps: Count | None = None
     sample_at_first: StrictBool | None = None
     one_frame: StrictBool | None = None
-    latent_window_size: StrictInt | None = None
-    num_processes: StrictInt | None = Field(None, description="GPUs to train on (accelerate --num_processes)")
-    num_machines: StrictInt | None = None
-    gpu_memory_gib: Number | None = Field(
+    latent_window_size: Count | None = None
+    num_processes: Count | None = Field(None, description="GPUs to train on (accelerate --num_processes)")
+    num_machines: Count | None = None
+    gpu_memory_gib: GiB | None = Field(
         None, description="plan gradient checkpointing, fp8 and block swap for a GPU of this size (the fastest setting that fits); options set explicitly win")
     latents: StrictStr | None = Field(None, description="latent cache to train on (default: the pipeline's cache_latents stage)")
     text_encoder_cache: StrictStr | None = Field(None, description="text-encoder cache (default: the pipeline's cache_text_encoder stage)")
@@ -202,27 +221,27 @@ class GenerateStage(_Stage):
     control_image_path: list[StrictStr] | None = Field(None, description="one-frame inference: control (reference) images")
     control_image_mask_path: list[StrictStr] | None = None
     control_path: StrictStr | None = Field(None, description="Fun-Control: the control video")
-    video_size: tuple[StrictInt, StrictInt] | None = Field(None, description="[height, width]")
-    video_length: StrictInt | None = None
-    video_seconds: Number | None = None
-    video_sections: StrictInt | None = None
-    fps: StrictInt | None = None
-    infer_steps: StrictInt | None = None
-    guidance_scale: Number | None = None
-    embedded_cfg_scale: Number | None = None
-    flow_shift: Number | None = None
-    seed: StrictInt | None = None
+    video_size: tuple[Count, Count] | None = Field(None, description="[height, width]")
+    video_length: Count | None = None
+    video_seconds: Positive | None = None
+    video_sections: Count | None = None
+    fps: Count | None = None
+    infer_steps: Count | None = None
+    guidance_scale: NonNegative | None = None
+    embedded_cfg_scale: NonNegative | None = None
+    flow_shift: Positive | None = None
+    seed: Seed | None = None
     sample_solver: Literal["unipc", "dpm++", "vanilla"] | None = None
     attn_mode: StrictStr | None = None
     loras: LoraList = Field(default_factory=list)
     loras_high_noise: LoraList = Field(default_factory=list, description="Wan 2.2 A14B: LoRAs for the high-noise expert (loras go on the low-noise one)")
     fp8: StrictBool | None = None
     fp8_scaled: StrictBool | None = None
-    blocks_to_swap: StrictInt | None = None
+    blocks_to_swap: Amount | None = None
     split_attn: StrictBool | None = None
-    vae_chunk_size: StrictInt | None = None
-    vae_spatial_tile_sample_min_size: StrictInt | None = None
-    latent_window_size: StrictInt | None = None
+    vae_chunk_size: Count | None = None
+    vae_spatial_tile_sample_min_size: Count | None = None
+    latent_window_size: Count | None = None
     f1: StrictBool | None = None
     output_type: Literal["video", "images", "latent", "both", "latent_images"] | None = None
     save_path: StrictStr | None = Field(None, description="output folder (musubi names the files)")
@@ -231,9 +250,9 @@ class GenerateStage(_Stage):
 class EmaStage(_Stage):
     kind: Literal["ema"]
     checkpoints: StrictStr | list[StrictStr] = Field(description="'@train.checkpoints', or LoRA files oldest first")
-    beta: Number | None = None
-    beta2: Number | None = None
-    sigma_rel: Number | None = None
+    beta: Fraction | None = None
+    beta2: Fraction | None = None
+    sigma_rel: Positive | None = None
     output: StrictStr | None = None
 
 
@@ -257,7 +276,7 @@ class LoraMergeStage(_Stage):
 
     kind: Literal["lora_merge"]
     loras: LoraList = Field(description="LoRAs to merge; multiplier is each one's weight")
-    rank: StrictInt | None = Field(None, description="re-factorise to this rank by SVD (default: exact, the ranks add up)")
+    rank: Count | None = Field(None, description="re-factorise to this rank by SVD (default: exact, the ranks add up)")
     format: Literal["musubi", "comfyui"] | None = Field(None, description="key layout of the result (default: the first input's)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     output: StrictStr | None = None
@@ -297,9 +316,9 @@ class Pipeline(_Strict):
     """A musubi-pipe pipeline document."""
 
     version: Literal[1] = 1
-    name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used for output names and folders")
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100, description="used for output names and folders")
     family: Annotated[Literal[FAMILIES], BeforeValidator(_family)] = Field(description="model family (an alias such as hv or fpack works too)")
-    task: StrictStr | None = Field(None, description="what the model does, for families with tasks: " + "; ".join(
+    task: StrictStr | None = Field(None, max_length=100, description="what the model does, for families with tasks: " + "; ".join(
         f"{f.title}: {', '.join(f.task_names())}" for f in registry.families() if f.tasks))
     workdir: StrictStr | None = Field(None, description="where outputs go (default: musubi-out/<name> beside the pipeline)")
     vars: dict[str, Scalar] = Field(default_factory=dict, description="values for {{ name }} interpolation")

@@ -52,10 +52,21 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
             runner = DryExecutor(load_config())
         else:
             runner = LocalExecutor(load_config().require())
+        from ..dsl.inputs import check_file
+
+        # Missing model files, LoRAs or dataset folders stop a local run before any step starts;
+        # ComfyUI may run elsewhere, a dry run runs nothing, and --only/--from/--until may skip
+        # the steps that read them: there they are warnings.
+        strict = executor == "local" and not (only or from_ or until)
+        missing = check_file(pipeline, "error" if strict else "warning", produced_under=plan.workdir)
+        if any(p.severity == "error" for p in missing):
+            raise PipelineError(missing)
     except PipelineError as err:
         _fail(err)
     for w in plan.warnings:
         click.echo(f"warning: {w}", err=True)
+    for problem in missing:
+        click.echo(str(problem), err=True)
     display = TerminalDisplay(choose_mode(quiet, plain))
 
     def stop(signum, frame):

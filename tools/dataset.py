@@ -243,12 +243,14 @@ def load_config(source: Any) -> tuple[dict[str, Any], str, list[Problem]]:
     file, base = "", Path.cwd()
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise PipelineError([Problem("dataset config file not found", file=str(path), fix="check the path")])
         file, base = str(path), path.resolve().parent
-        if _is_pipeline(path):
+        from ..dsl.limits import read_document
+
+        text = read_document(path, "dataset config")  # a regular file of bounded size, or a clear refusal
+        if _is_pipeline(path, text):
             return _pipeline_dataset(path)
-        text = path.read_text(encoding="utf-8")
         try:
             if path.suffix.lower() == ".json":
                 data = json.loads(text)
@@ -256,7 +258,7 @@ def load_config(source: Any) -> tuple[dict[str, Any], str, list[Problem]]:
                 from ..files import tomllib
 
                 data = tomllib.loads(text)
-        except (ValueError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise PipelineError([Problem(f"cannot parse: {exc}", file=file, fix="fix the syntax")]) from None
         if not isinstance(data, dict) or not isinstance(data.get("datasets"), list):
             raise PipelineError([Problem("no [[datasets]] found (neither a musubi dataset config nor a pipeline with one)",
@@ -281,7 +283,7 @@ def load_config(source: Any) -> tuple[dict[str, Any], str, list[Problem]]:
     return config.with_paths_resolved(base).to_musubi_dict(), file, problems
 
 
-def _is_pipeline(path: Path) -> bool:
+def _is_pipeline(path: Path, text: str) -> bool:
     """A musubi-pipe pipeline document (rather than a musubi dataset config)."""
     if path.suffix.lower() in (".yaml", ".yml"):
         return True
@@ -290,8 +292,8 @@ def _is_pipeline(path: Path) -> bool:
     from ..files import tomllib
 
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
+        data = tomllib.loads(text)
+    except (ValueError, RecursionError):
         return False  # reported as a dataset config's syntax error
     return "datasets" not in data and ("stages" in data or "family" in data or "dataset" in data)
 
