@@ -79,6 +79,9 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
             if FORBIDDEN_ENV.match(key):
                 problems.append(Problem(f"environment variable {key} may not be set by a pipeline", path=where + ".env",
                                         file=plan.source, fix="set it in your own shell if you really need it"))
+    for step in plan.steps:
+        if step.launcher != LAUNCH_TOOL and SCRIPT_NAME.match(step.script):
+            problems += _option_problems(plan, step, config)
     if config.allowed_output_roots:
         # Run records go to the workdir and the state file beside the pipeline: a shared document
         # (a ComfyUI workflow names its own base folder) must not put them elsewhere either.
@@ -92,6 +95,68 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
                                             f"or add a root to allowed_output_roots in {config.file}"))
     if problems:
         raise PipelineError(problems)
+
+
+def _option_problems(plan: Plan, step: Step, config: MusubiConfig) -> list[Problem]:
+    """Options in a step's argv that load code, send data away, or write outside the allowed
+    roots, unless the local configuration allows them (a document never can)."""
+    from ..compiler import contract
+    from ..pipelines import registry
+
+    try:
+        values = vars(contract.parser(step.script).parse_args(step.args))
+    except (contract.ContractError, OSError) as exc:
+        return [Problem(f"musubi's {step.script} would reject this command: {exc}", path=f"steps.{step.id}.args", file=plan.source,
+                        fix="compile the pipeline again with this musubi-pipe")]
+    policy, where, out = registry.policy(), f"steps.{step.id}.args", []
+    family = registry.family(step.family) if registry.canonical(step.family) else None
+    known_modules = {family.network_module, *family.training["lycoris_modules"]} if family else set()
+    cfg = str(config.file)
+
+    def refuse(message: str, fix: str) -> None:
+        out.append(Problem(message, path=where, file=plan.source, fix=fix))
+
+    for option in policy["loads_code"]:
+        if values.get(option) not in (None, False) and not config.allow_code:
+            refuse(f"--{option} makes musubi load code or state from a file the pipeline names",
+                   f"remove it from the pipeline; only your own config may allow it (allow_code = true in {cfg})")
+    for option in policy["imports"]:
+        value = values.get(option)
+        if isinstance(value, str) and "." in value and value not in known_modules and value not in config.allowed_imports \
+                and not config.allow_code:
+            refuse(f"--{option} {value} makes musubi import {value}",
+                   f"use a name musubi knows, or add {value!r} to allowed_imports in {cfg}")
+    remote = values.get("log_with") in policy["remote_trackers"]
+    for option in policy["sends_data"] + (["log_with"] if remote else []):
+        if values.get(option) not in (None, False) and not config.allow_upload:
+            refuse(f"--{option} sends data to another machine", f"remove it from the pipeline; only your own config may allow uploads "
+                                                                 f"(allow_upload = true in {cfg})")
+    if config.allowed_output_roots:
+        for option in policy["writes"]:
+            value = values.get(option)
+            if isinstance(value, str) and value and not config.is_allowed_output(value):
+                refuse(f"--{option} {value} writes outside the allowed output folders",
+                       f"write under {', '.join(map(str, config.allowed_output_roots))}")
+    return out
+
+
+def redact(words: list[str]) -> list[str]:
+    """An argv with the values of secret options replaced, for run records."""
+    from ..pipelines import registry
+
+    secrets = {"--" + s for s in registry.policy()["secrets"]}
+    out, hide = [], False
+    for word in words:
+        flag, eq, _ = word.partition("=")
+        out.append("***" if hide else f"{flag}=***" if eq and flag in secrets else word)
+        hide = word in secrets
+    return out
+
+
+def redacted(plan: Plan) -> Plan:
+    """The plan as run records keep it: secret option values replaced."""
+    steps = [replace(s, args=redact(s.args), fallbacks=[replace(f, args=redact(f.args)) for f in s.fallbacks]) for s in plan.steps]
+    return replace(plan, steps=steps)
 
 
 def select_steps(plan: Plan, only: Iterable[str] | None, from_: str | None, until: str | None) -> list[str]:
@@ -382,7 +447,7 @@ class LocalExecutor:
                 n += 1
                 run_dir = base / f"{stamp_}-{n}"
         self.run_dir = run_dir
-        write_atomic(run_dir / "plan.json", plan.to_json())
+        write_atomic(run_dir / "plan.json", redacted(plan).to_json())
         write_atomic(run_dir / "environment.json",
                           json.dumps(environment_facts(self.config), indent=2, ensure_ascii=False, default=str))
         (run_dir / "commands.txt").write_text("", encoding="utf-8")
@@ -392,7 +457,7 @@ class LocalExecutor:
         with open(self.run_dir / "commands.txt", "a", encoding="utf-8") as f:
             f.write(f"# {step.id}" + (f" ({note})" if note else "") + "\n")
             prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-            f.write((prefix + " " if prefix else "") + shlex.join(argv) + "\n\n")
+            f.write((prefix + " " if prefix else "") + shlex.join(redact(argv)) + "\n\n")
 
     def _run_step(self, step: Step, exclude: list[str]) -> str:
         log_path = self.run_dir / f"{step.id}.log"
@@ -511,7 +576,7 @@ class LocalExecutor:
             log.write(header.encode("utf-8"))
             log.flush()
             self._emit(ev.Event(ev.STEP_START, step=step.id, data={
-                "argv": argv, "log": str(log_path), "attempt": attempt, "changes": list(changes), "kind": step.kind,
+                "argv": redact(argv), "log": str(log_path), "attempt": attempt, "changes": list(changes), "kind": step.kind,
                 "output_dir": (step.meta or {}).get("output_dir", "")}))
             popen_kw: dict = {}
             if os.name == "nt":

@@ -19,7 +19,8 @@ DIR_ENV = "MUSUBI_TUNER_DIR"
 PYTHON_ENV = "MUSUBI_PIPE_PYTHON"
 GPUS_ENV = "MUSUBI_PIPE_GPUS"
 APP = "musubi-pipe"
-KEYS = ("musubi_tuner_dir", "python", "gpus", "allowed_output_roots", "cancel_grace_s")
+KEYS = ("musubi_tuner_dir", "python", "gpus", "allowed_output_roots", "cancel_grace_s", "allow_code", "allow_upload",
+        "allowed_imports")
 
 
 def config_path(environ: dict | None = None) -> Path:
@@ -55,6 +56,12 @@ class MusubiConfig:
     gpus: str = ""  # CUDA_VISIBLE_DEVICES for every step; "" leaves the environment's own
     allowed_output_roots: list[Path] = field(default_factory=list)
     cancel_grace_s: float = 5.0
+    # What only this machine's owner may allow, never a shared pipeline: options that make musubi
+    # load code a document names (config files, pickled states, dotted class paths), class paths
+    # allowed one by one, and options that upload weights or logs.
+    allow_code: bool = False
+    allow_upload: bool = False
+    allowed_imports: list[str] = field(default_factory=list)
     file: Path | None = None
     origin: dict[str, str] = field(default_factory=dict)
 
@@ -155,6 +162,17 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
         raise PipelineError([Problem("expected a list of folder paths", path="allowed_output_roots",
                                      file=str(path), fix='allowed_output_roots = ["/data/loras"]')])
     cfg.allowed_output_roots = [Path(r).expanduser() for r in roots]
+    for key in ("allow_code", "allow_upload"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise PipelineError([Problem(f"expected true or false, got {data[key]!r}", path=key, file=str(path),
+                                             fix=f"{key} = false")])
+            setattr(cfg, key, data[key])
+    imports = data.get("allowed_imports", [])
+    if not isinstance(imports, list) or not all(isinstance(i, str) for i in imports):
+        raise PipelineError([Problem("expected a list of module or class paths", path="allowed_imports", file=str(path),
+                                     fix='allowed_imports = ["prodigyopt.Prodigy"]')])
+    cfg.allowed_imports = imports
     if "cancel_grace_s" in data:
         grace = data["cancel_grace_s"]
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:

@@ -303,6 +303,11 @@ def training() -> dict[str, Any]:
     return dict(_common()["training"])
 
 
+def policy() -> dict[str, list[str]]:
+    """What options can do beyond their step (common.toml [policy]): load code, send data, write."""
+    return dict(_common()["policy"])
+
+
 def launch_flags() -> dict[str, str]:
     """accelerate launch's options by role (musubi's training scripts run under accelerate)."""
     return dict(_common()["launch"])
