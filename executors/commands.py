@@ -54,10 +54,10 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
             runner = LocalExecutor(load_config().require())
         from ..dsl.inputs import check_file
 
-        # Missing model files, LoRAs or dataset folders stop a local run before any step starts;
-        # ComfyUI may run elsewhere, a dry run runs nothing, and --only/--from/--until may skip
-        # the steps that read them: there they are warnings.
-        strict = executor == "local" and not (only or from_ or until)
+        # Missing model files, LoRAs or dataset folders stop a local run (and its dry run, which
+        # decides the same) before any step starts; ComfyUI may run elsewhere, and --only/--from/
+        # --until may skip the steps that read them: there they are warnings.
+        strict = executor in ("local", "dry") and not (only or from_ or until)
         missing = check_file(pipeline, "error" if strict else "warning", produced_under=plan.workdir)
         if any(p.severity == "error" for p in missing):
             raise PipelineError(missing)

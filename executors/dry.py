@@ -1,12 +1,12 @@
-"""The dry-run executor: emits the events a real run would (plan, skips, step starts with their
-argv), reads the state file to say what is up to date, and runs and writes nothing."""
+"""The dry-run executor: the decisions a real run makes (the same plan checks, the same skips,
+each step's reason), as the same events, and runs and writes nothing."""
 from __future__ import annotations
 
 from typing import Iterable
 
 from ..compiler.plan import Plan
 from . import events as ev
-from .local import RunResult, decide, select_steps
+from .local import RunResult, check_plan, decide, select_steps
 from .musubi_env import MusubiConfig
 from .state import StateFile, made_by_plan, state_path
 
@@ -29,6 +29,9 @@ class DryExecutor:
             for listener in listeners:
                 listener(e)
 
+        # What a real run refuses, a dry run refuses too: only this machine's own configuration
+        # may allow what a plan asks for (code, uploads, folders).
+        check_plan(plan, self.config or MusubiConfig())
         chosen = select_steps(plan, only, from_, until)
         to_run, stale, reasons = decide(plan, StateFile(state_path(plan)), chosen, force, made_by_plan(plan))
         emit(ev.Event(ev.PLAN, data={"steps": to_run, "skipped": [s.id for s in plan.steps if s.id not in to_run],

@@ -77,3 +77,21 @@ def test_every_written_path_is_inside_the_allowed_roots(tmp_path):
 def test_secrets_never_reach_the_run_records():
     assert redact(["--wandb_api_key", "s3cret", "--huggingface_token=tok", "--seed", "1"]) == \
         ["--wandb_api_key", "***", "--huggingface_token=***", "--seed", "1"]
+
+
+def test_the_dry_run_refuses_what_a_real_run_refuses(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from musubi_double import make_fake_checkout
+    from musubi_pipe.cli import main
+    from musubi_pipe.executors.dry import DryExecutor
+
+    monkeypatch.setenv("MUSUBI_PIPE_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("MUSUBI_TUNER_DIR", str(make_fake_checkout(tmp_path / "musubi-tuner")))
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(TRAIN)
+    for executor in ("dry", "local"):  # missing inputs stop both
+        res = CliRunner().invoke(main, ["run", "--executor", executor, str(pipeline)])
+        assert res.exit_code == 2 and "not found: /m/wan2.2_low_noise_14B_fp16.safetensors" in res.output, (executor, res.output)
+    with pytest.raises(PipelineError, match="allow_code"):  # and so do options only the local config may allow
+        DryExecutor(MusubiConfig()).run(compile_text(TRAIN + 'extra_args = { config_file = "other.toml" }\n'))
