@@ -54,9 +54,10 @@ def test_stage_nodes_build_the_pipeline_document_without_flags():
                                       seed=5, gradient_checkpointing=True)[0]
     optimizer = OptimizerConfig().build("adamw8bit", "", "weight_decay=0.01", "cosine", 0, 0.0)[0]
     sampling = SamplingConfig().build("shift", 3.0, "a cat\n\n a dog ", 1, 0, False)[0]
+    # gradient_checkpointing and adamw8bit are the family template's: left to it, as a pipeline file would
     assert training == {"network_dim": 8, "network_alpha": 4.0, "learning_rate": 1e-4, "max_train_epochs": 3,
-                        "save_every_n_epochs": 1, "save_state": True, "seed": 5, "gradient_checkpointing": True}
-    assert optimizer == {"optimizer_type": "adamw8bit", "lr_scheduler": "cosine", "optimizer_args": ["weight_decay=0.01"]}
+                        "save_every_n_epochs": 1, "save_state": True, "seed": 5}
+    assert optimizer == {"lr_scheduler": "cosine", "optimizer_args": ["weight_decay=0.01"]}
     assert sampling["sample_prompts"] == [{"text": "a cat"}, {"text": "a dog"}]
     assert memory_fields({"fp8": True, "fp8_scaled": True, "blocks_to_swap": 20}, True) == \
         {"fp8_base": True, "fp8_scaled": True, "blocks_to_swap": 20}
@@ -111,11 +112,17 @@ def test_memory_optimizer_plans_from_the_pipeline_with_the_memory_planner(tmp_pa
     assert f"{expected.tokens:,} tokens" in text and text.startswith("memory: 24 GiB from gpu_memory_gib")
     assert memory_fields(config, True)["blocks_to_swap"] == expected.chosen.settings.blocks_to_swap > 0
 
-    # the same dataset as a TOML file beside the pipeline, and widgets that override the pipeline
+    # the same dataset as a TOML file beside the pipeline, and widgets that override its sample size;
+    # family and task widgets may only confirm the pipeline's
     import tomli_w
 
     (tmp_path / "dataset.toml").write_text(tomli_w.dumps(dataset))
     pipe["document"]["dataset"] = "dataset.toml"
+    with pytest.raises(base.NodeError, match=r"task is t2v-1.3B here but the pipeline's task is t2v-14B .*set task to \(from pipeline\)"):
+        MemoryOptimizer().choose(**{**widgets, "task": "t2v-1.3B"}, pipeline=pipe)
+    with pytest.raises(base.NodeError, match="family is framepack here but the pipeline it extends is wan"):
+        MemoryOptimizer().choose(**{**widgets, "family": "framepack"}, pipeline=pipe)
+    pipe["document"]["task"] = "t2v-1.3B"
     config, text = MemoryOptimizer().choose(**{**widgets, "family": "wan", "task": "t2v-1.3B", "gpu_memory_gib": 80.0,
                                                  "resolution": "832x480", "frames": 33, "batch_size": 1}, pipeline=pipe)["result"]
     assert config["gradient_checkpointing"] is False and config["fp8"] is False

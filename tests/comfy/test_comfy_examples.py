@@ -19,10 +19,11 @@ def test_examples_are_listed_as_templates(comfy):
     assert sorted(listed["musubi-pipe"]) == ["format_conversion", "inference_with_lora", "lora_training", "merge_loras"]
 
 
-def _fill(prompt: dict, models: Path, **widgets) -> dict:
-    """Point the pickers at this test's files, as a user would pick them."""
+def _fill(prompt: dict, models: Path, slots: tuple[str, ...] | None = None, **widgets) -> dict:
+    """Point the pickers (of `slots`, default all) at this test's files, as a user would pick them."""
     fake = {"dit": "musubi-test-dit_bf16.safetensors", "vae": "musubi-test-vae.safetensors", "t5": "musubi-test-t5.safetensors",
             "text_encoder1": "musubi-test-te1.safetensors", "text_encoder2": "musubi-test-te2.safetensors"}
+    fake = {slot: name for slot, name in fake.items() if slots is None or slot in slots}
     for node in prompt.values():
         inputs = node["inputs"]
         for slot, name in fake.items():
@@ -64,7 +65,13 @@ def test_the_four_examples_run(comfy, comfy_dir, clips, record, unique, test_roo
     names = [f"musubi-pipe/{unique}-style{i}.safetensors" for i in (1, 2)]
     for i, name in enumerate(names):
         _real_shaped_lora(comfy_dir / "models" / "loras" / name, seed=i)
+    # The merger serves every family: only the pipeline family's models may be set (HunyuanVideo merges need the DiT).
     merging = _fill(load("merge_loras"), comfy_dir, lora_name_1=names[0], lora_name_2=names[1],
+                    output_name=f"{unique}-merged.safetensors")
+    outcome = comfy.run(merging, timeout=120)
+    assert outcome.ended == "execution_error"
+    assert outcome.error()["exception_message"].startswith("vae: HunyuanVideo does not use it here (merge); set vae to (none)")
+    merging = _fill(load("merge_loras"), comfy_dir, slots=("dit",), lora_name_1=names[0], lora_name_2=names[1],
                     output_name=f"{unique}-merged.safetensors")
     outcome = comfy.run(merging, timeout=120)
     assert outcome.ended == "execution_success", outcome.error()
