@@ -21,7 +21,7 @@ def _accepts(fam, kind: str, option: str) -> bool:
 
 def _cache(node, kw: dict, family: str, fields: dict, unique_id, task: str | None = None) -> tuple:
     """Add and run the node's cache stage; return (pipeline, its cache folders)."""
-    pipe, name = build_stage(kw, node.KIND, family, task, node.SLOTS, fields)
+    pipe, name = node.document(kw, family, fields, task)
     _, step, _ = finish_stage(pipe, name, unique_id)
     return (pipe, ", ".join(sorted({o.path for o in step.outputs})))
 
@@ -64,6 +64,10 @@ class _Cache(StageNode):
     CATEGORY = "MusubiTuner/Cache"
     RETURN_TYPES = (PIPELINE, "STRING")
     RETURN_NAMES = ("pipeline", "cache_folder")
+
+    def document(self, kw: dict, family: str, fields: dict, task: str | None = None) -> tuple[dict, str]:
+        """The pipeline with this node's cache stage: (pipeline, stage name)."""
+        return build_stage(kw, self.KIND, family, task, self.SLOTS, fields)
 
     @classmethod
     def _inputs(cls) -> tuple[dict, dict, dict]:

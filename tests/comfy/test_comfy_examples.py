@@ -93,3 +93,26 @@ def _real_shaped_lora(path: Path, seed: int) -> None:
             tensors[f"{name}.lora_up.weight"] = rng.standard_normal((module.out_features, 2), dtype=np.float32) * 0.1
             tensors[f"{name}.alpha"] = np.array(1.0, dtype=np.float32)
     save_file(tensors, str(path), metadata={"modelspec.architecture": "wan2.1/lora"})
+
+
+def test_a_workflow_saved_before_the_registry_nodes_loads_and_names_what_to_change(comfy, clips, record, unique, test_root):
+    """The shipped training example as it was before family and task moved to Dataset Config (the
+    generic cache nodes, task widgets everywhere): it loads (widget values by position, as the editor
+    reads them); its cache nodes' task disagrees with the new Dataset Config default and the error
+    says which widget to set; set there, it runs."""
+    from musubi_pipe.comfy_adapter.export import ui_to_api
+
+    saved = json.loads((Path(__file__).parent / "saved" / "lora_training-before-registry.json").read_text())
+    prompt = _fill(ui_to_api(saved), None, slots=("dit", "vae", "t5"), media_folder=str(clips), name=unique, width=96, height=64, target_frames="1, 9",
+                   max_train_epochs=2, base_folder=str(test_root / "work" / unique))
+    assert "family" not in prompt["1"]["inputs"] and prompt["2"]["class_type"] == "MusubiTuner_VAELatentCache"
+    outcome = comfy.run(prompt, timeout=120)
+    assert outcome.ended == "execution_error"
+    message = outcome.error()["exception_message"]
+    assert message.startswith("task is t2v-1.3B here but the pipeline's task is t2v-14B (chosen on Dataset Config)"), message
+    assert record.read_text() == ""  # nothing ran
+    prompt["1"]["inputs"]["task"] = "t2v-1.3B"
+    outcome = comfy.run(prompt, timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert [json.loads(line)["script"] for line in record.read_text().splitlines()] == [
+        "wan_cache_latents", "wan_cache_text_encoder_outputs", "wan_train_network"]
