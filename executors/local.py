@@ -104,8 +104,12 @@ def _option_problems(plan: Plan, step: Step, config: MusubiConfig) -> list[Probl
     from ..pipelines import registry
 
     try:
-        values = vars(contract.parser(step.script).parse_args(step.args))
-    except (contract.ContractError, OSError) as exc:
+        parser = contract.parser(step.script)
+    except contract.ContractError:
+        return []  # not a recorded script (the compiler emits only those): no options to judge
+    try:
+        values = vars(parser.parse_args(step.args))
+    except contract.ContractError as exc:
         return [Problem(f"musubi's {step.script} would reject this command: {exc}", path=f"steps.{step.id}.args", file=plan.source,
                         fix="compile the pipeline again with this musubi-pipe")]
     policy, where, out = registry.policy(), f"steps.{step.id}.args", []
