@@ -21,8 +21,8 @@ from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
 from .musubi_env import MusubiConfig, environment_facts
-from .resume import (Resume, finish_leftovers, flag_value, plan_resume, remove_flag, rename_resumed, resume_key,
-                     set_flag, snapshot_states, tag_new_states)
+from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, remove_flag, rename_resumed,
+                     resume_key, set_flag, shift_event_steps, snapshot_states, tag_new_states)
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, output_snapshot, sha256_file, stamp, state_path)
 
@@ -284,6 +284,9 @@ class LocalExecutor:
             record.update(step=step.id, states_where=[str(states[0]), states[1]], states_before=snapshot_states(*states))
         self.state.put(step.id, record)
         before = output_snapshot(step)  # a file already there is not what this step wrote
+        logs = flag_value(args, "--logging_dir")
+        logs = Path(step.cwd or Path(self.run_dir).parent.parent, logs) if logs and resume else None
+        logs_seen = event_files(logs)  # a resumed attempt's TensorBoard steps are shifted once
         for out in step.outputs:  # musubi's savers do not create missing folders
             folder = Path(out.path) if out.pattern else Path(out.path).parent
             if out.path:
@@ -297,6 +300,9 @@ class LocalExecutor:
             if resume:
                 spe = (step.meta or {}).get("steps_per_epoch") or record["progress"].get("steps_per_epoch")
                 changes.extend(f"renamed {r}" for r in rename_resumed(resume, spe))
+                for f in sorted(event_files(logs) - logs_seen):
+                    shift_event_steps(f, resume)
+                    logs_seen.add(f)
             if states:
                 tag_new_states(*states, record["states_before"], record["key"], step.id)
             missing = missing_outputs(step, before) if status == SUCCEEDED else []

@@ -47,7 +47,7 @@ class Resume:
     out_dir: Path  # where the step writes, and the --output_name its files are renamed to
     name: str
     total_steps: int | None = None  # the whole run's length, for the renamed files' metadata
-    total_epochs: int | None = None
+    total_epochs: int | None = None  # the whole run's epochs, also for a run of a number of steps
 
     def to_record(self) -> dict:
         return {"state_dir": self.state_dir, "done_steps": self.done_steps, "done_epochs": self.done_epochs,
@@ -233,8 +233,9 @@ def plan_resume(step: Step, record: dict, previous: dict | None) -> tuple[Resume
     k = int(same.get("resumes", 0)) + 1
     attempt_name = f"{name}-resume{k}"
     args = set_flag(set_flag(args, "--resume", str(state_dir)), "--output_name", attempt_name)
+    whole_epochs = total_epochs or (-(-int(total_steps) // spe) if total_steps and spe else None)
     return Resume(str(state_dir), done_steps, done_epochs, args, attempt_name, note, out_dir, name,
-                  int(total_steps) if total_steps else None, total_epochs), None
+                  int(total_steps) if total_steps else None, whole_epochs), None
 
 
 # ----------------------------------------------------------------------- after the attempt
@@ -347,3 +348,57 @@ def _untagged_view(out_dir: Path, name: str, before: dict[str, list]) -> dict[st
         if read_tag(out_dir / folder_name) is not None:
             view[folder_name] = sig
     return view
+
+
+def event_files(logging_dir: Path | None) -> set[Path]:
+    """TensorBoard event files under musubi's --logging_dir (one folder per attempt)."""
+    if not logging_dir or not logging_dir.is_dir():
+        return set()
+    return set(logging_dir.rglob("events.out.tfevents*"))
+
+
+def shift_event_steps(path: Path, res: Resume) -> int:
+    """musubi logs a resumed attempt's scalars from step 1 (`loss/epoch` from epoch 1): rewrite the
+    attempt's event file with the whole run's steps. Returns the number of events changed."""
+    from ..tools.monitor import _enc_varint, _fields, frame_record
+
+    data = path.read_bytes()
+    out, pos, changed = bytearray(), 0, 0
+    while pos + 12 <= len(data):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        end = pos + 12 + n + 4
+        if end > len(data):
+            break  # a record still being written when the attempt ended: kept as it is
+        event = data[pos + 12:pos + 12 + n]
+        pos = end
+        try:
+            fields = list(_fields(event))
+        except (ValueError, IndexError):
+            out += frame_record(event)
+            continue
+        summary = [v for num, wire, v in fields if num == 5 and wire == 2]
+        if not summary:
+            out += frame_record(event)
+            continue
+        per_epoch = b"loss/epoch" in summary[0]  # musubi logs it alone, at step = epoch
+        offset = (res.done_epochs if per_epoch else res.done_steps) or 0
+        step = next((v for num, wire, v in fields if num == 2 and wire == 0), 0)
+        rebuilt = bytearray()
+        for num, wire, value in fields:
+            if num == 2 and wire == 0:
+                continue
+            rebuilt += _enc_varint(num << 3 | wire)
+            if wire == 0:
+                rebuilt += _enc_varint(value)
+            elif wire == 2:
+                rebuilt += _enc_varint(len(value)) + value
+            else:
+                rebuilt += value
+            if num == 1:  # the step follows wall_time, as TensorBoard writes it
+                rebuilt += _enc_varint(2 << 3) + _enc_varint(step + offset)
+        out += frame_record(bytes(rebuilt))
+        changed += 1
+    out += data[pos:]
+    if changed:
+        write_atomic(path, bytes(out))
+    return changed
