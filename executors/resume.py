@@ -14,7 +14,12 @@ that is the uninterrupted run only when
 - the state lies on an epoch boundary (the loop restarts the epoch's batch order).
 Otherwise training starts again from step 0, and the step says why. The attempt writes under a
 temporary `--output_name` (`<name>-resume<k>`); its files are then renamed to the numbering of one
-run and their `ss_*` metadata says the whole run's steps and epochs.
+run, their `ss_*` metadata and its TensorBoard steps say the whole run's steps and epochs.
+
+What no argv of 30c658c fixes: each epoch's batch order is shuffled with `random.seed(dataset seed
++ epoch number)` and the epoch number restarts at 1, so with more than one batch an epoch the
+resumed epochs see the batches in the order of the run's first epochs (same schedule, same items
+per epoch, other weights; with one batch an epoch the weights are bit-identical, measured).
 """
 from __future__ import annotations
 
@@ -98,8 +103,10 @@ def set_flag(args: list[str], flag: str, value: str | None = None) -> list[str]:
 
 def resume_key(record: dict) -> str:
     """What a state must have been saved under to be resumed: the step's settings (fingerprint),
-    what its upstream steps made and its own input files, as the state file records them."""
-    return fingerprint(record.get("fingerprint"), record.get("needs"), record.get("inputs"))
+    what its upstream steps made and its own input files, as the state file records them (a small
+    file by its content, as `same_file` compares it: rewriting equal content changes nothing)."""
+    inputs = [{k: v for k, v in i.items() if not ("sha256" in i and k == "mtime_ns")} for i in record.get("inputs") or []]
+    return fingerprint(record.get("fingerprint"), record.get("needs"), inputs)
 
 
 def schedule_blocker(args: list[str]) -> str | None:
@@ -168,10 +175,13 @@ def read_tag(state_dir: Path) -> dict | None:
 
 
 def tag_new_states(out_dir: Path, name: str, before: dict[str, list], key: str, step_id: str) -> list[str]:
-    """Write the tag of each state folder of `name` that appeared or changed since `before`."""
+    """Write the tag of each state folder of `name` that appeared or changed since `before` and is
+    complete (accelerate writes the RNG states last: a folder cut short without them is not used)."""
     tagged = []
     for folder_name, sig in snapshot_states(out_dir, name).items():
         if folder_name in before and before[folder_name] == sig:
+            continue
+        if not any(f[0].startswith("random_states_") for f in sig):
             continue
         write_atomic(out_dir / (folder_name + TAG_SUFFIX), json.dumps({"step": step_id, "key": key}) + "\n")
         tagged.append(folder_name)

@@ -167,14 +167,19 @@ def test_a_cosine_schedule_is_trained_again_from_step_0_like_the_uninterrupted_r
 
 
 @pytest.mark.parametrize("scheduler", [["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "3"], []])
-def test_a_length_free_schedule_resumes_at_an_epoch_boundary_exactly_as_the_whole_run(checkout, tmp_path, monkeypatch, scheduler):
+@pytest.mark.parametrize("items", [1, 2])
+def test_a_length_free_schedule_resumes_at_an_epoch_boundary_as_the_whole_run(checkout, tmp_path, monkeypatch, scheduler, items):
+    """Same learning rates, counts, names and metadata; the same weights with one batch an epoch
+    (with more, musubi's resumed epochs are shuffled as the first ones were: other weights)."""
     def plan(project):
+        if not (project / "imgs").exists():
+            make_images(project / "imgs", names=("a", "b")[:items])
         return wan_plan(project, steps=10, save_every_steps=2, save_state=True,
                         train_extra=["--learning_rate", "1e-4", *scheduler, "--logging_dir", str(project / "logs")])
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run(checkout, plan(whole))[0] == "succeeded"
-    crash_once_at(monkeypatch, 8)  # states of steps 2, 4, 6; 2 batches an epoch
+    crash_once_at(monkeypatch, 8)  # states of steps 2, 4, 6
     assert run(checkout, plan(cut))[0] == "failed"
     status, rec = run(checkout, plan(cut))
     assert status == "succeeded", rec.ended()
@@ -189,7 +194,8 @@ def test_a_length_free_schedule_resumes_at_an_epoch_boundary_exactly_as_the_whol
     for name in ("lora.safetensors", "lora-step00000008.safetensors"):
         meta_w, w = lora(whole / "out" / name)
         meta_c, c = lora(cut / "out" / name)
-        np.testing.assert_array_equal(c, w)
+        if name == "lora.safetensors":  # the last epoch's order differs here with 2 items
+            assert np.array_equal(c, w) == (items == 1)
         for key in ("ss_steps", "ss_epoch", "ss_output_name", "modelspec.title", "ss_max_train_steps", "ss_num_epochs"):
             assert meta_c[key] == meta_w[key], key
     assert sorted(p.name for p in (cut / "out").iterdir()) == sorted(p.name for p in (whole / "out").iterdir())
@@ -198,7 +204,7 @@ def test_a_length_free_schedule_resumes_at_an_epoch_boundary_exactly_as_the_whol
     assert min(e.current for e in progress) >= 6 and max(e.current for e in progress) == 10
     assert {e.total for e in progress} == {10}
     epochs = [e for e in rec.kinds("progress") if e.step == "train" and e.epoch]
-    assert {e.epochs for e in epochs} == {5} and max(e.epoch for e in epochs) == 5
+    assert {e.epochs for e in epochs} == {10 // items} and max(e.epoch for e in epochs) == 10 // items
 
 
 def test_a_state_inside_an_epoch_is_not_resumed(checkout, tmp_path, monkeypatch):
@@ -288,3 +294,159 @@ def test_files_of_a_resumed_attempt_whose_run_was_killed_are_renamed_and_resumed
     assert not [n for n in names if "resume" in n]
     assert "lora-step00000010.safetensors" in names and lora(out / "lora.safetensors")[0]["ss_steps"] == "12"
     assert lora(out / "lora-step00000008.safetensors")[0]["ss_steps"] == "8"
+
+
+# ------------------------------------------------------------- the real musubi-tuner scripts
+
+REAL = os.environ.get("MUSUBI_TUNER_DIR")
+TINY_CONFIG = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=16)
+MAKE_INPUTS = r'''
+import sys, torch
+torch.cuda.current_device = lambda: 0  # musubi's wan/modules/t5.py calls it at import time
+from pathlib import Path
+from safetensors.torch import save_file
+from musubi_tuner.wan.modules.model import WanModel
+from musubi_tuner.dataset.image_video_dataset import ItemInfo
+from musubi_tuner.dataset.cache_io import save_latent_cache_wan, save_text_encoder_output_cache_wan
+root = Path(sys.argv[1])
+torch.manual_seed(0)
+m = WanModel(model_type="t2v", model_version="2.1", eps=1e-6, freq_dim=256, in_dim=16, out_dim=16, attn_mode="torch",
+             split_attn=False, **{config})
+for p in m.parameters():  # Wan zero-initialises its head: then no gradient reaches a LoRA
+    if not p.any():
+        torch.nn.init.normal_(p, std=0.05)
+save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, str(root / "dit.safetensors"))
+for i, stem in enumerate(sys.argv[2].split(",")):
+    item = ItemInfo(str(root / "imgs" / f"{{stem}}.png"), stem, (64, 64), (64, 64))
+    item.latent_cache_path = str(root / "cache" / f"{{stem}}_0064x0064_wan.safetensors")
+    item.text_encoder_output_cache_path = str(root / "cache" / f"{{stem}}_wan_te.safetensors")
+    g = torch.Generator().manual_seed(10 + i)
+    save_latent_cache_wan(item, torch.randn(16, 1, 8, 8, generator=g), None, None, None)
+    save_text_encoder_output_cache_wan(item, torch.randn(4, 4096, generator=g))
+'''
+# The real script, with Wan's t2v-1.3B config shrunk to the random small DiT above. With
+# MUSUBI_PIPE_TEST_KILL_AFTER, the process dies right after saving that state folder: an
+# interruption at a known step (a Ctrl-C lands wherever the loop happens to be).
+TINY_TRAIN = r'''"""musubi-pipe test: musubi-tuner's real wan_train_network with a small random DiT, on CPU."""
+import os
+import torch
+
+torch.cuda.current_device = lambda: 0
+import accelerate  # noqa: E402
+from musubi_tuner.wan.configs import WAN_CONFIGS  # noqa: E402
+
+WAN_CONFIGS["t2v-1.3B"].update({config})
+stop = os.environ.get("MUSUBI_PIPE_TEST_KILL_AFTER")
+if stop:
+    save_state = accelerate.Accelerator.save_state
+
+    def save_and_die(self, output_dir=None, *args, **kwargs):
+        result = save_state(self, output_dir, *args, **kwargs)
+        if str(output_dir).rstrip("/").endswith(stop):
+            os._exit(1)
+        return result
+
+    accelerate.Accelerator.save_state = save_and_die
+from musubi_tuner.wan_train_network import main  # noqa: E402
+
+main()
+'''
+
+
+def real_plan(project: Path, checkout: Path, scheduler: list[str], items: int) -> Plan:
+    from musubi_pipe.compiler.plan import Input, fingerprint
+
+    project.mkdir(parents=True, exist_ok=True)
+    if not (project / "dit.safetensors").exists():
+        names = "ab"[:items]
+        make_images(project / "imgs", names=tuple(names))
+        (project / "cache").mkdir(exist_ok=True)
+        (project / "make.py").write_text(MAKE_INPUTS.format(config=TINY_CONFIG))
+        done = subprocess.run([str(Path(REAL) / ".venv/bin/python"), str(project / "make.py"), str(project), ",".join(names)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ds = project / "ds.toml"
+    ds.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\nbatch_size = 1\n'
+                  f'[[datasets]]\nimage_directory = "{project / "imgs"}"\ncache_directory = "{project / "cache"}"\n')
+    out = project / "out"
+    args = ["--task", "t2v-1.3B", "--dit", str(project / "dit.safetensors"), "--dataset_config", str(ds), "--sdpa",
+            "--mixed_precision", "no", "--network_module", "networks.lora_wan", "--network_dim", "4",
+            "--optimizer_type", "AdamW", "--learning_rate", "1e-3", *scheduler, "--max_train_steps", "8",
+            "--save_every_n_steps", "2", "--save_state", "--seed", "42", "--max_data_loader_n_workers", "0",
+            "--logging_dir", str(project / "logs"), "--output_dir", str(out), "--output_name", "lora"]
+    launch = ["--num_processes", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no"]
+    step = Step(id="train", kind="train", family="wan", script="wan_train_network.py", args=args, launcher="accelerate",
+                launch_args=launch, inputs=[Input("dit", str(project / "dit.safetensors")), Input("dataset_config", str(ds))],
+                outputs=[Output("lora", "file", str(out / "lora.safetensors")),
+                         Output("checkpoints", "files", str(out), "lora*.safetensors", required=False)],
+                meta={"output_dir": str(out), "output_name": "lora", "save_state": True, "max_train_steps": 8})
+    step = Step(**{**step.__dict__, "fingerprint": fingerprint(step.script, args, launch)})
+    return Plan(name="real", source=str(project / "pipeline.toml"), workdir=str(project), steps=[step])
+
+
+def real_weights(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.skipif(not REAL, reason="set MUSUBI_TUNER_DIR to a musubi-tuner checkout with .venv")
+@pytest.mark.parametrize("scheduler, items, resumed", [
+    (["--lr_scheduler", "cosine"], 2, False),
+    (["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "3"], 1, True),
+    (["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "3"], 2, True),
+])
+def test_real_scripts_interrupted_and_run_again_train_as_the_uninterrupted_run(tmp_path, monkeypatch, scheduler, items, resumed):
+    """A random small Wan DiT, 8 CPU steps of 1 or 2 items a step; killed right after the state of
+    step 4. The same weights, except for a resume with more than one batch an epoch: musubi seeds
+    each epoch's shuffle with the dataset seed plus the epoch number, which restarts at 1 on
+    --resume, so the resumed epochs see the batches in another order (measured, not asserted)."""
+    from musubi_pipe.executors.musubi_env import MusubiConfig
+
+    checkout = tmp_path / "musubi-tuner"  # the real package, launched through a script that shrinks the DiT
+    (checkout / "src/musubi_tuner").mkdir(parents=True)
+    (checkout / "src/musubi_tuner/wan_train_network.py").write_text(TINY_TRAIN.format(config=TINY_CONFIG))
+    config = MusubiConfig(musubi_dir=checkout, python=Path(REAL) / ".venv/bin/python", cancel_grace_s=3.0)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+
+    def go(project):
+        rec = Recorder()
+        return LocalExecutor(config).run(real_plan(project, checkout, scheduler, items), [rec]).status, rec
+
+    assert go(whole)[0] == "succeeded"
+    monkeypatch.setenv("MUSUBI_PIPE_TEST_KILL_AFTER", "lora-step00000004-state")
+    assert go(cut)[0] == "failed"
+    first = list((cut / "logs").rglob("events.out.tfevents*"))
+    monkeypatch.delenv("MUSUBI_PIPE_TEST_KILL_AFTER")
+    status, rec = go(cut)
+    assert status == "succeeded", rec.ended()
+    note = rec.ended()["train"]["changes"][0]
+    if resumed:
+        assert note == "resumed from lora-step00000004-state: 4 of 8 steps left"
+        assert not (cut / "out" / "lora-resume1.safetensors").exists()
+        logged = lr_by_step(cut / "logs")
+    else:
+        assert note.startswith("not resumed from lora-step00000004-state: musubi builds the cosine schedule")
+        logged = lr_by_step(cut / "logs", [f for f in (cut / "logs").rglob("events.out.tfevents*") if f not in first])
+    expected = lr_by_step(whole / "logs")
+    print(f"\n{scheduler}, {items} item(s): lr/unet x1e-4 uninterrupted {expected}\n{scheduler}: lr/unet x1e-4 interrupted   {logged}")
+    assert sorted(expected) == list(range(1, 9))
+    # the killed attempt died between saving step 4 and logging it; every step after it is logged
+    assert set(range(5, 9)) <= set(logged) and logged == pytest.approx({s: expected[s] for s in logged}, rel=1e-6)
+    w, c = real_weights(whole / "out/lora.safetensors"), real_weights(cut / "out/lora.safetensors")
+    assert set(w) == set(c)
+    diff = max(float(np.max(np.abs(w[k] - c[k]))) for k in w)
+    scale = max(float(np.max(np.abs(w[k]))) for k in w if "lora_up" in k)
+    print(f"{scheduler}, {items} item(s): final LoRA max |difference| {diff:.3g} (largest lora_up weight {scale:.3g})")
+    assert scale > 0
+    if not (resumed and items > 1):
+        assert diff <= 1e-6 * scale
+    meta_w, _ = lora_meta(whole / "out/lora.safetensors"), None
+    meta_c = lora_meta(cut / "out/lora.safetensors")
+    for key in ("ss_steps", "ss_epoch", "ss_output_name", "ss_max_train_steps", "ss_num_epochs"):
+        assert meta_c[key] == meta_w[key], key
+
+
+def lora_meta(path: Path) -> dict:
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata()

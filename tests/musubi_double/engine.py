@@ -15,11 +15,12 @@ SIGINT: rc -2, 130 in a shell; nothing saved; SIGTERM kills at once).
 Training is a small numeric model of musubi's loop, so resume can be checked end to end: the
 learning-rate schedule is built from the args (``--lr_scheduler`` constant, constant_with_warmup,
 linear, cosine; ``--lr_warmup_steps`` int or fraction; length = ``--max_train_steps`` after the
-``--max_train_epochs`` override, as in ``get_lr_scheduler``); each epoch shuffles the batches with
-an RNG stream; each step moves one weight by ``lr * grad(batch)``. ``-state`` folders hold that
-weight, the optimizer's current lr, the scheduler's step counter and base lr, and the RNG stream
-position. ``--resume`` restores all of them (as ``accelerator.load_state`` does) while the loop's
-own step and epoch counters restart at 0 (as in musubi 30c658c). With ``--logging_dir``, the
+``--max_train_epochs`` override, as in ``get_lr_scheduler``); each epoch shuffles the batches with a
+seed of (dataset seed + epoch number), as musubi's ``shuffle_buckets`` does; each step moves one
+weight by ``lr * grad(batch)``. ``-state`` folders hold that weight, the optimizer's current lr and
+the scheduler's step counter and base lr. ``--resume`` restores them (as ``accelerator.load_state``
+does) while the loop's own step and epoch counters restart at 0 (as in musubi 30c658c), so a resumed
+run's epochs are shuffled as the first epochs were. With ``--logging_dir``, the
 scalars musubi logs (``loss/current``, ``loss/average``, ``lr/unet`` per step, ``loss/epoch`` per
 epoch) go to a TensorBoard event file under ``<logging_dir>/<log_prefix><time>/network_train/``.
 
@@ -732,7 +733,8 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
     # the numeric model: schedule from the args, then what accelerator.load_state restores
     base_lr = float(args.learning_rate if args.learning_rate is not None else 2e-6)
     schedule = lr_schedule(args.lr_scheduler or "constant", args.lr_warmup_steps or 0, total)
-    weight, counter, shuffles, lr = 0.0, 0, 0, base_lr * schedule(0)
+    weight, counter, lr = 0.0, 0, base_lr * schedule(0)
+    dataset_seed = 1000 + (args.seed or 0)
     if args.resume:
         tensors, _ = load_safetensors(os.path.join(args.resume, "model.safetensors"))
         weight = float(tensors["double.weight"][0]) if "double.weight" in tensors else 0.0
@@ -741,8 +743,6 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
         with open(os.path.join(args.resume, "scheduler.bin"), "rb") as fh:
             sched = json.loads(fh.read() or b"{}")
         counter, base_lr = sched.get("last_epoch", 0), sched.get("base_lrs", [base_lr])[0]
-        with open(os.path.join(args.resume, "random_states_0.pkl"), "rb") as fh:
-            shuffles = json.loads(fh.read() or b"{}").get("shuffles", 0)
         log(tb, f"test double: resumed from {args.resume} at scheduler step {counter}; loop counters restart at 0 as in musubi-tuner")
 
     meta_base = {"ss_network_module": args.network_module, "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
@@ -776,7 +776,7 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
             save_safetensors({**lora_tensors(arch, dim, alpha, counter, None, weight),
                               "double.weight": np.array([weight], dtype=np.float64)}, os.path.join(state, "model.safetensors"))
             for f, blob in (("optimizer.bin", {"lr": lr}), ("scheduler.bin", {"last_epoch": counter, "base_lrs": [base_lr]}),
-                            ("random_states_0.pkl", {"shuffles": shuffles})):
+                            ("random_states_0.pkl", {})):
                 with open(os.path.join(state, f), "wb") as fh:
                     fh.write(json.dumps(blob).encode())
 
@@ -814,10 +814,10 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
     step, loss_sum = 0, 0.0
     for epoch in range(epochs):
         out(f"\nepoch {epoch + 1}/{epochs}")
-        shuffles += 1  # each epoch draws its batch order from the RNG stream the state restores
         import numpy as np
 
-        order = np.random.default_rng(shuffles).permutation(steps_per_epoch)
+        # musubi: random.seed(dataset seed + current epoch), and the epoch restarts at 1 on --resume
+        order = np.random.default_rng(dataset_seed + epoch + 1).permutation(steps_per_epoch)
         epoch_loss = []
         for pos in range(steps_per_epoch):
             if fail in ("oom", "crash", "hang", "killed") and step + 1 >= fail_at():
@@ -825,7 +825,7 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
             if fail == "disk_full" and step + 1 >= fail_at():
                 os.environ["_MUSUBI_DOUBLE_DISK_FULL"] = script
             time.sleep(step_seconds())
-            grad = 1.0 + int(order[pos])  # the batch decides the gradient
+            grad = (1.0 + int(order[pos])) * (1 + pos)  # the batch and its place in the epoch: order matters
             weight -= lr * grad  # optimizer.step() with the lr the optimizer holds
             counter += 1  # lr_scheduler.step()
             lr = base_lr * schedule(counter)
