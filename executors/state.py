@@ -127,17 +127,52 @@ def output_files(step: Step) -> list[dict]:
     return [f for f in found if not f.get("missing")]
 
 
-def missing_outputs(step: Step) -> list[str]:
-    """Required outputs that do not exist (a glob output needs at least one match)."""
+# Kinds whose step keeps files an earlier run made (`--skip_existing` caches): for them an output
+# that was already there still counts.
+KEEPS_EXISTING = ("cache_latents", "cache_text_encoder")
+
+
+def _sig(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def output_snapshot(step: Step) -> dict[str, tuple]:
+    """The files a step's outputs name now (globs expanded), before it runs."""
+    snap = {}
+    for out in step.outputs:
+        paths = glob.glob(os.path.join(glob.escape(out.path), out.pattern)) if out.pattern else [out.path]
+        for path in paths:
+            sig = _sig(path)
+            if sig is not None:
+                snap[path] = sig
+    return snap
+
+
+def missing_outputs(step: Step, before: dict[str, tuple] | None = None) -> list[str]:
+    """Required outputs that do not exist (a glob output needs at least one match). With `before`
+    (output_snapshot at the step's start), a file that is still the one that was there then is
+    not this step's output: it is listed as missing too."""
+    def new(path: str) -> bool:
+        return before is None or step.kind in KEEPS_EXISTING or before.get(path) != _sig(path)
+
     missing = []
     for out in step.outputs:
         if not out.required:
             continue
         if out.pattern:
-            if not glob.glob(os.path.join(glob.escape(out.path), out.pattern)):
+            found = glob.glob(os.path.join(glob.escape(out.path), out.pattern))
+            if not found:
                 missing.append(os.path.join(out.path, out.pattern))
+            elif not any(new(f) for f in found):
+                missing.append(f"{os.path.join(out.path, out.pattern)} (only files older than this run match)")
         elif not os.path.exists(out.path):
             missing.append(out.path)
+        elif not new(out.path):
+            missing.append(f"{out.path} (the file there is older than this run)")
     return missing
 
 
