@@ -21,6 +21,7 @@ from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
 from .musubi_env import MusubiConfig, environment_facts
+from .watchdog import Watchdog
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, sha256_file, stamp, state_path)
 
@@ -484,8 +485,7 @@ class LocalExecutor:
 
         run_step = replace(step, args=args)
         argv = run_step.command(str(self.config.python), str(self.config.musubi_dir))
-        extra_env = {**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-        env = {**os.environ, **extra_env}
+        env = step_environment({**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         cwd = step.cwd or str(Path(self.run_dir).parent.parent)
         self._note_command(step, argv, {**self.config.step_env(), **step.env}, "; ".join(changes) if changes else "")
         parser = ProgressParser(step.id, step.kind)
@@ -543,22 +543,34 @@ class LocalExecutor:
                        for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
             for t in threads:
                 t.start()
-            cancelled = False
+            watchdog = Watchdog.start(proc.pid, self.grace_s)
+            cancelled = ended = False
             try:
-                while True:
-                    try:
-                        rc = proc.wait(timeout=0.05)
-                        break
-                    except subprocess.TimeoutExpired:
-                        if self._cancel.is_set():
-                            cancelled = True
-                            rc = self._stop(proc)
+                try:
+                    while True:
+                        try:
+                            rc = proc.wait(timeout=0.05)
                             break
-            except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
-                self._cancel.set()
-                cancelled = True
-                rc = self._stop(proc)
-            _kill_group(proc.pid)  # nothing the step started may outlive it
+                        except subprocess.TimeoutExpired:
+                            if self._cancel.is_set():
+                                cancelled = True
+                                rc = self._stop(proc)
+                                break
+                except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
+                    self._cancel.set()
+                    cancelled = True
+                    rc = self._stop(proc)
+                _kill_group(proc.pid)  # nothing the step started may outlive it
+                ended = True
+            finally:
+                if not ended:  # musubi-pipe itself is failing: the step must not outlive the error
+                    try:
+                        self._stop(proc)
+                        _kill_group(proc.pid)
+                        ended = True
+                    except BaseException:  # a second interrupt: the watchdog ends what is left
+                        pass
+                watchdog.close(done=ended)
             for t in threads:
                 t.join(timeout=5)
             deliver(parser.flush)  # an unterminated last line is still a line
@@ -621,6 +633,18 @@ class LocalExecutor:
                     pass
             _wait_dead(alive, 5.0)
         return proc.wait()
+
+
+def step_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus `extra`, less the PYTHONPATH entries that are relative or
+    empty: they name the step's working directory, a folder a shared document chooses."""
+    env = {**os.environ, **extra}
+    if "PYTHONPATH" in env:
+        kept = [p for p in env["PYTHONPATH"].split(os.pathsep) if p and os.path.isabs(p)]
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+        if not kept:
+            del env["PYTHONPATH"]
+    return env
 
 
 def _wait_dead(procs: list, timeout: float) -> list:
