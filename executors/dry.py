@@ -8,6 +8,7 @@ from ..compiler.plan import Plan
 from . import events as ev
 from .local import RunResult, decide, select_steps
 from .musubi_env import MusubiConfig
+from .runlock import check_owner
 from .state import StateFile, made_by_plan, state_path
 
 DRY = "dry-run"
@@ -29,6 +30,7 @@ class DryExecutor:
             for listener in listeners:
                 listener(e)
 
+        check_owner(plan)  # the same refusal as a real run
         chosen = select_steps(plan, only, from_, until)
         to_run, stale, reasons = decide(plan, StateFile(state_path(plan)), chosen, force, made_by_plan(plan))
         emit(ev.Event(ev.PLAN, data={"steps": to_run, "skipped": [s.id for s in plan.steps if s.id not in to_run],

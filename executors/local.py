@@ -21,6 +21,7 @@ from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
 from .musubi_env import MusubiConfig, environment_facts
+from .runlock import RunLock, check_owner, claim
 from .watchdog import Watchdog
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, sha256_file, stamp, state_path)
@@ -265,6 +266,21 @@ def rename_resumed(res: Resume, spe: int | None) -> list[str]:
 # ---------------------------------------------------------------------------------- the run
 
 
+def end_running_records(plan: Plan, cause: str) -> None:
+    """Mark steps the state file still calls running as failed (and `interrupted`), with `cause`:
+    called holding the lock, when no process of this pipeline can be running them."""
+    try:
+        state = StateFile(state_path(plan))
+        running = [r for r in state.steps.values() if isinstance(r, dict) and r.get("status") == RUNNING]
+        for record in running:
+            record.update(status=FAILED, interrupted=True, cause=cause, finished=record.get("finished") or time.time(),
+                          fix="run again: finished steps are skipped, and training resumes from its newest saved state")
+        if running:
+            state.save()
+    except OSError:  # on the way out of a failing run: the original error matters more
+        pass
+
+
 class LocalExecutor:
     """Runs plans on this machine. `cancel()` may be called from any thread or signal handler."""
 
@@ -294,13 +310,30 @@ class LocalExecutor:
                 try:
                     listener(event)
                 except Exception as exc:  # a broken front end must not break the run
-                    print(f"musubi-pipe: listener error: {exc!r}", file=sys.stderr)
+                    try:
+                        print(f"musubi-pipe: listener error: {exc!r}", file=sys.stderr)
+                    except (OSError, ValueError):  # nor a closed stderr
+                        pass
 
     def run(self, plan: Plan, listeners: Iterable[ev.Listener] = (), force: bool = False,
             only: Iterable[str] | None = None, from_: str | None = None, until: str | None = None,
             retry: RetryPolicy | None = None) -> RunResult:
+        """Run the plan, holding its workdir's lock: one run of a pipeline at a time."""
         self.config.require()
         check_plan(plan, self.config)
+        check_owner(plan)
+        with RunLock(plan):
+            claim(plan)
+            # holding the lock, a step still "running" belongs to a run that died (kill -9, power)
+            end_running_records(plan, "the run that ran this step ended without recording how (killed, or the machine stopped)")
+            try:
+                return self._run(plan, listeners, force, only, from_, until, retry)
+            except BaseException as exc:  # a crash or an interrupt: the step was stopped, say so in the state
+                end_running_records(plan, f"musubi-pipe stopped while this step ran: {type(exc).__name__}: {exc}")
+                raise
+
+    def _run(self, plan: Plan, listeners: Iterable[ev.Listener], force: bool, only: Iterable[str] | None,
+             from_: str | None, until: str | None, retry: RetryPolicy | None) -> RunResult:
         chosen = select_steps(plan, only, from_, until)
         self._cancel.clear()
         self._listeners = list(listeners)
@@ -530,8 +563,11 @@ class LocalExecutor:
                     if not chunk:
                         break
                     with log_lock:
-                        log.write(chunk)
-                        log.flush()
+                        try:
+                            log.write(chunk)
+                            log.flush()
+                        except ValueError:  # closed: musubi-pipe is failing and left the step
+                            break
                     text = decoder.decode(chunk)
                     if text:
                         deliver(lambda: parser.feed(name, text))
