@@ -41,8 +41,12 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PipelineError([Problem(f"cannot open the run lock {self.path}: {exc.strerror or exc}", file=self.plan.source,
+                                         path="workdir", fix="make the workdir writable, or set `workdir` to a folder you can write")]) from None
         try:
             _lock(fd)
         except OSError:
@@ -79,6 +83,8 @@ class RunLock:
         same = not other or _same_file(other, self.plan.source)
         what = "another run of this pipeline is running" if same else f"a run of {other} is running in the same workdir"
         stop = f"`kill {pid}` (as Ctrl-C would)" if pid else "stopping it"
+        if pid == os.getpid() and holder.get("host") == socket.gethostname():
+            who, stop = "in this process: a queued ComfyUI workflow or another thread runs it", "its Cancel button"
         return Problem(f"{what} ({who}); its lock is {self.path}", file=self.plan.source,
                        fix=f"wait for it to finish, or end it with {stop}; a run that died holds no lock")
 

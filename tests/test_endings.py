@@ -267,3 +267,63 @@ def test_two_pipelines_with_the_same_name_do_not_share_a_workdir(checkout, tmp_p
     assert LocalExecutor(config).run(compile_file(folder / "renamed.toml"), []).status == "succeeded"
     owner = json.loads((folder / "musubi-out" / "ends" / ".musubi-pipe" / "owner.json").read_text())
     assert owner["pipeline"] == str(folder / "renamed.toml")
+
+
+def test_inside_one_process_a_second_run_is_refused_and_told_who_runs(checkout, tmp_path, monkeypatch):
+    """ComfyUI runs pipelines in its own process: the lock holds between threads too, and the
+    message does not tell the user to kill the server."""
+    import threading
+
+    pipeline = project(tmp_path / "p")
+    monkeypatch.setenv("MUSUBI_DOUBLE_FAIL", "wan_cache_latents:hang")
+    first = LocalExecutor(_config(checkout))
+    thread = threading.Thread(target=lambda: first.run(compile_file(pipeline), []), daemon=True)
+    thread.start()
+    wait_for(lambda: len(psutil.Process().children()) >= 2)  # the hanging cache script and its watchdog
+    try:
+        with pytest.raises(PipelineError) as err:
+            LocalExecutor(_config(checkout)).run(compile_file(pipeline), [])
+        assert "in this process" in str(err.value) and "kill" not in str(err.value)
+    finally:
+        first.cancel()
+        thread.join(timeout=20)
+    monkeypatch.delenv("MUSUBI_DOUBLE_FAIL")
+    assert LocalExecutor(_config(checkout)).run(compile_file(pipeline), [], until="latents").status == "succeeded"
+
+
+def test_an_unwritable_workdir_is_a_message_not_a_traceback(checkout, tmp_path):
+    pipeline = project(tmp_path / "p")
+    (pipeline.parent / "musubi-out").write_text("a file where the workdir's parent should be")
+    with pytest.raises(PipelineError) as err:
+        LocalExecutor(_config(checkout)).run(compile_file(pipeline), [])
+    assert "cannot open the run lock" in str(err.value) and "workdir" in str(err.value)
+
+
+def test_closing_the_terminal_of_a_run_with_live_bars_cancels_it(checkout, tmp_path):
+    """A closed SSH session: the kernel hangs up the terminal (SIGHUP to the session), and every
+    later write to it fails. Live bars (rich), as in a real terminal."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    pipeline = project(tmp_path / "p")
+    env = cli_env(checkout, tmp_path, MUSUBI_DOUBLE_FAIL="wan_train_network:hang", MUSUBI_DOUBLE_FAIL_AT="3")
+    env.pop("CI")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "run", str(pipeline)], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, cwd=pipeline.parent, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the pty is its terminal
+    os.close(slave)
+    state_saved = pipeline.parent / "musubi-out/ends/train/ends-step00000002-state/random_states_0.pkl"
+    shown, end = b"", time.monotonic() + 60
+    while not (state_saved.exists() and len(psutil.Process(proc.pid).children(recursive=True)) >= 3):
+        assert time.monotonic() < end and proc.poll() is None, shown.decode("utf-8", "replace")
+        if select.select([master], [], [], 0.05)[0]:
+            shown += os.read(master, 65536)
+    procs = psutil.Process(proc.pid).children(recursive=True)
+    assert "━" in shown.decode("utf-8", "replace")  # live bars, not plain lines
+    os.close(master)  # the terminal goes away
+    assert proc.wait(timeout=30) == 128 + signal.SIGHUP
+    wait_for(lambda: not alive(procs), timeout=10)
+    assert StateFile(pipeline.parent / "pipeline.musubi-lock.json").record("train")["status"] == "cancelled"
