@@ -143,8 +143,10 @@ def owner_problem(plan: Plan) -> Problem | None:
 
 
 def claim(plan: Plan) -> None:
-    """Record this pipeline as the workdir's owner (the run holds the lock)."""
-    if not plan.source or owner_problem(plan) is not None:
+    """Record this pipeline as the workdir's owner; refuse if another one owns it (checked again
+    holding the lock: another pipeline may have claimed it since the first look)."""
+    check_owner(plan)
+    if not plan.source:
         return
     path = owner_path(plan)
     me = os.path.abspath(plan.source)

@@ -70,9 +70,24 @@ def checkout(tmp_path_factory) -> Path:
     return make_fake_checkout(tmp_path_factory.mktemp("double") / "musubi-tuner")
 
 
+STARTED: list[subprocess.Popen] = []
+
+
 @pytest.fixture(autouse=True)
 def fresh_faults(checkout):
     shutil.rmtree(checkout / ".double-state", ignore_errors=True)  # fail-once markers of earlier tests
+    yield
+    for proc in STARTED:  # a failed test must not leave its hanging run to the next tests
+        if proc.poll() is None:
+            family = psutil.Process(proc.pid).children(recursive=True)
+            proc.kill()
+            proc.wait()
+            for p in family:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+    STARTED.clear()
 
 
 def project(folder: Path, name: str = "ends", file: str = "pipeline.toml") -> Path:
@@ -97,8 +112,13 @@ def cli_env(checkout: Path, tmp_path: Path, **extra: str) -> dict:
 
 
 def start(pipeline: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DRIVER, "run", "--plain", str(pipeline)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, cwd=pipeline.parent)
+    return _started(subprocess.Popen([sys.executable, "-c", DRIVER, "run", "--plain", str(pipeline)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, cwd=pipeline.parent))
+
+
+def _started(proc: subprocess.Popen) -> subprocess.Popen:
+    STARTED.append(proc)
+    return proc
 
 
 def read_until(proc: subprocess.Popen, text: str, timeout: float = 60.0) -> list[str]:
@@ -311,9 +331,9 @@ def test_closing_the_terminal_of_a_run_with_live_bars_cancels_it(checkout, tmp_p
     env = cli_env(checkout, tmp_path, MUSUBI_DOUBLE_FAIL="wan_train_network:hang", MUSUBI_DOUBLE_FAIL_AT="3")
     env.pop("CI")
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "run", str(pipeline)], stdin=slave, stdout=slave, stderr=slave,
-                            env=env, cwd=pipeline.parent, start_new_session=True,
-                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the pty is its terminal
+    proc = _started(subprocess.Popen([sys.executable, "-c", DRIVER, "run", str(pipeline)], stdin=slave, stdout=slave,
+                                     stderr=slave, env=env, cwd=pipeline.parent, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0)))  # the pty is its terminal
     os.close(slave)
     state_saved = pipeline.parent / "musubi-out/ends/train/ends-step00000002-state/random_states_0.pkl"
     shown, end = b"", time.monotonic() + 60
