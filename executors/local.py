@@ -23,6 +23,8 @@ from ..files import write_atomic
 from .musubi_env import MusubiConfig, environment_facts
 from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, remove_flag, rename_resumed,
                      resume_key, set_flag, shift_event_steps, snapshot_states, tag_new_states)
+from .runlock import RunLock, check_owner, claim
+from .watchdog import Watchdog
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, output_snapshot, sha256_file, stamp, state_path)
 
@@ -204,6 +206,21 @@ def decide(plan: Plan, state: StateFile, chosen: list[str], force: bool,
 # ---------------------------------------------------------------------------------- the run
 
 
+def end_running_records(plan: Plan, cause: str) -> None:
+    """Mark steps the state file still calls running as failed (and `interrupted`), with `cause`:
+    called holding the lock, when no process of this pipeline can be running them."""
+    try:
+        state = StateFile(state_path(plan))
+        running = [r for r in state.steps.values() if isinstance(r, dict) and r.get("status") == RUNNING]
+        for record in running:
+            record.update(status=FAILED, interrupted=True, cause=cause, finished=record.get("finished") or time.time(),
+                          fix="run again: finished steps are skipped, and training resumes from its newest saved state")
+        if running:
+            state.save()
+    except OSError:  # on the way out of a failing run: the original error matters more
+        pass
+
+
 class LocalExecutor:
     """Runs plans on this machine. `cancel()` may be called from any thread or signal handler."""
 
@@ -233,13 +250,30 @@ class LocalExecutor:
                 try:
                     listener(event)
                 except Exception as exc:  # a broken front end must not break the run
-                    print(f"musubi-pipe: listener error: {exc!r}", file=sys.stderr)
+                    try:
+                        print(f"musubi-pipe: listener error: {exc!r}", file=sys.stderr)
+                    except (OSError, ValueError):  # nor a closed stderr
+                        pass
 
     def run(self, plan: Plan, listeners: Iterable[ev.Listener] = (), force: bool = False,
             only: Iterable[str] | None = None, from_: str | None = None, until: str | None = None,
             retry: RetryPolicy | None = None) -> RunResult:
+        """Run the plan, holding its workdir's lock: one run of a pipeline at a time."""
         self.config.require()
         check_plan(plan, self.config)
+        check_owner(plan)
+        with RunLock(plan):
+            claim(plan)
+            # holding the lock, a step still "running" belongs to a run that died (kill -9, power)
+            end_running_records(plan, "the run that ran this step ended without recording how (killed, or the machine stopped)")
+            try:
+                return self._run(plan, listeners, force, only, from_, until, retry)
+            except BaseException as exc:  # a crash or an interrupt: the step was stopped, say so in the state
+                end_running_records(plan, f"musubi-pipe stopped while this step ran: {type(exc).__name__}: {exc}")
+                raise
+
+    def _run(self, plan: Plan, listeners: Iterable[ev.Listener], force: bool, only: Iterable[str] | None,
+             from_: str | None, until: str | None, retry: RetryPolicy | None) -> RunResult:
         chosen = select_steps(plan, only, from_, until)
         self._cancel.clear()
         self._listeners = list(listeners)
@@ -451,8 +485,7 @@ class LocalExecutor:
 
         run_step = replace(step, args=args)
         argv = run_step.command(str(self.config.python), str(self.config.musubi_dir))
-        extra_env = {**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-        env = {**os.environ, **extra_env}
+        env = step_environment({**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         cwd = step.cwd or str(Path(self.run_dir).parent.parent)
         self._note_command(step, argv, {**self.config.step_env(), **step.env}, "; ".join(changes) if changes else "")
         parser = ProgressParser(step.id, step.kind)
@@ -497,8 +530,11 @@ class LocalExecutor:
                     if not chunk:
                         break
                     with log_lock:
-                        log.write(chunk)
-                        log.flush()
+                        try:
+                            log.write(chunk)
+                            log.flush()
+                        except ValueError:  # closed: musubi-pipe is failing and left the step
+                            break
                     text = decoder.decode(chunk)
                     if text:
                         deliver(lambda: parser.feed(name, text))
@@ -510,22 +546,34 @@ class LocalExecutor:
                        for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
             for t in threads:
                 t.start()
-            cancelled = False
+            watchdog = Watchdog.start(proc.pid, self.grace_s)
+            cancelled = ended = False
             try:
-                while True:
-                    try:
-                        rc = proc.wait(timeout=0.05)
-                        break
-                    except subprocess.TimeoutExpired:
-                        if self._cancel.is_set():
-                            cancelled = True
-                            rc = self._stop(proc)
+                try:
+                    while True:
+                        try:
+                            rc = proc.wait(timeout=0.05)
                             break
-            except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
-                self._cancel.set()
-                cancelled = True
-                rc = self._stop(proc)
-            _kill_group(proc.pid)  # nothing the step started may outlive it
+                        except subprocess.TimeoutExpired:
+                            if self._cancel.is_set():
+                                cancelled = True
+                                rc = self._stop(proc)
+                                break
+                except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
+                    self._cancel.set()
+                    cancelled = True
+                    rc = self._stop(proc)
+                _kill_group(proc.pid)  # nothing the step started may outlive it
+                ended = True
+            finally:
+                if not ended:  # musubi-pipe itself is failing: the step must not outlive the error
+                    try:
+                        self._stop(proc)
+                        _kill_group(proc.pid)
+                        ended = True
+                    except BaseException:  # a second interrupt: the watchdog ends what is left
+                        pass
+                watchdog.close(done=ended)
             for t in threads:
                 t.join(timeout=5)
             deliver(parser.flush)  # an unterminated last line is still a line
@@ -554,6 +602,7 @@ class LocalExecutor:
         """Keep the training length musubi printed: a later resume computes what is left from it."""
         if record.get("attempt"):
             _whole_run_progress(Resume.from_record(record["attempt"]), e, record.get("progress", {}))
+        known = (record.get("progress") or {}).get("steps_per_epoch")
         if e.kind == ev.PROGRESS and e.phase == "training" and e.total:
             prog = record.setdefault("progress", {})
             prog["total"] = e.total
@@ -563,6 +612,8 @@ class LocalExecutor:
         steps_per_epoch = (e.data or {}).get("steps_per_epoch")
         if steps_per_epoch:
             record.setdefault("progress", {})["steps_per_epoch"] = steps_per_epoch
+        if e.step and not known and (record.get("progress") or {}).get("steps_per_epoch"):
+            self.state.put(e.step, record)  # on disk now: a run killed later (kill -9) can still be resumed
 
     def _stop(self, proc: subprocess.Popen) -> int:
         """Polite signal to the whole process group, then SIGKILL after the grace period, also
@@ -614,6 +665,16 @@ def _whole_run_progress(res: Resume, e: ev.Event, progress: dict) -> None:
     whole_epochs = res.total_epochs or (-(-res.total_steps // spe) if res.total_steps and spe else None)
     if e.epochs is not None and whole_epochs:
         e.epochs = whole_epochs
+def step_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus `extra`, less the PYTHONPATH entries that are relative or
+    empty: they name the step's working directory, a folder a shared document chooses."""
+    env = {**os.environ, **extra}
+    if "PYTHONPATH" in env:
+        kept = [p for p in env["PYTHONPATH"].split(os.pathsep) if p and os.path.isabs(p)]
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+        if not kept:
+            del env["PYTHONPATH"]
+    return env
 
 
 def _wait_dead(procs: list, timeout: float) -> list:

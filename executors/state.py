@@ -64,7 +64,7 @@ def same_file(a: dict, b: dict) -> bool:
 def made_by_plan(plan: Plan) -> list[str]:
     """Glob patterns of everything the plan's steps write, and the run records: a folder input's
     identity leaves these out, so a step writing caches into its dataset folder is not 'changed'."""
-    pats = [str(Path(plan.workdir) / "runs"), str(state_path(plan))]
+    pats = [str(Path(plan.workdir) / "runs"), str(Path(plan.workdir) / ".musubi-pipe"), str(state_path(plan))]
     for step in plan.steps:
         for out in step.outputs:
             pats.append(os.path.join(out.path, out.pattern) if out.pattern else out.path)

@@ -73,7 +73,8 @@ def test_training_runs_under_accelerate_with_explicit_flags():
     assert train.args[train.args.index("--network_module") + 1] == "networks.lora_wan"
     assert train.args[train.args.index("--task") + 1] == "t2v-1.3B"
     command = train.command("/venv/bin/python", "/opt/musubi")
-    assert command[:3] == ["/venv/bin/python", "-m", "accelerate.commands.launch"]
+    # `python -m accelerate.commands.launch`, without the working directory on sys.path
+    assert command[:2] == ["/venv/bin/python", "-c"] and command[3] == "accelerate.commands.launch"
     assert "/opt/musubi/src/musubi_tuner/wan_train_network.py" in command
 
 

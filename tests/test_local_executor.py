@@ -63,7 +63,7 @@ def test_run_completes_with_progress_records_and_outputs(double, tmp_path):
     assert run_dir.parent == project / "runs"
     assert json.loads((run_dir / "plan.json").read_text())["name"] == "wan-test"
     commands = (run_dir / "commands.txt").read_text()
-    assert "-m accelerate.commands.launch --num_processes 1" in commands
+    assert "accelerate.commands.launch --num_processes 1" in commands
     assert f"'{project}/out/lora_comfy.safetensors'" in commands  # shell-quoted
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["musubi_tuner"]["version"] == "0.3.4"
