@@ -20,9 +20,10 @@ from ..compiler.plan import LAUNCH_TOOL, TOOL_COMMANDS, Plan, Step
 from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
+from ..pipelines import registry
 from .musubi_env import MusubiConfig, environment_facts
-from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, remove_flag, rename_resumed,
-                     resume_key, set_flag, shift_event_steps, snapshot_states, tag_new_states)
+from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, rename_resumed, resume_key,
+                     shift_event_steps, snapshot_states, tag_new_states)
 from .runlock import RunLock, check_owner, claim
 from .watchdog import Watchdog
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
@@ -399,7 +400,7 @@ class LocalExecutor:
             record.update(step=step.id, states_where=[str(states[0]), states[1]], states_before=snapshot_states(*states))
         self.state.put(step.id, record)
         before = output_snapshot(step)  # a file already there is not what this step wrote
-        logs = flag_value(args, "--logging_dir")
+        logs = flag_value(args, registry.option("logging_dir"))
         logs = Path(step.cwd or Path(self.run_dir).parent.parent, logs) if logs and resume else None
         logs_seen = event_files(logs)  # a resumed attempt's TensorBoard steps are shifted once
         for out in step.outputs:  # musubi's savers do not create missing folders

@@ -33,12 +33,11 @@ from pathlib import Path
 
 from ..compiler.plan import Step, fingerprint
 from ..files import atomic_path, write_atomic
+from ..pipelines import registry
+from ..pipelines.registry import option
 
 STATE_DIR = re.compile(r"^(?P<name>.+?)-(?:step(?P<step>\d{8})|(?P<epoch>\d{6}))-state$")
 TAG_SUFFIX = ".musubi-pipe.json"  # beside `<state folder>`: which step and settings saved it
-# Schedules whose factor at step s is the same whatever the run's length (transformers'
-# get_scheduler as musubi calls it); an `adafactor:<lr>` name and schedule-free optimizers too.
-LENGTH_FREE = {"constant", "constant_with_warmup", "inverse_sqrt", "piecewise_constant"}
 
 
 @dataclass
@@ -112,17 +111,18 @@ def resume_key(record: dict) -> str:
 def schedule_blocker(args: list[str]) -> str | None:
     """Why a resumed attempt (length = the steps left) would not follow the whole run's learning
     rates, or None when it does."""
-    if flag_value(args, "--lr_scheduler_type"):
+    training = registry.training()
+    if flag_value(args, option("lr_scheduler_type")):
         return None  # a class with explicit arguments: nothing is derived from the length
-    if (flag_value(args, "--optimizer_type") or "").lower().endswith("schedulefree"):
+    if (flag_value(args, option("optimizer_type")) or "").lower().endswith(training["schedule_free_optimizer_suffix"]):
         return None  # musubi replaces the schedule with a constant dummy
-    name = flag_value(args, "--lr_scheduler") or "constant"
-    if name.startswith("adafactor"):
+    name = flag_value(args, option("lr_scheduler")) or training["length_free_schedules"][0]
+    if name.startswith(training["length_free_schedule_prefix"]):
         return None
-    if name not in LENGTH_FREE:
+    if name not in training["length_free_schedules"]:
         return f"musubi builds the {name} schedule from the number of steps it is given and cannot start at a later step"
-    warmup = flag_value(args, "--lr_warmup_steps") or "0"
-    if name != "constant" and not re.fullmatch(r"\d+", warmup):
+    warmup = flag_value(args, option("lr_warmup_steps")) or "0"
+    if name != training["length_free_schedules"][0] and not re.fullmatch(r"\d+", warmup):
         return f"lr_warmup_steps {warmup} is a fraction of the number of steps musubi is given"
     return None
 
@@ -192,10 +192,10 @@ def plan_resume(step: Step, record: dict, previous: dict | None) -> tuple[Resume
     """For a training step that saves state: the exact resume from the newest usable state, or
     None; with a note saying what was resumed, or why an existing state was not."""
     meta = step.meta or {}
-    if step.kind != "train" or not meta.get("save_state") or flag_value(step.args, "--resume"):
+    if step.kind != "train" or not meta.get("save_state") or flag_value(step.args, option("resume")):
         return None, None
-    out_dir = Path(meta.get("output_dir") or flag_value(step.args, "--output_dir") or "")
-    name = meta.get("output_name") or flag_value(step.args, "--output_name")
+    out_dir = Path(meta.get("output_dir") or flag_value(step.args, option("output_dir")) or "")
+    name = meta.get("output_name") or flag_value(step.args, option("output_name"))
     if not name or not out_dir.is_dir():
         return None, None
     key = resume_key(record)
@@ -227,12 +227,12 @@ def plan_resume(step: Step, record: dict, previous: dict | None) -> tuple[Resume
     done_steps, done_epochs, state_dir = max(candidates, key=lambda c: (c[1], c[0] or 0))
     if total_epochs:
         left = total_epochs - done_epochs
-        args = set_flag(step.args, "--max_train_epochs", str(left))
+        args = set_flag(step.args, option("max_train_epochs"), str(left))
         note = f"resumed from {state_dir.name}: {left} of {total_epochs} epochs left"
     elif total_steps and done_steps is not None:
         left = int(total_steps) - done_steps
         # max_train_epochs would override max_train_steps inside musubi
-        args = set_flag(remove_flag(step.args, "--max_train_epochs"), "--max_train_steps", str(left))
+        args = set_flag(remove_flag(step.args, option("max_train_epochs")), option("max_train_steps"), str(left))
         note = f"resumed from {state_dir.name}: {left} of {total_steps} steps left"
     else:
         return None, None
@@ -242,7 +242,7 @@ def plan_resume(step: Step, record: dict, previous: dict | None) -> tuple[Resume
         note += f" (the newest state at the end of an epoch; {newest} is not)"
     k = int(same.get("resumes", 0)) + 1
     attempt_name = f"{name}-resume{k}"
-    args = set_flag(set_flag(args, "--resume", str(state_dir)), "--output_name", attempt_name)
+    args = set_flag(set_flag(args, option("resume"), str(state_dir)), option("output_name"), attempt_name)
     whole_epochs = total_epochs or (-(-int(total_steps) // spe) if total_steps and spe else None)
     return Resume(str(state_dir), done_steps, done_epochs, args, attempt_name, note, out_dir, name,
                   int(total_steps) if total_steps else None, whole_epochs), None

@@ -308,6 +308,11 @@ def policy() -> dict[str, list[str]]:
     return dict(_common()["policy"])
 
 
+def option(role: str) -> str:
+    """A musubi option every family spells the same, as a flag ("--resume"), by its role."""
+    return "--" + _common()["flags"][role]
+
+
 def launch_flags() -> dict[str, str]:
     """accelerate launch's options by role (musubi's training scripts run under accelerate)."""
     return dict(_common()["launch"])

@@ -16,7 +16,8 @@ from musubi_double import make_fake_checkout
 from musubi_pipe.compiler.plan import Output
 from musubi_pipe.errors import PipelineError
 from musubi_pipe.executors.dry import DryExecutor
-from musubi_pipe.executors.local import LocalExecutor, RetryPolicy, set_flag
+from musubi_pipe.executors.local import LocalExecutor, RetryPolicy
+from musubi_pipe.executors.resume import set_flag
 from musubi_pipe.executors.state import StateFile, state_path
 
 
