@@ -375,7 +375,8 @@ class LocalExecutor:
         if level:
             changes.append(f"starting with {step.fallbacks[level - 1].why} (it worked last run; out of memory without it)")
         record = {
-            "status": RUNNING, "fingerprint": step.fingerprint, "started": time.time(), "run": str(self.run_dir),
+            "status": RUNNING, "fingerprint": step.fingerprint, "args": redact(step.args), "started": time.time(),
+            "run": str(self.run_dir),
             "log": str(log_path), "inputs": input_identities(step, exclude),
             "needs": {n: stamp(self.state.record(n)) for n in step.needs},
         }

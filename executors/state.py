@@ -97,6 +97,43 @@ def dir_identity(path: str | Path, exclude: list[str] = ()) -> dict:
     return {"path": str(root), "dir": True, "files": count, "digest": h.hexdigest()[:32]}
 
 
+def _setting_changes(step: Step, old_args: list[str] | None) -> str:
+    """': network_dim 16 -> 32, fp8_base off -> on' from the argv the step last ran with (as musubi's
+    recorded parser reads both); '' when they are the same or unknown."""
+    from ..compiler import contract
+
+    if not old_args:
+        return ""
+    try:
+        parser = contract.parser(step.script)
+        old, new = vars(parser.parse_args(old_args)), vars(parser.parse_args(step.args))
+    except contract.ContractError:
+        return "" if old_args == step.args else ": the command changed"
+
+    def shown(value) -> str:
+        return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if not isinstance(value, (int, float)) or \
+            isinstance(value, bool) else str(value)
+
+    changes = [f"{k} {shown(old.get(k))} -> {shown(new.get(k))}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not changes:
+        return " (a generated file, the launch settings or an upstream step's settings)"
+    return ": " + ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+
+
+def _identity_change(old: dict | None, new: dict) -> str:
+    if old is None:
+        return " (new)"
+    if new.get("missing"):
+        return " (gone)"
+    if "files" in old and "files" in new and old["files"] != new["files"]:
+        return f" ({old['files']} -> {new['files']} files)"
+    if "files" in new:
+        return " (a file in it changed)"
+    if old.get("size") != new.get("size"):
+        return f" (size {old.get('size')} -> {new.get('size')} bytes)"
+    return " (content changed)" if "sha256" in new else " (modified)"
+
+
 def same_identity(a: dict, b: dict) -> bool:
     if "digest" in a or "digest" in b:
         return a.get("path") == b.get("path") and a.get("digest") == b.get("digest")
@@ -225,7 +262,7 @@ class StateFile:
         if rec.get("status") != SUCCEEDED:
             return f"last run {rec.get('status', 'unknown')}"
         if rec.get("fingerprint") != step.fingerprint:
-            return "settings changed"
+            return "settings changed" + _setting_changes(step, rec.get("args"))
         for need in step.needs:
             if need in stale_needs:
                 return f"{need} runs first"
@@ -235,7 +272,7 @@ class StateFile:
         for ident in input_identities(step, exclude):
             old = recorded.get(ident["path"])
             if old is None or not same_identity(old, ident):
-                return f"input changed: {ident['path']}"
+                return f"input changed: {ident['path']}" + _identity_change(old, ident)
         now = {o["path"]: o for o in output_files(step)}
         for old in rec.get("outputs", []):
             cur = now.get(old["path"])

@@ -93,7 +93,18 @@ def test_changing_a_training_setting_reruns_training_and_what_follows(double, tm
     assert result.status == "succeeded"
     assert double.runs()[first:] == ["wan_train_network", "lora_post_hoc_ema", "convert_lora"]
     assert rec.skipped() == {"cache_latents": "up to date", "cache_text": "up to date"}
-    assert rec.kinds("plan")[0].data["reasons"]["train"] == "settings changed"
+    assert rec.kinds("plan")[0].data["reasons"]["train"] == "settings changed: network_dim 4 -> 8"
+    assert rec.kinds("plan")[0].data["reasons"]["ema"] == "train runs first"
+
+
+def test_the_dry_run_says_why_each_step_would_run_setting_by_setting(double, tmp_path):
+    run(double, wan_plan(tmp_path))
+    (tmp_path / "imgs" / "extra.png").write_bytes((tmp_path / "imgs" / next(iter(os.listdir(tmp_path / "imgs")))).read_bytes())
+    rec = Recorder()
+    DryExecutor(config_for(double.path)).run(wan_plan(tmp_path, network_dim=8), [rec])
+    reasons = {e.step: e.data["reason"] for e in rec.kinds("step_start")}
+    assert reasons["cache_latents"].startswith(f"input changed: {tmp_path / 'imgs'} (") and "files)" in reasons["cache_latents"]
+    assert reasons["train"] == "settings changed: network_dim 4 -> 8"
 
 
 def test_a_new_image_reruns_caching_and_everything_after(double, tmp_path):
