@@ -287,7 +287,12 @@ class _Compiler:
     def check_option_rules(self, name: str, stage, values: dict[str, Any]) -> None:
         """The family's rules on option values: options only some tasks take, options that exclude each other."""
         def where(key: str) -> tuple:
+            if key in extra:
+                return ("stages", name, "extra_args", extra[key])
             return ("stages", name, key) if key in stage.model_fields_set else ("stages", name)
+
+        extra = {k.lstrip("-").replace("-", "_"): k for k in stage.extra_args}
+        values = {**values, **{dest: stage.extra_args[k] for dest, k in extra.items()}}
 
         for option, switch in self.fam.rule("task_only_options", {}).items():
             if values.get(option) and not self.task_props.get(switch):
@@ -404,6 +409,8 @@ class _Compiler:
             # without --skip_existing (docs/framepack_1f.md).
             values.pop("skip_existing", None)
         args = self.arg(tpl.script, "dataset_config", dataset) + self.models(name, stage, tpl, tpl.script)
+        if self.task and self.has(tpl.script, "task"):  # Qwen-Image caches per --model_version
+            args += self.arg(tpl.script, "task", self.task)
         args += self.options(name, stage, tpl.script, values)
         assert self.dataset is not None
         outputs = [Output(artifact, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
