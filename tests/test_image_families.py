@@ -216,7 +216,7 @@ def test_lora_inspect_tells_image_families_from_module_names(tmp_path):
     from musubi_pipe.tools.lora import read_lora, target_modules
 
     qwen_targets = target_modules("qwen_image")
-    assert len(qwen_targets) == 60 * 12 and len(target_modules("zimage")) == 30 * 7
+    assert len(qwen_targets) == 60 * 14 and len(target_modules("zimage")) == 30 * 7
     q = _lora(tmp_path / "q.safetensors", {f"lora_unet_transformer_blocks_0_{m}": s for m, s in (
         ("attn_to_q", (3072, 3072)), ("attn_add_k_proj", (3072, 3072)), ("img_mlp_net_0_proj", (3072, 12288)),
         ("txt_mlp_net_2", (12288, 3072)))})
@@ -273,3 +273,97 @@ def test_real_musubi_accepts_every_generated_dataset_config(tmp_path):
             "for f in sys.argv[1:]: ConfigSanitizer().sanitize_user_config(load_user_config(f))\nprint('valid')")
     run = subprocess.run([str(python), "-c", code, *files], capture_output=True, text=True, timeout=300)
     assert run.stdout.strip().endswith("valid"), run.stderr[-2000:]
+
+
+# A random one-layer Qwen-Image DiT (musubi's own class and key names; --num_layers 1 is musubi's
+# option) and synthetic caches written by musubi's own dataset code and cache writers: the text
+# encoder (Qwen2.5-VL 7B) and the VAE are too large to run here, the DiT block is real.
+TINY_QWEN = r'''
+import argparse, sys
+import torch
+from safetensors.torch import save_file
+from musubi_tuner.qwen_image import qwen_image_model
+from musubi_tuner.dataset import config_utils
+from musubi_tuner.dataset.config_utils import BlueprintGenerator, ConfigSanitizer
+from musubi_tuner.dataset.image_video_dataset import ARCHITECTURE_QWEN_IMAGE
+from musubi_tuner.dataset.cache_io import save_latent_cache_qwen_image, save_text_encoder_output_cache_qwen_image
+
+dit_path, dataset_config = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = qwen_image_model.QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+save_file({k: (v * 0.02 if v.ndim > 1 else v).to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, dit_path)
+del model
+blueprint = BlueprintGenerator(ConfigSanitizer()).generate(config_utils.load_user_config(dataset_config),
+                                                           argparse.Namespace(debug_dataset=False), architecture=ARCHITECTURE_QWEN_IMAGE)
+for dataset in config_utils.generate_dataset_group_by_blueprint(blueprint.dataset_group).datasets:
+    for _, batch in dataset.retrieve_latent_cache_batches(1):
+        for item in batch:
+            w, h = item.bucket_size
+            save_latent_cache_qwen_image(item, torch.randn(16, 1, h // 8, w // 8), None)
+    for batch in dataset.retrieve_text_encoder_output_cache_batches(1):
+        for item in batch:
+            save_text_encoder_output_cache_qwen_image(item, torch.randn(7, 3584, dtype=torch.bfloat16))
+'''
+
+TINY_PIPELINE = """
+name = "tiny-qwen"
+family = "qwen_image"
+[models]
+dit = "{dit}"
+[dataset.general]
+resolution = [64, 64]
+caption_extension = ".txt"
+batch_size = 1
+[[dataset.datasets]]
+image_directory = "{data}/images"
+cache_directory = "{data}/cache"
+[stages.train]
+kind = "train"
+optimizer_type = "AdamW"          # adamw8bit's bitsandbytes wants a GPU
+gradient_checkpointing = false
+network_dim = 4
+max_train_steps = 3
+save_every_n_steps = 2
+max_data_loader_n_workers = 0
+persistent_data_loader_workers = false
+extra_args = {{ num_layers = 1 }}
+"""
+
+
+@pytest.mark.skipif(not REAL, reason="set MUSUBI_TUNER_DIR to a musubi-tuner checkout to run")
+def test_real_qwen_image_lora_steps_on_cpu_through_musubi_pipe_run(tmp_path, monkeypatch):
+    """`musubi-pipe run` trains a few LoRA steps with the real qwen_image_train_network.py on a tiny random DiT."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from musubi_pipe.cli import main
+    from musubi_pipe.compiler import compile_file
+    from musubi_pipe.tools.lora import read_lora
+
+    monkeypatch.setenv("MUSUBI_PIPE_CONFIG", str(tmp_path / "no-config.toml"))
+    (tmp_path / "images").mkdir()
+    for n in ("a", "b"):
+        Image.new("RGB", (64, 64), (200, 40 * ord(n) % 255, 50)).save(tmp_path / "images" / f"{n}.png")
+        (tmp_path / "images" / f"{n}.txt").write_text(f"a square {n}")
+    pipeline = tmp_path / "tiny.toml"
+    pipeline.write_text(TINY_PIPELINE.format(dit=tmp_path / "dit.safetensors", data=tmp_path))
+    dataset = next(f for f in compile_file(pipeline).files if "[[datasets]]" in f.content)
+    (tmp_path / "dataset.toml").write_text(dataset.content)
+    (tmp_path / "tiny_qwen.py").write_text(TINY_QWEN)
+    made = subprocess.run([str(Path(REAL) / ".venv/bin/python"), str(tmp_path / "tiny_qwen.py"), str(tmp_path / "dit.safetensors"),
+                           str(tmp_path / "dataset.toml")], capture_output=True, text=True, cwd=REAL, timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "a_0064x0064_qi.safetensors", "a_qi_te.safetensors", "b_0064x0064_qi.safetensors", "b_qi_te.safetensors"]
+
+    r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "musubi-out" / "tiny-qwen" / "train"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-qwen-step00000002.safetensors", "tiny-qwen.safetensors"]
+    report = read_lora(out / "tiny-qwen.safetensors")
+    # the registry's module list is what musubi trained: every module of the one block, real shapes
+    assert report.family == "qwen_image" and report.coverage.matched == 14
+    assert not report.coverage.unknown and not report.coverage.wrong_shape
+    r = CliRunner().invoke(main, ["run", str(pipeline), "--plain"])
+    assert r.exit_code == 0 and "running 0 step(s)" in r.output, r.output
