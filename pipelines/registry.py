@@ -138,7 +138,7 @@ class Family:
 
     @property
     def target_fps(self) -> int:
-        return self.rules["target_fps"]
+        return self.rules.get("target_fps", 0)  # 0: an image family has no frame rate
 
     @property
     def network_module(self) -> str:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from musubi_pipe.compiler import compile_file, compile_pipeline
-from musubi_pipe.compiler.plan import Plan
+from musubi_pipe.compiler.plan import LAUNCH_TOOL, Plan
 from musubi_pipe.dsl.load import parse_pipeline
 from musubi_pipe.errors import PipelineError
 
@@ -38,7 +38,8 @@ def compile_text(text: str, fmt: str = "toml", folder: Path | None = None) -> Pl
 
 
 def argvs(plans) -> list[dict]:
-    return [{"script": s.script, "args": s.args} for plan in plans for s in plan.steps]
+    # musubi-pipe's own tools (check_dataset, lora_merge) are not musubi scripts
+    return [{"script": s.script, "args": s.args} for plan in plans for s in plan.steps if s.launcher != LAUNCH_TOOL]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)

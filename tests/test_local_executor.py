@@ -390,6 +390,8 @@ def _prepare_example(src: Path, tmp_path: Path) -> Path:
             for ds in tomllib.loads(gen.content)["datasets"]:
                 if ds.get("image_directory"):
                     make_images(Path(ds["image_directory"]))
+                if ds.get("control_directory") and not ds.get("video_directory"):
+                    make_images(Path(ds["control_directory"]))  # the same names as the targets
                 if ds.get("video_directory"):
                     d = Path(ds["video_directory"])
                     d.mkdir(parents=True, exist_ok=True)

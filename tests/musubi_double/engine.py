@@ -64,10 +64,14 @@ ARCH_PREFIXES = [
     ("hidream_o1_", "ho1"), ("ideogram4_", "i4"), ("krea2_", "kr2"),
     ("cache_latents", "hv"), ("cache_text_encoder_outputs", "hv"),
 ]
-ARCH_FULL_NAME = {"hv": "hunyuan_video", "wan": "wan", "fp": "framepack"}
+# Qwen-Image's caches carry the --model_version's architecture (qwen_image_utils.resolve_model_version_args)
+QWEN_VERSION_ARCH = {"edit": "qie", "edit-2509": "qie", "edit-2511": "qie", "layered": "qil"}
+ARCH_FULL_NAME = {"hv": "hunyuan_video", "wan": "wan", "fp": "framepack", "qi": "qwen_image", "qie": "qwen_image",
+                  "qil": "qwen_image", "zi": "z_image"}
 NETWORK_MODULE = {
     "hv": "networks.lora", "wan": "networks.lora_wan", "fp": "networks.lora_framepack", "fk": "networks.lora_flux",
     "f2d": "networks.lora_flux_2", "qi": "networks.lora_qwen_image", "zi": "networks.lora_zimage",
+    "qie": "networks.lora_qwen_image", "qil": "networks.lora_qwen_image",
     "hv15": "networks.lora_hv_1_5", "k5": "networks.lora_kandinsky", "ho1": "networks.lora_hidream_o1",
     "i4": "networks.lora_ideogram4", "kr2": "networks.lora_krea2",
 }
@@ -76,8 +80,12 @@ LORA_MODULES = {
     "hv": ["double_blocks_0_img_attn_qkv", "double_blocks_0_txt_mlp_fc1", "single_blocks_0_linear1"],
     "wan": ["blocks_0_self_attn_q", "blocks_0_cross_attn_k", "blocks_1_ffn_0"],
     "fp": ["transformer_blocks_0_attn_to_q", "single_transformer_blocks_0_attn_to_k", "transformer_blocks_1_ff_net_0_proj"],
+    "qi": ["transformer_blocks_0_attn_to_q", "transformer_blocks_0_attn_add_k_proj", "transformer_blocks_1_img_mlp_net_0_proj"],
+    "zi": ["layers_0_attention_to_q", "layers_0_attention_to_out_0", "layers_1_feed_forward_w1"],
 }
-MODELSPEC_ARCH = {"hv": "hunyuan-video/lora", "wan": "wan2.1/lora", "fp": "framepack/lora"}
+LORA_MODULES["qie"] = LORA_MODULES["qil"] = LORA_MODULES["qi"]
+MODELSPEC_ARCH = {"hv": "hunyuan-video/lora", "wan": "wan2.1/lora", "fp": "framepack/lora", "qi": "Qwen-Image/lora",
+                  "qie": "Qwen-Image-Edit/lora", "qil": "Qwen-Image-Layered/lora", "zi": "Z-Image/lora"}
 TORCH_OPTIMIZERS = {"adamw", "adamw8bit", "adafactor", "adam", "sgd", "rmsprop", "adagrad", "lion", "radam", "nadam"}
 
 DATASET_GENERAL_KEYS = {"resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale"}
@@ -966,9 +974,11 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
 
     logger = "__main__"
     a = vars(args)
-    for flag in ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder", "clip", "image_path"):
+    for flag in ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "text_encoder", "image_encoder", "clip", "image_path"):
         if a.get(flag):
             require_file(script, a[flag], flag)
+    for control in a.get("control_image_path") or []:
+        require_file(script, control, "control_image_path")
     for lora in a.get("lora_weight") or []:
         require_file(script, lora, "lora_weight")
     if fail in ("missing_file", "tokenizer_offline", "hub_download", "network_module", "dtype"):
@@ -1023,6 +1033,18 @@ def save_generated(script: str, a: dict, save_path: str, seed: int, logger: str)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
     base = f"{stamp}_0_{seed}" if script == "hv_generate_video" else f"{stamp}_{seed}"
     output_type = a.get("output_type") or "video"
+    if script.endswith("generate_image"):
+        # save_output / save_images: <time>_<seed>_latent.safetensors, <time>_<seed>_000.png
+        if output_type in ("latent", "latent_images"):
+            p = os.path.join(save_path, f"{base}_latent.safetensors")
+            save_safetensors({"latent": np.zeros((16, 1, 2, 2), np.float32)}, p, {"seeds": str(seed)})
+            log(logger, f"Latent saved to: {p}")
+        if output_type in ("images", "latent_images"):
+            p = os.path.join(save_path, f"{base}_000.png")
+            with open(p, "wb") as fh:
+                fh.write(TINY_PNG)
+            log(logger, f"Sample images saved to: {save_path}/{base}")
+        return
     if output_type in ("latent", "both"):
         p = os.path.join(save_path, f"{base}_latent.safetensors")
         save_safetensors({"latent": np.zeros((16, 1, 2, 2), np.float32)}, p, {"seeds": str(seed)})
@@ -1217,6 +1239,8 @@ def main(script_file: str) -> int:
         while True:  # a non-zero rank of a multi-GPU run: alive until the launcher ends it
             time.sleep(1)
     arch = next((a for p, a in ARCH_PREFIXES if script.startswith(p)), "hv")
+    if arch == "qi":
+        arch = QWEN_VERSION_ARCH.get((getattr(args, "model_version", None) or "").lower(), arch)
     fail = injected(script)
     if fail and fail_at() == 0 and fail in ("oom", "crash", "hang", "killed"):
         raise_injected(fail, script, args)
