@@ -4,7 +4,7 @@ to the last musubi process gone. Needs a ComfyUI started the way the tests start
     eval "$(bash .ci/comfyui.sh test-env)"; bash .ci/comfyui.sh start "" 8190
     COMFYUI_URL=http://127.0.0.1:8190 python benchmarks/bench_comfy.py
 
-Without COMFYUI_URL only the import time is measured.
+Without COMFYUI_URL only the import time is measured (`--runs N` fresh interpreters, default 7).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def server_under_training(url: str, samples: int = 400) -> None:
 
 
 if __name__ == "__main__":
-    pack_import()
+    pack_import(int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 7)
     if os.environ.get("COMFYUI_URL"):
         server_under_training(os.environ["COMFYUI_URL"].rstrip("/"))
     else:

@@ -1,7 +1,7 @@
 """Local executor figures: child line -> listener latency, Ctrl-C -> last process gone, and a fully
 skipped re-run of a 6-step pipeline over several GB of (sparse) model files.
 
-    python benchmarks/bench_executor.py
+    python benchmarks/bench_executor.py [--ticks 200] [--rounds 3] [--reruns 5]
 
 Runs against the musubi-tuner test double; prints figures, asserts nothing.
 """
@@ -30,15 +30,15 @@ from musubi_pipe.executors.local import LocalExecutor  # noqa: E402
 
 TICKER = '''"""benchmark helper: timestamped lines on stderr, like musubi's log lines."""
 import sys, time
-for i in range(200):
+for i in range({ticks}):
     sys.stderr.write(f"tick {time.time():.6f}\\n")
     sys.stderr.flush()
     time.sleep(0.01)
 '''
 
 
-def latency(checkout: Path, tmp: Path) -> None:
-    (checkout / "src" / "musubi_tuner" / "_bench_ticker.py").write_text(TICKER)
+def latency(checkout: Path, tmp: Path, ticks: int = 200) -> None:
+    (checkout / "src" / "musubi_tuner" / "_bench_ticker.py").write_text(TICKER.replace("{ticks}", str(ticks)))
     seen = []
 
     def listener(e):
@@ -102,7 +102,7 @@ def _running(p: psutil.Process) -> bool:
         return False
 
 
-def skipped_rerun(checkout: Path, tmp: Path) -> None:
+def skipped_rerun(checkout: Path, tmp: Path, reruns: int = 5) -> None:
     project = tmp / "skip"
     project.mkdir()
     sizes = {"wan_bf16.safetensors": 14 * 2**30, "t5.pth": 11 * 2**30, "vae.safetensors": 2**29}
@@ -119,7 +119,7 @@ def skipped_rerun(checkout: Path, tmp: Path) -> None:
     assert LocalExecutor(config_for(checkout)).run(plan).status == "succeeded"
     total = sum(sizes.values()) / 2**30
     times = []
-    for _ in range(5):
+    for _ in range(reruns):
         rec = Recorder()
         began = time.perf_counter()
         LocalExecutor(config_for(checkout)).run(plan, [rec])
@@ -130,12 +130,19 @@ def skipped_rerun(checkout: Path, tmp: Path) -> None:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ticks", type=int, default=200, help="log lines for the latency figure")
+    ap.add_argument("--rounds", type=int, default=3, help="Ctrl-C rounds")
+    ap.add_argument("--reruns", type=int, default=5, help="fully skipped re-runs timed")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         checkout = make_fake_checkout(tmp / "musubi-tuner")
-        latency(checkout, tmp)
-        ctrl_c(checkout, tmp)
-        skipped_rerun(checkout, tmp)
+        latency(checkout, tmp, args.ticks)
+        ctrl_c(checkout, tmp, args.rounds)
+        skipped_rerun(checkout, tmp, args.reruns)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,34 @@
 """Benchmark: read a ~100 MB TensorBoard event file with the monitor's reader, then the
-incremental polls that follow (only appended bytes are read). Prints figures; asserts nothing."""
+incremental polls that follow (only appended bytes are read); side by side, TensorBoard's own
+EventAccumulator reading the same file. Prints figures; asserts nothing.
+
+    python benchmarks/bench_tb_read.py [--mb 100] [--tensorboard-python PYTHON]
+
+--tensorboard-python: a Python that can import tensorboard (no dependency of musubi-pipe); by
+default this one, if it can."""
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from musubi_pipe.tools import monitor as M
+
+TB_READ = r'''
+import json, logging, sys, time
+logging.disable(logging.WARNING)  # "TensorFlow installation not found"
+from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+start = time.perf_counter()
+acc = EventAccumulator(sys.argv[1], size_guidance={SCALARS: 0})  # 0: keep every scalar
+acc.Reload()
+rows = sum(len(acc.Scalars(tag)) for tag in acc.Tags()["scalars"])
+print(json.dumps({"seconds": time.perf_counter() - start, "rows": rows}))
+'''
 
 
 def build(path: Path, target_mb: float) -> int:
@@ -32,7 +52,13 @@ def build(path: Path, target_mb: float) -> int:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=100.0)
+    ap.add_argument("--tensorboard-python", help="a Python with tensorboard for the side-by-side read")
     args = ap.parse_args()
+    tb_python = args.tensorboard_python or sys.executable
+    if subprocess.run([tb_python, "-c", "import tensorboard"], capture_output=True).returncode != 0:
+        if args.tensorboard_python:
+            raise SystemExit(f"{tb_python} cannot import tensorboard")
+        tb_python = None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "events.out.tfevents.bench"
         t = time.perf_counter()
@@ -44,6 +70,13 @@ def main():
         first = time.perf_counter() - t
         print(f"first read: {len(rows):,} scalars from {size / 1e6:.1f} MB in {first:.2f} s "
               f"({size / 1e6 / first:.1f} MB/s)")
+        if tb_python is None:
+            print("TensorBoard's EventAccumulator: skipped (no Python with tensorboard; give --tensorboard-python)")
+        else:
+            done = subprocess.run([tb_python, "-c", TB_READ, str(path)], capture_output=True, text=True, check=True)
+            tb = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"TensorBoard's EventAccumulator, same file: {tb['rows']:,} scalars in {tb['seconds']:.2f} s "
+                  f"({size / 1e6 / tb['seconds']:.1f} MB/s); musubi-pipe / TensorBoard = {first / tb['seconds']:.3f}")
         t = time.perf_counter()
         again = reader.read()
         print(f"poll with nothing new: {len(again)} scalars in {(time.perf_counter() - t) * 1e3:.2f} ms")

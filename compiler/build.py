@@ -7,8 +7,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from ..dsl.dataset import DatasetConfig
 from ..dsl.load import Source, format_path, load_dataset_source, load_pipeline
 from ..dsl.model import Pipeline
@@ -95,6 +93,8 @@ class _Compiler:
     # --- main ------------------------------------------------------------------------------
 
     def run(self) -> Plan:
+        import networkx as nx  # not at the top: importing the compiler builds no graph
+
         self.check_task()
         self.check_paths()
         self.load_dataset()

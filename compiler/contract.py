@@ -87,10 +87,19 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ContractError(message)
 
+    def _get_formatter(self):
+        # argparse makes a formatter for every add_argument (to check nargs), and each asks the
+        # terminal for its width; a fixed width makes building a parser several times cheaper.
+        return self.formatter_class(prog=self.prog, width=100)
+
 
 @lru_cache(maxsize=None)
 def parser(script: str) -> argparse.ArgumentParser:
     """The script's parser rebuilt from the record, abbreviations disallowed."""
+    return _build_parser(script)
+
+
+def _build_parser(script: str) -> argparse.ArgumentParser:
     p = _Parser(prog=script, allow_abbrev=False, add_help=False)
     for opt in options(script).values():
         kw: dict = {}
@@ -130,11 +139,94 @@ def _all_flags(script: str, dest: str) -> list[str]:
 
 def check(script: str, args: list[str]) -> str | None:
     """None if musubi's parser accepts the argv, else argparse's message."""
+    if _plainly_accepted(script, args):
+        return None
     try:
         parser(script).parse_args(args)
     except ContractError as exc:
         return str(exc)
     return None
+
+
+# The argv the compiler writes is plain: full flags, each followed by its values. For such argv the
+# answer is clear without argparse, which costs ~40 function calls a word (most of a compile once
+# the imports are done). Anything else, and every refusal with its message, is argparse's.
+_CONVERT = {"int": int, "float": float}
+
+
+@lru_cache(maxsize=None)
+def _plain_rules(script: str):
+    """(option string -> Option, required dests, positional or None), or None where argparse's
+    placement of positionals is not simple: more than one, or one that may be empty."""
+    opts = options(script).values()
+    positionals = [o for o in opts if o.action == "positional"]
+    if len(positionals) > 1 or (positionals and positionals[0].nargs != "+"):
+        return None
+    flags = {f: o for o in opts if o.action != "positional" for f in _all_flags(script, o.dest)}
+    return flags, {o.dest for o in opts if o.required}, positionals[0] if positionals else None
+
+
+def _plainly_accepted(script: str, args: list[str]) -> bool:
+    """True only where argparse surely accepts: a run of words for a '+' positional first (if the
+    script has one), then known full option strings (or --flag=value for a one-value option), each
+    followed by exactly as many values as its nargs takes; no value starts with '-'; every value
+    converts to the option's type and is among its choices; every required option is there."""
+    rules = _plain_rules(script)
+    if rules is None:
+        return False
+    flags, required, positional = rules
+    seen: set[str] = set()
+    i, n = 0, len(args)
+    if positional is not None:
+        while i < n and not args[i].startswith("-"):
+            i += 1
+        if i == 0:  # parser() gives a positional no type or choices: any words do
+            return False
+        seen.add(positional.dest)
+    while i < n:
+        opt = flags.get(args[i])
+        if opt is None:  # --flag=value
+            flag, eq, value = args[i].partition("=")
+            opt = flags.get(flag) if eq else None
+            if opt is None or opt.nargs is not None or opt.action not in ("store", "append"):
+                return False
+            values, i = [value], i + 1
+        else:
+            start = i = i + 1
+            while i < n and not args[i].startswith("-"):
+                i += 1
+            values = args[start:i]
+            if not _count_fits(opt, len(values)):
+                return False
+        if not _values_fit(opt, values):
+            return False
+        seen.add(opt.dest)
+    return required <= seen
+
+
+def _count_fits(opt: Option, count: int) -> bool:
+    if opt.action in ("store_true", "store_false"):
+        return count == 0
+    if opt.action not in ("store", "append"):
+        return False
+    nargs = opt.nargs
+    if nargs is None:
+        return count == 1
+    if isinstance(nargs, int):
+        return count == nargs
+    return {"?": count <= 1, "*": True, "+": count >= 1}.get(nargs, False)
+
+
+def _values_fit(opt: Option, values: list[str]) -> bool:
+    convert = _CONVERT.get(opt.type)
+    for word in values:
+        try:
+            value = convert(word) if convert else word
+        except ValueError:
+            return False
+        if opt.choices is not None and value not in opt.choices:
+            return False
+    return True
 
 
 def set_option(script: str, args: list[str], dest: str, value) -> list[str]:

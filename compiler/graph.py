@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from ..dsl.load import Source
 from ..dsl.model import Pipeline
 from ..errors import Problem
+
+if TYPE_CHECKING:  # networkx is imported when a graph is built, not with this module
+    import networkx as nx
 
 # What each kind of stage makes, the first being what "@stage" alone means.
 ARTIFACTS = {
@@ -94,6 +96,8 @@ def _strings(path: tuple, value) -> list[tuple[tuple, str]]:
 
 def build_graph(pipeline: Pipeline, source: Source, problems: list[Problem]) -> tuple[nx.DiGraph, dict[str, list[Reference]]]:
     """The stage graph (edges from a stage to those that need it) and each stage's resolved references."""
+    import networkx as nx
+
     graph = nx.DiGraph()
     stages = pipeline.stages
     names = list(stages)
@@ -172,6 +176,8 @@ def _artifact_fix(expects: tuple[str, ...], stages) -> str:
 
 
 def _cycles(graph: nx.DiGraph) -> list[list[str]]:
+    import networkx as nx
+
     found = []
     for component in nx.strongly_connected_components(graph):
         if len(component) > 1:

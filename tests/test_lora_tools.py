@@ -336,6 +336,71 @@ def test_svd_merge_above_the_combined_rank_is_exact(tmp_path):
     assert res.modules[0].rank == 4 and res.total_error == 0
 
 
+def test_svd_merge_error_is_unchanged_by_the_faster_merge(tmp_path):
+    # Errors recorded with the merge as it was before it shared the Gram matrices, ran on one BLAS
+    # thread per module and projected in float32 (commit 0867f80); the rewrite must not change them.
+    a = make_lora(tmp_path / "a.safetensors", rank=8, alpha=8.0, seed=11, blocks=(0, 1), only=r"attn")
+    b = make_lora(tmp_path / "b.safetensors", rank=16, alpha=4.0, seed=12, blocks=(0, 1), only=r"self_attn")
+    res = lora.merge_loras(tmp_path / "m.safetensors", [(a, 0.7), (b, -0.5)], rank=12)
+    errors = {m.lora_name: m.error for m in res.modules}
+    assert res.total_error == pytest.approx(0.1460456998293785, rel=1e-6)
+    assert errors["lora_unet_blocks_0_self_attn_q"] == pytest.approx(0.20063700962770148, rel=1e-6)
+    assert errors["lora_unet_blocks_1_self_attn_q"] == pytest.approx(0.2029780127957967, rel=1e-6)
+    assert errors["lora_unet_blocks_1_cross_attn_k"] == 0  # only in a, rank 8 <= 12: exact
+    # ... and the written file has that error against the exact weighted sum
+    da, db, dm = (deltas(p, full=True) for p in (a, b, tmp_path / "m.safetensors"))
+    num = sum(np.linalg.norm(dm[k] - (0.7 * da[k] - 0.5 * db.get(k, 0))) ** 2 for k in dm)
+    den = sum(np.linalg.norm(0.7 * da[k] - 0.5 * db.get(k, 0)) ** 2 for k in dm)
+    assert np.sqrt(num / den) == pytest.approx(res.total_error, rel=1e-5)
+
+
+def test_svd_merge_of_a_lora_with_itself_loses_nothing(tmp_path):
+    # The stacked factors have rank 8 but only 4 independent directions: the directions with no
+    # weight are dropped, and rank 4 holds the whole sum.
+    a = make_lora(tmp_path / "a.safetensors", rank=4, seed=7, only=r"self_attn")
+    res = lora.merge_loras(tmp_path / "m.safetensors", [(a, 1.0), (a, 0.5)], rank=4)
+    assert res.total_error < 1e-6
+    da, dm = deltas(a, full=True), deltas(tmp_path / "m.safetensors", full=True)
+    for k in dm:
+        np.testing.assert_allclose(dm[k], 1.5 * da[k], rtol=1e-4, atol=1e-6)
+
+
+def test_svd_merge_of_bfloat16_inputs(tmp_path):
+    sd = {k: v for k, v in lora_tensors(rank=8, seed=8, only="ffn").items()}
+    bits = {k: lora.float32_to_bf16_bits(v) for k, v in sd.items()}
+    entries = [(k, "BF16", v.shape) for k, v in sd.items()]
+    lora.write_safetensors(tmp_path / "a.safetensors", entries, [sd[k] for k, _, _ in entries],
+                           {"modelspec.architecture": "wan2.1/lora"})
+    assert lora.SafetensorsFile(tmp_path / "a.safetensors").raw(entries[0][0]).tolist() == bits[entries[0][0]].tolist()
+    res = lora.merge_loras(tmp_path / "m.safetensors", [(tmp_path / "a.safetensors", 1.0), (tmp_path / "a.safetensors", 1.0)],
+                           rank=8, dtype="float32")
+    assert res.total_error < 1e-6
+    w, a = lora.load_lora(tmp_path / "m.safetensors"), lora.load_lora(tmp_path / "a.safetensors")
+    for ln in w.report.modules:
+        np.testing.assert_allclose(w.delta(ln), 2 * a.delta(ln), rtol=1e-4, atol=1e-7)
+
+
+def test_merge_work_runs_ahead_in_order_and_bounded():
+    import threading
+    import time
+
+    running, most, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.002 * (i % 3))  # later items finish first now and then
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    taken = []
+    for value in lora._in_order(work, iter(range(50)), workers=3):
+        taken.append(value)
+    assert taken == [i * i for i in range(50)] and 1 < most[0] <= 3
+
+
 def test_merge_of_mixed_layouts_converts_in_memory_and_writes_comfy_layout(tmp_path):
     a = make_lora(tmp_path / "a.safetensors", rank=4, alpha=1.0, seed=1)
     b = make_lora(tmp_path / "b.safetensors", rank=4, alpha=None, layout="comfyui", seed=2)

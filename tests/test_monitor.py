@@ -183,6 +183,29 @@ def test_fast_and_general_decoders_agree():
     assert M.decode_event(two, frozenset({"lr/unet"})) == (12.5, 300, [("lr/unet", 0.5)])
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 1000, 8 << 20])
+def test_reading_in_place_gives_what_decoding_each_record_gives(tmp_path, chunk):
+    # Single-scalar records (read in place) between others: multi-scalar ones, the file_version
+    # record, steps needing 1 to 10 varint bytes, a negative step, a non-ASCII tag, records cut
+    # by every block boundary; each way of reading must give the same rows.
+    events = [M.encode_event(0.0, 0, file_version="brain.Event:2")]
+    for i, step in enumerate([1, 127, 128, 300, 16383, 16384, 2 ** 21 + 5, 2 ** 40, -3, 7]):
+        events.append(M.encode_event(100.0 + i, step, {"loss/current": 1.0 / (i + 1)}))
+        events.append(M.encode_event(100.5 + i, step, {"lr/unet": 1e-4 * i, "loss/average": 0.5}))
+        events.append(M.encode_event(101.0 + i, step, {"élan/x": float(i), "loss/epoch": -1.0}))
+        events.append(M.encode_event(101.5 + i, step, {"lr/unet": 2e-4}))
+    path = tmp_path / "events.out.tfevents.9"
+    path.write_bytes(b"".join(M.frame_record(e) for e in events))
+    for tags in (None, M.LOSS_TAGS + (M.LR_TAG,), ("élan/x",)):
+        expected = []
+        for e in events:
+            wall, step, values = M.decode_event(e, frozenset(tags) if tags else None)
+            expected += [(wall, step, tag, value) for tag, value in values]
+        assert M.EventFileReader(path, tags=tags, chunk=chunk).read() == expected
+    assert sum(M._decode_simple(e) is not None for e in events) == 20  # both paths were taken
+    assert (108.0, -3, "loss/current", pytest.approx(1 / 9)) in M.EventFileReader(path).read()
+
+
 def test_cli_monitor_writes_chart_and_json(tmp_path):
     from click.testing import CliRunner
 

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -127,12 +128,15 @@ class SafetensorsFile:
             return np.zeros(t.shape, dtype=_DTYPES[t.dtype][0])
         return np.memmap(self.path, dtype=_DTYPES[t.dtype][0], mode="r", offset=t.start, shape=t.shape)
 
-    def float32(self, name: str):
-        """The tensor as a float32 array (a copy)."""
+    def float32(self, name: str, copy: bool = True):
+        """The tensor as a float32 array: a copy, or with copy=False the read-only memory map
+        itself where the file holds float32."""
         import numpy as np
 
         t = self.tensors[name]
         a = self.raw(name)
+        if t.dtype == "F32" and not copy:
+            return a
         if t.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         if t.dtype.startswith("F8"):
@@ -156,16 +160,19 @@ def float32_to_bf16_bits(a):
 _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def _encode(array, dtype: str) -> bytes:
+def _encode(array, dtype: str) -> memoryview:
+    """The tensor's bytes as stored, without a copy where the array already is that."""
     import numpy as np
 
     if dtype == "F32":
-        return np.ascontiguousarray(array, dtype="<f4").tobytes()
-    if dtype == "F16":
-        return np.ascontiguousarray(array, dtype="<f2").tobytes()
-    if dtype == "BF16":
-        return float32_to_bf16_bits(array).astype("<u2").tobytes()
-    raise ValueError(dtype)
+        a = np.ascontiguousarray(array, dtype="<f4")
+    elif dtype == "F16":
+        a = np.ascontiguousarray(array, dtype="<f2")
+    elif dtype == "BF16":
+        a = float32_to_bf16_bits(array).astype("<u2", copy=False)
+    else:
+        raise ValueError(dtype)
+    return memoryview(a.reshape(-1)).cast("B")
 
 
 def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
@@ -623,10 +630,10 @@ class LoraWeights:
     report: LoraReport
     st: SafetensorsFile
 
-    def down_up(self, lora_name: str):
+    def down_up(self, lora_name: str, copy: bool = True):
         m = self.report.modules[lora_name]
-        down = self.st.float32(m.tensors["lora_down.weight"])
-        up = self.st.float32(m.tensors["lora_up.weight"])
+        down = self.st.float32(m.tensors["lora_down.weight"], copy)
+        up = self.st.float32(m.tensors["lora_up.weight"], copy)
         return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
 
     def delta(self, lora_name: str, multiplier: float = 1.0):
@@ -687,42 +694,108 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _gram_basis(a):
-    """For a tall matrix a [n, k]: (T [k, k'], R [k', k]) with a @ T orthonormal and a = (a @ T) @ R,
-    from the eigenvectors of the small Gram matrix a^T a (directions with no weight are dropped)."""
+def _gram_basis(gram):
+    """For a tall matrix a [n, k] given by its Gram matrix a^T a: (T [k, k'], R [k', k]) with a @ T
+    orthonormal and a = (a @ T) @ R, from the eigenvectors (directions with no weight are dropped)."""
     import numpy as np
 
-    w, v = np.linalg.eigh(a.T @ a)
+    w, v = np.linalg.eigh(gram)
     keep = w > max(float(w.max()), 0.0) * 1e-12
     w, v = w[keep], v[:, keep]
     root = np.sqrt(w)
     return v / root, root[:, None] * v.T
 
 
-def _factor(parts, rank: int | None):
-    """Given the deltas as pairs (up_i [out,r_i], down_i [r_i,in]), whose sum is the merged delta,
-    return (up, down, error): exact concatenation, or the best rank-`rank` factorisation (Eckart-Young)
-    from the SVD of a small core, so the full out x in matrix is never formed."""
+def _exact(parts):
+    """(up, down) of the merged delta by concatenating ranks; parts are (scale, up_i, down_i)."""
     import numpy as np
 
-    up = np.concatenate([u for u, _ in parts], axis=1)
-    down = np.concatenate([d for _, d in parts], axis=0)
-    k = up.shape[1]
-    if rank is None or rank >= k:
-        return up, down, 0.0
-    up64, down64 = up.astype(np.float64), down.astype(np.float64)
-    tu, ru = _gram_basis(up64)  # up = (up @ tu) @ ru
-    td, rd = _gram_basis(down64.T)  # down^T = (down^T @ td) @ rd
+    up = np.concatenate([u * np.float32(scale) for scale, u, _ in parts], axis=1)
+    return up, np.concatenate([d for _, _, d in parts], axis=0)
+
+
+def _svd_factor(parts, rank: int, scratch: dict | None = None):
+    """The best rank-`rank` factorisation (Eckart-Young) of sum_i scale_i * up_i @ down_i, from the
+    SVD of a small core, so the full out x in matrix is never formed: (up, down, relative error,
+    squared Frobenius norm of the merged delta). Exact concatenation when the ranks sum to at most
+    `rank`. Every product here is thin (k = sum of ranks, ~64 columns), so it runs on one BLAS
+    thread; merge_loras runs modules side by side instead. `scratch` keeps the float64 copies'
+    memory between calls (a fresh allocation of each costs more than the products)."""
+    import numpy as np
+
+    k = sum(u.shape[1] for _, u, _ in parts)
+    out, inn = parts[0][1].shape[0], parts[0][2].shape[1]
+    up64 = _scratch(scratch, "up", (out, k))
+    down64 = _scratch(scratch, "down", (k, inn))
+    scales = np.empty(k)
+    at = 0
+    for scale, u, d in parts:  # float64 copies, unscaled: the scales enter the k x k matrices only
+        r = u.shape[1]
+        up64[:, at:at + r], down64[at:at + r], scales[at:at + r] = u, d, scale
+        at += r
+    gram_up = (up64.T @ up64) * np.outer(scales, scales)  # Gram of the scaled up
+    gram_down = down64 @ down64.T
+    norm2 = float(np.sum(gram_up * gram_down))  # ||up @ down||_F^2 = trace((U^T U)(D D^T))
+    if rank >= k:
+        return (*_exact(parts), 0.0, norm2)
+    tu, ru = _gram_basis(gram_up)  # scaled up = (scaled up @ tu) @ ru
+    td, rd = _gram_basis(gram_down)  # down^T = (down^T @ td) @ rd
     u, s, vt = np.linalg.svd(ru @ rd.T)
     total = float(np.sum(s * s))
     keep = min(rank, s.size)
     error = math.sqrt(max(total - float(np.sum(s[:keep] ** 2)), 0.0) / total) if total > 0 else 0.0
     root = np.sqrt(s[:keep])
-    new_up = np.zeros((up.shape[0], rank), np.float32)
-    new_down = np.zeros((rank, down.shape[1]), np.float32)
-    new_up[:, :keep] = up64 @ ((tu @ u[:, :keep]) * root)
-    new_down[:keep] = (root[:, None] * (vt[:keep] @ td.T)) @ down64
-    return new_up, new_down, error
+    # The new factors are written as float32, so they are products of the float32 inputs
+    # (half the work of float64): up_i @ (its rows of the k x rank map), summed over inputs.
+    to_up = (scales[:, None] * (tu @ u[:, :keep]) * root).astype(np.float32)
+    to_down = (root[:, None] * (vt[:keep] @ td.T)).astype(np.float32)
+    new_up = np.zeros((out, rank), np.float32)
+    new_down = np.zeros((rank, inn), np.float32)
+    at = 0
+    for _, u, d in parts:
+        r = u.shape[1]
+        new_up[:, :keep] += _as_float32(u) @ to_up[at:at + r]
+        new_down[:keep] += to_down[:, at:at + r] @ _as_float32(d)
+        at += r
+    return new_up, new_down, error, norm2
+
+
+def _scratch(scratch: dict | None, name: str, shape: tuple[int, int]):
+    import numpy as np
+
+    if scratch is None:
+        return np.empty(shape)
+    size = shape[0] * shape[1]
+    if scratch.get(name) is None or scratch[name].size < size:
+        scratch[name] = np.empty(size)
+    return scratch[name][:size].reshape(shape)
+
+
+def _as_float32(a):
+    import numpy as np
+
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def _in_order(fn, items, workers: int):
+    """fn(item) for each item, computed on `workers` threads at most 2 * workers ahead of the
+    consumer (bounded memory), yielded in order. numpy releases the GIL in the heavy parts."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = iter(items)
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque(pool.submit(fn, item) for _, item in zip(range(2 * workers), items))
+        while pending:
+            result = pending.popleft().result()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+
+
+def _merge_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 
 def merge_loras(output: str | os.PathLike, inputs: list[tuple[str | os.PathLike, float]], rank: int | None = None,
@@ -791,19 +864,23 @@ def merge_loras(output: str | os.PathLike, inputs: list[tuple[str | os.PathLike,
 
     results: list[ModuleMerge] = []
     err_num = err_den = 0.0
+    scratch = threading.local()
+
+    def merged(item):
+        ln, which, _ = item
+        parts = []
+        for i in which:
+            down, up = loras[i].down_up(ln, copy=False)
+            parts.append((weights[i] * loras[i].report.modules[ln].scale, up, down))
+        if rank is None:
+            return (*_exact(parts), 0.0, 0.0)
+        return _svd_factor(parts, rank, scratch.__dict__)
 
     def arrays() -> Iterator:
         nonlocal err_num, err_den
-        for ln, which, r in plan:
-            parts = []
-            for i in which:
-                down, up = loras[i].down_up(ln)
-                parts.append((up * np.float32(weights[i] * loras[i].report.modules[ln].scale), down))
-            up, down, error = _factor(parts, rank)
-            if rank is not None:
-                norm2 = _delta_norm2(parts)
-                err_num += error * error * norm2
-                err_den += norm2
+        for (ln, which, r), (up, down, error, norm2) in zip(plan, _in_order(merged, plan, _merge_workers())):
+            err_num += error * error * norm2
+            err_den += norm2
             results.append(ModuleMerge(ln, len(which), r, error))
             yield down
             yield up
@@ -811,19 +888,13 @@ def merge_loras(output: str | os.PathLike, inputs: list[tuple[str | os.PathLike,
                 yield np.array(r, dtype=np.float32)
 
     metadata = _merged_metadata(loras, weights, rank, plan)
-    write_safetensors(output, entries, arrays(), metadata, force=force)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):  # see _svd_factor
+        write_safetensors(output, entries, arrays(), metadata, force=force)
     total = math.sqrt(err_num / err_den) if err_den else 0.0
     partial = [ln for ln, which, _ in plan if len(which) < len(loras)]
     return MergeResult(output, layout, loras[0].report.family, results, total, partial)
-
-
-def _delta_norm2(parts) -> float:
-    """||sum_i up_i @ down_i||_F^2 without forming the matrix: trace((U^T U)(D D^T))."""
-    import numpy as np
-
-    up = np.concatenate([u for u, _ in parts], axis=1).astype(np.float64)
-    down = np.concatenate([d for _, d in parts], axis=0).astype(np.float64)
-    return float(np.sum((up.T @ up) * (down @ down.T)))
 
 
 def _merged_metadata(loras: list[LoraWeights], weights: list[float], rank: int | None, plan) -> dict[str, str]:

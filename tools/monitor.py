@@ -117,21 +117,31 @@ _FLOAT = struct.Struct("<f").unpack_from
 def _decode_simple(data: bytes) -> tuple[float, int, str, float] | None:
     """Fast path for the one layout torch's SummaryWriter writes for add_scalar: wall_time, step,
     and a summary with one simple_value. None for anything else (the general decoder handles it)."""
-    if len(data) < 20 or data[0] != 0x09 or data[9] != 0x10:
+    found = _decode_simple_at(data, 0, len(data))
+    if found is None:
         return None
-    step, pos = _varint(data, 10)
+    wall, step, tag_start, tag_end, value = found
+    return wall, step, data[tag_start:tag_end].decode("utf-8", "replace"), value
+
+
+def _decode_simple_at(buf: bytes, start: int, end: int) -> tuple[float, int, int, int, float] | None:
+    """_decode_simple on the record buf[start:end], read in place (the reader copies no record out
+    of its read block): (wall, step, where the tag starts and ends in buf, value)."""
+    if end - start < 20 or buf[start] != 0x09 or buf[start + 9] != 0x10:
+        return None
+    step, pos = _varint(buf, start + 10)
     # summary (field 5) > value (field 1) > tag (field 1), simple_value (field 2, fixed32); each
     # length fits one byte for a scalar event
-    if data[pos] != 0x2A or data[pos + 2] != 0x0A or data[pos + 4] != 0x0A:
+    if pos + 6 > end or buf[pos] != 0x2A or buf[pos + 2] != 0x0A or buf[pos + 4] != 0x0A:
         return None
-    n_summary, n_value, n_tag = data[pos + 1], data[pos + 3], data[pos + 5]
+    n_summary, n_value, n_tag = buf[pos + 1], buf[pos + 3], buf[pos + 5]
     tag_end = pos + 6 + n_tag
-    if (n_summary >= 0x80 or n_value >= 0x80 or n_tag >= 0x80 or pos + 2 + n_summary != len(data)
-            or n_summary != n_value + 2 or n_value != n_tag + 7 or data[tag_end] != 0x15):
+    if (n_summary >= 0x80 or n_value >= 0x80 or n_tag >= 0x80 or pos + 2 + n_summary != end
+            or n_summary != n_value + 2 or n_value != n_tag + 7 or buf[tag_end] != 0x15):
         return None
     if step >= 1 << 63:
         step -= 1 << 64
-    return _DOUBLE(data, 1)[0], step, data[pos + 6:tag_end].decode("utf-8", "replace"), _FLOAT(data, tag_end + 1)[0]
+    return _DOUBLE(buf, start + 1)[0], step, pos + 6, tag_end, _FLOAT(buf, tag_end + 1)[0]
 
 
 def decode_event(data: bytes, tags: frozenset | None = None) -> tuple[float, int, list[tuple[str, float]]]:
@@ -258,8 +268,11 @@ class EventFileReader:
             self.offset = 0
         if size == self.offset:
             return out
-        unpack_q, unpack_i = struct.Struct("<Q").unpack_from, struct.Struct("<I").unpack_from
-        tags, decode_simple, decode_general, good_headers = self.tags, _decode_simple, _decode_general, set()
+        unpack_header, unpack_i = struct.Struct("<QI").unpack_from, struct.Struct("<I").unpack_from
+        decode_simple, decode_general = _decode_simple_at, _decode_general
+        tags = self.tags
+        names: dict[bytes, str | None] = {}  # a tag's bytes -> its text, None when not wanted
+        good_headers: dict[int, int] = {}  # length -> its header's crc: records of one length share a header
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             pending = b""
@@ -270,28 +283,33 @@ class EventFileReader:
                 buf = pending + block if pending else block
                 pos, n = 0, len(buf)
                 while pos + 12 <= n:
-                    length = unpack_q(buf, pos)[0]
-                    header = buf[pos:pos + 12]
-                    if header not in good_headers:
-                        if unpack_i(buf, pos + 8)[0] != masked_crc(buf[pos:pos + 8]):
+                    length, header_crc = unpack_header(buf, pos)
+                    if good_headers.get(length) != header_crc:
+                        if header_crc != masked_crc(buf[pos:pos + 8]):
                             self.corrupt = f"{self.path}: damaged record header at byte {self.offset + pos}; reading stopped there"
                             self.offset += pos
                             return out
-                        good_headers.add(header)  # records of one length share a header: check it once
-                    end = pos + 12 + length + 4
+                        good_headers[length] = header_crc
+                    start = pos + 12
+                    end = start + length + 4
                     if end > n:
                         break
-                    data = buf[pos + 12:end - 4]
-                    if self.check_data_crc and unpack_i(buf, end - 4)[0] != masked_crc(data):
+                    if self.check_data_crc and unpack_i(buf, end - 4)[0] != masked_crc(buf[start:end - 4]):
                         self.corrupt = f"{self.path}: damaged record data at byte {self.offset + pos}; reading stopped there"
                         self.offset += pos
                         return out
-                    fast = decode_simple(data)
+                    fast = decode_simple(buf, start, end - 4)
                     if fast is not None:
-                        if tags is None or fast[2] in tags:
-                            out.append(fast)
+                        wall, step, tag_start, tag_end, value = fast
+                        raw = buf[tag_start:tag_end]
+                        name = names.get(raw, raw)
+                        if name is raw:  # first time this tag is seen
+                            text = raw.decode("utf-8", "replace")
+                            name = names[raw] = text if tags is None or text in tags else None
+                        if name is not None:
+                            out.append((wall, step, name, value))
                     else:
-                        wall, step, values = decode_general(data, tags)
+                        wall, step, values = decode_general(buf[start:end - 4], tags)
                         for tag, value in values:
                             out.append((wall, step, tag, value))
                     pos = end
