@@ -60,6 +60,7 @@ class _Compiler:
         self.base = source.folder
         self.workdir = self.path(pipeline.workdir) if pipeline.workdir else str(self.base / "musubi-out" / pipeline.name)
         self.files: list[GeneratedFile] = []
+        self.file_index: dict[str, int] = {}  # path -> its place in self.files
         self.steps: dict[str, Step] = {}
         self.dataset: DatasetConfig | None = None
         self.reported = 0  # problems known before the current stage was built
@@ -67,6 +68,10 @@ class _Compiler:
         self.train_stages = sum(1 for s in pipeline.stages.values() if s.kind == "train")
 
     # --- helpers -------------------------------------------------------------------------
+
+    def add_file(self, file: GeneratedFile) -> None:
+        self.file_index.setdefault(file.path, len(self.files))
+        self.files.append(file)
 
     def error(self, path: tuple, message: str, fix: str = "") -> None:
         self.problems.append(self.src.problem(path, message, fix))
@@ -103,6 +108,7 @@ class _Compiler:
             raise PipelineError(self.problems)
         written = {name: i for i, name in enumerate(self.p.stages)}  # ties keep the document's order
         order = list(nx.lexicographical_topological_sort(graph, key=written.__getitem__))
+        position = {name: i for i, name in enumerate(order)}
         for name in order:
             stage = self.p.stages[name]
             if stage.kind not in self.fam.stages:
@@ -114,7 +120,7 @@ class _Compiler:
                 step = build(name, stage, self.fam.stages[stage.kind], {r.field: r for r in refs[name]})
             except _Skip:
                 continue
-            step = self.finish(name, stage, step, sorted(graph.predecessors(name), key=order.index))
+            step = self.finish(name, stage, step, sorted(graph.predecessors(name), key=position.__getitem__))
             self.steps[name] = step
         errors = [p for p in self.problems if p.severity == "error"]
         if errors:
@@ -185,7 +191,7 @@ class _Compiler:
         self.check_image_datasets(config, source, where, base)
         self.dataset = config.with_paths_resolved(base)
         self.dataset_file = str(Path(self.workdir) / "generated" / "dataset.toml")
-        self.files.append(GeneratedFile(self.dataset_file, self.dataset.to_toml()))
+        self.add_file(GeneratedFile(self.dataset_file, self.dataset.to_toml()))
 
     def check_image_datasets(self, config: DatasetConfig, source: Source, where: tuple, base: Path) -> None:
         """An image family's dataset rules: image datasets only, control images where the task edits
@@ -368,7 +374,8 @@ class _Compiler:
         if reason:
             self.error(("stages", name), f"musubi's {step.script} would reject this command: {reason}", "fix the option named in the message")
         upstream = [self.steps[n].fingerprint for n in needs if n in self.steps]
-        files = [f.content for f in self.files if f.path in args]
+        # the generated files this argv names, in the order they were made (one look-up per word)
+        files = [self.files[i].content for i in sorted({self.file_index[a] for a in args if a in self.file_index})]
         fp = fingerprint(step.script, step.launcher, step.launch_args, args, files, upstream)
         return Step(
             id=name, kind=stage.kind, family=self.p.family, script=step.script, args=args,
@@ -634,7 +641,7 @@ class _Compiler:
                 self.problems.append(Problem(problem.message, path=f"stages.{name}.{field}{sub}", file=self.src.file,
                                              line=self.src.line_of(("stages", name, field)), fix=problem.fix))
             return path
-        self.files.append(GeneratedFile(path, text))
+        self.add_file(GeneratedFile(path, text))
         return path
 
     def lora_args(self, name, stage, refs, script, tpl: StageSpec) -> tuple[list[str], list[Input]]:

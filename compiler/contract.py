@@ -229,6 +229,26 @@ def _values_fit(opt: Option, values: list[str]) -> bool:
     return True
 
 
+def values_of(script: str, args: list[str], dests) -> dict:
+    """The values `dests` have in an argv as musubi's parser reads them (None / False when unset),
+    by a scan of the argv for their flags: cheaper than a whole parse for a few options."""
+    found = {}
+    for dest in dests:
+        opt = options(script)[dest]
+        value = False if opt.action in ("store_true", "store_false") else None
+        for i, word in enumerate(args):
+            flag, eq, text = word.partition("=")
+            if flag != opt.flag:
+                continue
+            if opt.action in ("store_true", "store_false"):
+                value = opt.action == "store_true"
+            else:
+                text = text if eq else (args[i + 1] if i + 1 < len(args) else "")
+                value = _CONVERT.get(opt.type, str)(text)
+        found[dest] = value
+    return found
+
+
 def set_option(script: str, args: list[str], dest: str, value) -> list[str]:
     """The argv with one option replaced (or added, or removed for a switch turned off): every
     earlier spelling of it, with its values, goes; the new value is rendered as `render` does."""

@@ -13,7 +13,7 @@ def fallbacks(fam: Family, kind: str, script: str, args: list[str], task: str | 
     rungs = fam.stages[kind].ladder
     if not rungs:
         return []
-    current = vars(contract.parser(script).parse_args(args))  # unset options are None / False
+    current = contract.values_of(script, args, {k for rung in rungs for k in rung.settings})  # unset: None / False
     changed: dict = {}
     out: list[Fallback] = []
     for rung in rungs:

@@ -53,3 +53,11 @@ def test_set_option_replaces_every_spelling_with_its_values():
     words = ["--lora_weight", "a", "b", "--fp8"]
     assert contract.set_option(script, words, "lora_weight", ["c"]) == ["--fp8", "--lora_weight", "c"]
     assert contract.set_option(script, ["--fp8"], "fp8", False) == []
+
+
+def test_values_of_reads_an_argv_as_musubis_parser_does():
+    script = "wan_train_network.py"
+    args = ["--dit", "d", "--dataset_config", "c", "--blocks_to_swap=12", "--fp8_base", "--learning_rate", "0.0002"]
+    wanted = ["blocks_to_swap", "fp8_base", "fp8_scaled", "learning_rate", "network_dim"]
+    parsed = vars(contract.parser(script).parse_args(args))
+    assert contract.values_of(script, args, wanted) == {k: parsed[k] for k in wanted}
