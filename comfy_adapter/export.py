@@ -64,8 +64,10 @@ def _inputs(class_type: str) -> list[tuple[str, tuple, bool]]:
            [(n, s, False) for n, s in types.get("optional", {}).items()]
 
 
-def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, str, str]]]:
-    """Nodes (id, class_type, widgets) and links (from id, output slot, to id, input name) for a pipeline file."""
+def pipeline_nodes(path: str | Path, base_folder: str | None = None) -> tuple[list[dict], list[tuple[str, int, str, str]]]:
+    """Nodes (id, class_type, widgets) and links (from id, output slot, to id, input name) for a pipeline file.
+    Relative paths resolve against `base_folder` in ComfyUI: the pipeline's own folder when None
+    (a workflow run on this machine), "" for ComfyUI's output/musubi-pipe (a workflow to share)."""
     import networkx as nx
 
     from ..compiler.build import compile_pipeline
@@ -88,7 +90,7 @@ def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, s
     # Family and task are chosen once, on Dataset Config; every other node reads them from its pipeline socket.
     fam = registry().family(pipeline.family)
     first = {"id": "1", "class_type": "MusubiTuner_DatasetConfig", "widgets": {
-        "name": pipeline.name, "media_folder": "", "dataset_toml": dataset_text, "base_folder": str(source.folder),
+        "name": pipeline.name, "media_folder": "", "dataset_toml": dataset_text, "base_folder": str(source.folder) if base_folder is None else base_folder,
         "workdir": pipeline.workdir or "", "cache_folder": "", "family": fam.name,
         "task": (fam.resolve_task(pipeline.task) if fam.tasks else None) or DEFAULT_TASK}}
     nodes, links = [first], []
@@ -231,8 +233,8 @@ def to_ui(nodes: list[dict], links: list) -> dict:
     }
 
 
-def export_workflow(path: str | Path, fmt: str = "ui") -> dict:
-    nodes, links = pipeline_nodes(path)
+def export_workflow(path: str | Path, fmt: str = "ui", base_folder: str | None = None) -> dict:
+    nodes, links = pipeline_nodes(path, base_folder)
     return to_api(nodes, links) if fmt == "api" else to_ui(nodes, links)
 
 
@@ -257,16 +259,19 @@ def ui_to_api(workflow: dict) -> dict:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Workflow file to write.")
 @click.option("--format", "fmt", type=click.Choice(["ui", "api"]), default="ui", show_default=True,
               help="ui: opens in the ComfyUI editor; api: for POST /prompt.")
-def export_comfy(pipeline, output, fmt):
+@click.option("--here", is_flag=True, help="Resolve the pipeline's relative paths against its folder on this machine "
+                                           "(written into the workflow); without it the workflow names no folder of this machine.")
+def export_comfy(pipeline, output, fmt, here):
     """Write the ComfyUI workflow that does what `musubi-pipe run PIPELINE` does, made of the
-    MusubiTuner nodes."""
+    MusubiTuner nodes. The workflow is meant for sharing: it names no folder of this machine
+    unless --here asks for it."""
     import sys
 
     from ..errors import PipelineError
     from ..files import write_atomic
 
     try:
-        workflow = export_workflow(pipeline, fmt)
+        workflow = export_workflow(pipeline, fmt, None if here else "")
     except PipelineError as err:
         click.echo(str(err), err=True)
         sys.exit(2)

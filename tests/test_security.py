@@ -95,3 +95,18 @@ def test_the_dry_run_refuses_what_a_real_run_refuses(tmp_path, monkeypatch):
         assert res.exit_code == 2 and "not found: /m/wan2.2_low_noise_14B_fp16.safetensors" in res.output, (executor, res.output)
     with pytest.raises(PipelineError, match="allow_code"):  # and so do options only the local config may allow
         DryExecutor(MusubiConfig()).run(compile_text(TRAIN + 'extra_args = { config_file = "other.toml" }\n'))
+
+
+def test_an_exported_workflow_names_no_folder_of_this_machine(tmp_path):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    pipeline = tmp_path / "share.toml"
+    pipeline.write_text(CASES["wan22_t2v_experts"].replace('"/m/', '"models/').replace('"/clips"', '"clips"'))
+    out = tmp_path / "wf.json"
+    res = CliRunner().invoke(main, ["export-comfy", str(pipeline), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert str(tmp_path) not in out.read_text() and "models/wan2.2_low_noise_14B_fp16.safetensors" in out.read_text()
+    res = CliRunner().invoke(main, ["export-comfy", str(pipeline), "-o", str(out), "--here"])
+    assert res.exit_code == 0 and str(tmp_path) in out.read_text()
