@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
 
 from ..pipelines import registry
 from .dataset import Count, DatasetConfig
@@ -45,20 +45,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Models(_Strict):
-    """Model files. Paths relative to the pipeline file are resolved against its folder."""
+def _model_slots() -> dict[str, Any]:
+    """Every family's model slots (the registry's [models]), each a path field; help from the first
+    family that has the slot, with the titles of all families that use it."""
+    fields: dict[str, Any] = {}
+    users: dict[str, list[str]] = {}
+    for fam in registry.families():
+        for slot in fam.models.values():
+            users.setdefault(slot.name, []).append(fam.title)
+            fields.setdefault(slot.name, slot.help)
+    return {name: (StrictStr | None, Field(None, description=f"{', '.join(users[name])}: {text}"))
+            for name, text in fields.items()}
 
-    dit: StrictStr | None = Field(None, description="DiT checkpoint (for Wan 2.2 A14B: the low-noise expert)")
-    dit_high_noise: StrictStr | None = Field(None, description="Wan 2.2 A14B high-noise expert")
-    vae: StrictStr | None = None
-    t5: StrictStr | None = Field(None, description="Wan text encoder (umT5)")
-    clip: StrictStr | None = Field(None, description="Wan 2.1 I2V/FLF2V CLIP image encoder")
-    text_encoder1: StrictStr | None = Field(None, description="HunyuanVideo/FramePack LLM text encoder")
-    text_encoder2: StrictStr | None = Field(None, description="HunyuanVideo/FramePack CLIP-L text encoder")
-    image_encoder: StrictStr | None = Field(None, description="FramePack SigLIP image encoder")
-    dit_dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
-        None, description="dtype of the DiT weights; guessed from the file name when unset"
-    )
+
+Models = create_model(
+    "Models", __base__=_Strict, __doc__="Model files. Paths relative to the pipeline file are resolved against its folder.",
+    **_model_slots(),
+    dit_dtype=(Literal["bf16", "fp16", "fp32"] | None, Field(None, description="dtype of the DiT weights; guessed from the file name when unset")),
+)
 
 
 class LoraInput(_Strict):

@@ -318,6 +318,10 @@ def plan_memory(family: str, task: str | None, vram_gib: float, resolution: str 
     train, why = _fields(dit, family, best, options, tokens, batch_size, rank, limit, fit)
     cache, cache_why = _cache_fields(family, vram_gib)
     why.update(cache_why)
+    measured_family = _measured()[0]
+    if family != measured_family.name:
+        why["estimate"] = (f"nothing was measured for {registry.family(family).title}: the figures are an estimate that "
+                           f"scales the runs measured on {measured_family.title} by this DiT's exact parameter counts")
     return MemoryPlan(family, task, vram_gib, limit, tokens, batch_size, best, train, cache, why,
                       sorted(fitting, key=lambda o: o.seconds_per_step)[:5])
 
