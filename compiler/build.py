@@ -702,8 +702,11 @@ class _Compiler:
 
     def check_swap(self, name: str, values: dict) -> None:
         """blocks_to_swap above what the DiT's enable_block_swap accepts (clamped where the family's rule says so)."""
-        swap, top = values.get("blocks_to_swap"), self.fam.dit(self.task).max_blocks_to_swap
-        if isinstance(swap, int) and swap > top:
+        swap = values.get("blocks_to_swap")
+        if not isinstance(swap, int) or (self.fam.tasks and self.task not in self.fam.tasks):
+            return  # nothing to check, or a task already reported as unknown
+        top = self.fam.dit(self.task).max_blocks_to_swap
+        if swap > top:
             where = ("stages", name, "blocks_to_swap")
             if self.fam.rule("block_swap_clamped"):
                 self.warn(where, f"{self.fam.title} swaps at most {top} blocks; musubi clamps {swap} to that", f"set blocks_to_swap = {top}")
