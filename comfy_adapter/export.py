@@ -9,24 +9,18 @@ from typing import Any
 
 import click
 
-from .base import options_text
+from .base import DEFAULT_TASK, FAMILY_NODE_SUFFIX, family_node_id, options_text, registry
 
-# The node that runs each stage kind (train and generate: one node per family).
+# The node that runs each stage kind; the kinds in FAMILY_NODE_SUFFIX have one node per family.
 KIND_NODES = {
-    "cache_latents": "MusubiTuner_VAELatentCache",
-    "cache_text_encoder": "MusubiTuner_TextEncoderCache",
     "ema": "MusubiTuner_PostHocEMA",
     "convert": "MusubiTuner_FormatConverter",
     "merge": "MusubiTuner_LoRAMerger",
     "check_dataset": "MusubiTuner_DatasetCheck",
     "lora_merge": "MusubiTuner_LoRAMergeStage",
 }
-FAMILY_NODES = {
-    ("train", "hunyuan_video"): "MusubiTuner_HunyuanVideoTrainer", ("train", "wan"): "MusubiTuner_WanTrainer",
-    ("train", "framepack"): "MusubiTuner_FramePackTrainer",
-    ("generate", "hunyuan_video"): "MusubiTuner_HunyuanVideoGenerator", ("generate", "wan"): "MusubiTuner_WanGenerator",
-    ("generate", "framepack"): "MusubiTuner_FramePackGenerator",
-}
+FAMILY_NODES = {(kind, fam.name): family_node_id(fam, kind)
+                for fam in registry().families() for kind in FAMILY_NODE_SUFFIX if kind in fam.stages}
 SOCKET_TYPES = {"MUSUBI_PIPELINE", "MUSUBI_LORA", "MUSUBI_PROMPTS", "MUSUBI_TRAIN_CONFIG", "MUSUBI_OPTIMIZER_CONFIG",
                 "MUSUBI_SAMPLING_CONFIG", "MUSUBI_MEMORY_CONFIG", "IMAGE", "VIDEO"}
 
@@ -91,9 +85,12 @@ def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, s
         import tomli_w
 
         dataset_text = tomli_w.dumps(pipeline.dataset.to_musubi_dict())
+    # Family and task are chosen once, on Dataset Config; every other node reads them from its pipeline socket.
+    fam = registry().family(pipeline.family)
     first = {"id": "1", "class_type": "MusubiTuner_DatasetConfig", "widgets": {
         "name": pipeline.name, "media_folder": "", "dataset_toml": dataset_text, "base_folder": str(source.folder),
-        "workdir": pipeline.workdir or "", "cache_folder": ""}}
+        "workdir": pipeline.workdir or "", "cache_folder": "", "family": fam.name,
+        "task": (fam.resolve_task(pipeline.task) if fam.tasks else None) or DEFAULT_TASK}}
     nodes, links = [first], []
     node_of: dict[str, str] = {}
     models = pipeline.models.model_dump(exclude_none=True)
@@ -112,11 +109,7 @@ def pipeline_nodes(path: str | Path) -> tuple[list[dict], list[tuple[str, int, s
         inputs = _inputs(class_type)
         names = {n for n, _, _ in inputs}
         for n, spec, _ in inputs:
-            if n == "family":
-                widgets[n] = pipeline.family
-            elif n == "task":  # a picker's first task is the family's default
-                widgets[n] = pipeline.task or ("" if spec[0] == "STRING" else spec[0][0])
-            elif n == "save_to":
+            if n == "save_to":
                 widgets[n] = "pipeline workdir"
             elif n == "to":
                 widgets[n] = fields.pop("to", "comfyui")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import PIPELINE, NodeError, default_base, family_choices, image_tensor, one_line, show_text, tip
+from .base import (DEFAULT_TASK, FROM_PIPELINE, PIPELINE, NodeError, all_task_choices, default_base, family_choices,
+                   family_widget, image_tensor, one_line, pipeline_family, registry, show_text, tip)
 from .nodes_train import MEMORY_CONFIG
 
-FROM_PIPELINE = "(from pipeline)"
 DEFAULT_RESOLUTION = (832, 480)  # the planner's own default: the size its measurements were made at
 DEFAULT_FRAMES = 33
 
@@ -68,8 +68,10 @@ class MemoryOptimizer:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": ([FROM_PIPELINE, *family_choices()], {"default": FROM_PIPELINE, "tooltip": "model family; (from pipeline): the connected pipeline's"}),
-                "task": tip("STRING", "Wan: t2v-1.3B, t2v-14B, i2v-14B, t2v-A14B, ...; FramePack: i2v or f1; empty = the pipeline's task, else the family's default", default=""),
+                "family": family_widget("model family to plan for"),
+                "task": ([FROM_PIPELINE, *all_task_choices()], {"default": FROM_PIPELINE, "tooltip": "task to plan for, one of "
+                         "the family's; (from pipeline): the connected pipeline's task, else the family's default; another "
+                         "value must agree with the pipeline's"}),
                 "use_detected_gpu": tip("BOOLEAN", "plan for the free memory of the largest NVIDIA GPU found; without one, gpu_memory_gib is used", default=True),
                 "gpu_memory_gib": tip("FLOAT", "GPU memory to plan for when no GPU is detected or use_detected_gpu is off", default=24.0, min=1.0, max=1024.0, step=1.0),
                 "resolution": tip("STRING", "training resolution WIDTHxHEIGHT; empty = the pipeline dataset's (else 832x480)", default=""),
@@ -93,12 +95,8 @@ class MemoryOptimizer:
         from ..tools.memory import parse_resolution, plan_memory
 
         doc = pipeline["document"] if pipeline else {}
-        if family == FROM_PIPELINE:
-            family = doc.get("family")
-            if not family:
-                raise NodeError("family is (from pipeline) but no pipeline with a family is connected; pick the family "
-                                "or connect the pipeline from a cache or trainer node")
-        task = task.strip() or (doc.get("task") if doc.get("family", family) == family else None) or None
+        family = pipeline_family(pipeline, family)
+        task = _task(family, task, doc.get("task"))
         shape = _dataset_shape(pipeline) if pipeline else {}
         try:
             size = parse_resolution(resolution) if resolution.strip() else shape.get("resolution", DEFAULT_RESOLUTION)
@@ -118,6 +116,21 @@ class MemoryOptimizer:
         show_text(unique_id, text)
         config = {**plan.memory_config(), "cache_latents": dict(plan.cache_latents)}
         return {"ui": {"text": [text]}, "result": (config, text)}
+
+
+def _task(family: str, widget: str, piped: str | None) -> str | None:
+    """A task widget's task for the family: the pipeline's (or the family's default) unless set;
+    a set one must be the family's and agree with the pipeline's."""
+    fam = registry().family(family)
+    if widget in (FROM_PIPELINE, DEFAULT_TASK, "", None):
+        return piped
+    task = fam.resolve_task(widget) if fam.tasks else None
+    if task is None:
+        raise NodeError(f"task: {widget} is not a {fam.title} task; pick one of {', '.join(fam.task_names()) or DEFAULT_TASK}")
+    if piped and fam.resolve_task(piped) != task:
+        raise NodeError(f"task is {task} here but the pipeline's task is {piped} (chosen on Dataset Config); set task to "
+                        f"{FROM_PIPELINE}, or change the task on Dataset Config")
+    return task
 
 
 class TrainingMonitor:
@@ -177,8 +190,9 @@ class ResourceMonitor:
     def INPUT_TYPES(cls):
         return {"required": {
             "refresh": tip("BOOLEAN", "re-read on every queue", default=True),
-            "family": (family_choices(), {"default": "wan", "tooltip": "model family the advice is for"}),
-            "task": tip("STRING", "task the advice is for (empty = the family's default)", default=""),
+            "family": (family_choices(), {"default": registry().default_family(), "tooltip": "model family the advice is for"}),
+            "task": ([DEFAULT_TASK, *all_task_choices()], {"default": DEFAULT_TASK, "tooltip": "task the advice is for, one of "
+                     f"the family's ({DEFAULT_TASK}: the family's default)"}),
         }}
 
     @classmethod
@@ -188,7 +202,7 @@ class ResourceMonitor:
     def report(self, refresh, family, task):
         from ..tools.resources import gpu_report, report_text
 
-        text = report_text(gpu_report(), family, task.strip() or None)
+        text = report_text(gpu_report(), family, _task(family, task, None))
         return {"ui": {"text": [text]}, "result": (text,)}
 
 

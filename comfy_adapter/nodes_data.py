@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (PIPELINE, NodeError, StageNode, build_stage, default_base, ensure_pipeline, family_choices, finish_stage,
-                   image_tensor, new_pipeline, one_line, parse_options, stage_inputs, step_files, tip)
+from .base import (DEFAULT_TASK, PIPELINE, NodeError, StageNode, all_task_choices, build_stage, default_base, ensure_pipeline,
+                   family_choices, family_widget, finish_stage, image_tensor, new_pipeline, one_line, parse_options,
+                   pipeline_family, registry, stage_inputs, step_files, tip)
 
 
 def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str | None:
@@ -38,9 +39,10 @@ def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str | None:
 
 
 class DatasetConfig:
-    DESCRIPTION = ("Starts a musubi pipeline from a dataset: a folder of clips or images with captions, or a musubi "
-                   "dataset TOML (inline or a file path). Checks it the way musubi will and passes the pipeline on. "
-                   "Leave both empty for a pipeline that only generates, converts or merges.")
+    DESCRIPTION = ("Starts a musubi pipeline: the model family and task (chosen here once; every later node reads them "
+                   "from the pipeline), and a dataset: a folder of clips or images with captions, or a musubi dataset "
+                   "TOML (inline or a file path). Checks it the way musubi will and passes the pipeline on. Leave both "
+                   "empty for a pipeline that only generates, converts or merges.")
     CATEGORY = "MusubiTuner/Data"
     RETURN_TYPES = (PIPELINE, "STRING")
     RETURN_NAMES = ("pipeline", "summary")
@@ -67,16 +69,28 @@ class DatasetConfig:
                 "cache_folder": tip("STRING", "where latent and text caches go (default: ComfyUI's output/musubi-pipe/<name>/cache)", default=""),
                 "base_folder": tip("STRING", "folder relative paths are taken from, and where run records go (default: ComfyUI's output/musubi-pipe)", default=""),
                 "workdir": tip("STRING", "where outputs go (default: musubi-out/<name> in the base folder)", default=""),
+                # Last, so that workflows saved before these two existed keep their widget values.
+                "family": (family_choices(), {"default": registry().default_family(), "tooltip": "model family of the whole "
+                           "pipeline: every later node reads it from the pipeline (" + ", ".join(
+                               f"{f.name}: {f.title}" for f in registry().families()) + ")"}),
+                "task": ([DEFAULT_TASK, *all_task_choices()], {"default": DEFAULT_TASK, "tooltip": "task of the whole pipeline, "
+                         "one of the family's (" + "; ".join(f"{f.title}: {', '.join(f.task_names())}" for f in registry().families()
+                                                            if f.tasks) + f"); {DEFAULT_TASK}: the family's default"}),
             },
         }
 
-    def build(self, name, base_folder="", workdir="", **kw):
+    def build(self, name, base_folder="", workdir="", family=None, task=DEFAULT_TASK, **kw):
         from ..dsl.dataset import DatasetConfig as Model
         from ..errors import PipelineError
 
+        fam = registry().family(family or registry().default_family())
+        chosen = fam.default_task if task in (None, "", DEFAULT_TASK) else fam.resolve_task(task) if fam.tasks else None
+        if task not in (None, "", DEFAULT_TASK) and chosen is None:
+            raise NodeError(f"task: {task} is not a {fam.title} task; pick one of "
+                            f"{', '.join(fam.task_names()) if fam.tasks else DEFAULT_TASK + ' (it has one model)'}")
         base = base_folder or default_base()
         dataset = _dataset_from_widgets(kw, base, name)
-        pipe = new_pipeline(name, base=base, workdir=workdir, dataset=dataset)
+        pipe = new_pipeline(name, base=base, workdir=workdir, dataset=dataset, family=fam.name, task=chosen)
         if dataset is None:
             return (pipe, "no dataset: this pipeline can generate, convert and merge, not cache or train")
         if isinstance(dataset, dict):
@@ -115,7 +129,7 @@ class DatasetViewer:
         return {
             "required": {
                 "pipeline": (PIPELINE, {"tooltip": "a pipeline holding the dataset (from Dataset Config)"}),
-                "family": (family_choices(), {"default": "wan", "tooltip": "model family: decides frame rate and cache names"}),
+                "family": family_widget("model family: decides frame rate and cache names"),
                 "max_items": tip("INT", "at most this many tiles", default=24, min=1, max=500),
                 "columns": tip("INT", "tiles per row", default=6, min=1, max=20),
             }
@@ -127,6 +141,7 @@ class DatasetViewer:
         from ..tools.dataset import inspect_dataset
 
         pipe = ensure_pipeline(pipeline)
+        family = pipeline_family(pipe, family)
         dataset = pipe["document"].get("dataset")
         if dataset is None:
             raise NodeError("the pipeline has no dataset; connect a Dataset Config node")
@@ -153,13 +168,13 @@ class DatasetCheck(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("check")
-        required["family"] = (family_choices(), {"default": "wan", "tooltip": "model family: decides frame rate and cache names"})
+        required["family"] = family_widget("model family: decides frame rate and cache names")
         required["contact_sheet"] = tip("BOOLEAN", "also draw a contact sheet of the dataset, shown on this node", default=False)
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, family, contact_sheet, unique_id=None, **kw):
         fields = {"contact_sheet": True} if contact_sheet else {}
-        pipe, name = build_stage(kw, "check_dataset", family, None, (), fields)
+        pipe, name = build_stage(kw, "check_dataset", pipeline_family(kw.get("pipeline"), family), None, (), fields)
         _, step, _ = finish_stage(pipe, name, unique_id)
         reports = step_files(step, "report")
         if not reports:

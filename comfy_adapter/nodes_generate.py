@@ -1,16 +1,21 @@
-"""Generator nodes: one per family; run musubi's generate script and return a ComfyUI VIDEO."""
+"""Generator nodes: one per registry family; run musubi's generate script and return what the family
+makes (its rules.output): a ComfyUI VIDEO, or an IMAGE."""
 from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, finish_stage, full_path, lora_picker,
-                   lora_value, model_inputs, set_if, stage_inputs, start_pipeline, step_files, task_choices, tip)
+from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_classes, finish_stage, full_path,
+                   lora_picker, lora_value, model_inputs, node_slots, registry, set_if, stage_inputs, start_pipeline,
+                   step_files, task_widget, tip)
 from .nodes_train import MEMORY_CONFIG, memory_fields
 
 PROMPTS = "MUSUBI_PROMPTS"
 VIDEO_SUFFIXES = (".mp4", ".webm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def video_from_file(path: str):
@@ -42,26 +47,53 @@ def save_image(image) -> str:
     return str(path)
 
 
+def image_from_file(path: str):
+    """A ComfyUI IMAGE of a picture file."""
+    from PIL import Image
+
+    from .base import image_tensor
+
+    with Image.open(path) as im:
+        return image_tensor(im)
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a generator returns for a family's output kind (the registry's rules.output)."""
+
+    type: str  # ComfyUI socket type
+    name: str
+    tooltip: str
+    suffixes: tuple[str, ...]
+    load: Callable
+
+
+OUTPUTS = {
+    "video": Output("VIDEO", "video", "the generated video (connect Save Video)", VIDEO_SUFFIXES, video_from_file),
+    "image": Output("IMAGE", "image", "the generated image (connect Save Image)", IMAGE_SUFFIXES, image_from_file),
+}
+
+
 class _Generator(StageNode):
     FAMILY = ""
     SLOTS: tuple[str, ...] = ()
-    IMAGE = False
+    IMAGE = False  # start (and end) IMAGE inputs
+    OUTPUT = OUTPUTS["video"]
     CATEGORY = "MusubiTuner/Generate"
-    RETURN_TYPES = ("VIDEO", PIPELINE, "STRING")
-    RETURN_NAMES = ("video", "pipeline", "video_paths")
-    OUTPUT_TOOLTIPS = ("the generated video (connect Save Video)", "the pipeline with this stage", "every video file made, one per line; with a Batch Processor, one line per prompt in its order (empty where a prompt made none)")
 
     @classmethod
     def INPUT_TYPES(cls):
+        fam = registry().family(cls.FAMILY)
+        noun = cls.OUTPUT.name
         required, optional, hidden = stage_inputs("generate", pipeline_required=False)
-        tasks = task_choices(cls.FAMILY)
-        if tasks:
-            required["task"] = (tasks, {"default": tasks[0], "tooltip": "what to generate"})
-        required.update(model_inputs(*cls.SLOTS))
-        required["prompt"] = tip("STRING", "what the video shows (ignored when a Batch Processor is connected)", multiline=True, default="")
-        required["width"] = tip("INT", "video width (0 = the family's default)", default=0, min=0, max=4096, step=16)
-        required["height"] = tip("INT", "video height (0 = the family's default)", default=0, min=0, max=4096, step=16)
-        required["video_length"] = tip("INT", "frames, 4*N+1 (0 = the family's default)", default=0, min=0, max=1025)
+        if fam.tasks:
+            required["task"] = task_widget(fam.task_names(), "what to generate")
+        required.update(model_inputs(*cls.SLOTS, families=[fam]))
+        required["prompt"] = tip("STRING", f"what the {noun} shows (ignored when a Batch Processor is connected)", multiline=True, default="")
+        required["width"] = tip("INT", f"{noun} width (0 = the family's default)", default=0, min=0, max=4096, step=16)
+        required["height"] = tip("INT", f"{noun} height (0 = the family's default)", default=0, min=0, max=4096, step=16)
+        rule = fam.rule("frame_rule") or "see the family's length options"
+        required["video_length"] = tip("INT", f"frames, {rule} (0 = the family's default)", default=0, min=0, max=1025)
         required["infer_steps"] = tip("INT", "denoising steps (0 = the family's default)", default=0, min=0, max=200)
         required["guidance_scale"] = tip("FLOAT", "guidance scale (0 = the family's default)", default=0.0, min=0.0, max=30.0, step=0.1)
         required["flow_shift"] = tip("FLOAT", "flow shift (0 = the family's default)", default=0.0, min=0.0, max=100.0, step=0.1)
@@ -75,7 +107,7 @@ class _Generator(StageNode):
         })
         if cls.IMAGE:
             optional["image"] = ("IMAGE", {"tooltip": "start image (image-to-video)"})
-            optional["end_image"] = ("IMAGE", {"tooltip": "end image (FLF2V, FramePack end frame)"})
+            optional["end_image"] = ("IMAGE", {"tooltip": "end image"})
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, prompt, width, height, video_length, infer_steps, guidance_scale, flow_shift, seed, lora_name,
@@ -111,56 +143,52 @@ class _Generator(StageNode):
         pipe, stage = build_stage(kw, "generate", self.FAMILY, task, self.SLOTS, fields)
         started = time.time()
         plan, step, run = finish_stage(pipe, stage, unique_id)
-        made = [p for p in run.outputs.get(stage, []) if p.lower().endswith(VIDEO_SUFFIXES)]
-        videos = made or [p for p in step_files(step, "videos") if p.lower().endswith(VIDEO_SUFFIXES)]
-        if not videos:
-            raise NodeError(f"{stage}: no video was written to {step.meta.get('save_path')}; check output_type in options")
+        out = self.OUTPUT
+        made = [p for p in run.outputs.get(stage, []) if p.lower().endswith(out.suffixes)]
+        written = [p for o in step.outputs if o.kind == "files" for p in step_files(step, o.name)]
+        files = made or [p for p in written if p.lower().endswith(out.suffixes)]
+        if not files:
+            raise NodeError(f"{stage}: no {out.name} was written to {step.meta.get('save_path')}; check output_type in options")
         if prompts:
             return self._batch_result(prompts, step.meta["save_path"], started if made else None, pipe)
-        newest = max(videos, key=lambda p: Path(p).stat().st_mtime)
-        return (video_from_file(newest), pipe, "\n".join(videos))
+        newest = max(files, key=lambda p: Path(p).stat().st_mtime)
+        return (out.load(newest), pipe, "\n".join(files))
 
-    @staticmethod
-    def _batch_result(prompts: list[dict], folder: str, since: float | None, pipe: dict) -> dict:
-        """Each prompt's video, by tools.prompts' matching rule; one line per prompt in `video_paths`
-        (empty where a prompt made none), the first prompt's video on the VIDEO output."""
+    def _batch_result(self, prompts: list[dict], folder: str, since: float | None, pipe: dict) -> dict:
+        """Each prompt's file, by tools.prompts' matching rule; one line per prompt in the paths
+        output (empty where a prompt made none), the first prompt's on the first output."""
         from ..tools.prompts import list_outputs, match_outputs
 
-        if since is None:  # the step was up to date: its videos are the newest in the folder
-            recent = [o for o in list_outputs(folder) if o.path.lower().endswith(VIDEO_SUFFIXES)][-len(prompts):]
+        out = self.OUTPUT
+        if since is None:  # the step was up to date: its files are the newest in the folder
+            recent = [o for o in list_outputs(folder) if o.path.lower().endswith(out.suffixes)][-len(prompts):]
             since = recent[0].time.timestamp() if recent else None
         matched = match_outputs(prompts, folder, since)
-        paths = [m.output if m.output and m.output.lower().endswith(VIDEO_SUFFIXES) else "" for m in matched]
-        lines = [f"{m.index + 1}. {m.prompt.text[:60]} -> {Path(p).name if p else 'no video'}" for m, p in zip(matched, paths)]
+        paths = [m.output if m.output and m.output.lower().endswith(out.suffixes) else "" for m in matched]
+        lines = [f"{m.index + 1}. {m.prompt.text[:60]} -> {Path(p).name if p else 'no ' + out.name}" for m, p in zip(matched, paths)]
         first = next((p for p in paths if p), None)
         if first is None:
-            raise NodeError(f"none of the {len(prompts)} prompts has a video in {folder} (matched by seed and order); see the run log")
-        return {"ui": {"text": ["\n".join(lines)]}, "result": (video_from_file(first), pipe, "\n".join(paths))}
+            raise NodeError(f"none of the {len(prompts)} prompts has a {out.name} in {folder} (matched by seed and order); see the run log")
+        return {"ui": {"text": ["\n".join(lines)]}, "result": (out.load(first), pipe, "\n".join(paths))}
 
 
-class HunyuanVideoGenerator(_Generator):
-    DESCRIPTION = "Generates a HunyuanVideo clip (text-to-video), with LoRAs; returns a VIDEO for Save Video."
-    FAMILY = "hunyuan_video"
-    SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2")
+def _generator_attrs(fam) -> dict:
+    """The generator of a family: what it makes (the registry's rules.output) decides its first output."""
+    out = OUTPUTS[fam.output]
+    tasks = [*fam.tasks.values()] or [fam.model]
+    notes = " Section prompts go in options as section_prompts." if fam.rule("section_prompts") else ""
+    return {
+        "SLOTS": node_slots(fam, "generate"),
+        "IMAGE": any(t.get("start_image") for t in tasks),
+        "OUTPUT": out,
+        "RETURN_TYPES": (out.type, PIPELINE, "STRING"),
+        "RETURN_NAMES": (out.name, "pipeline", f"{out.name}_paths"),
+        "OUTPUT_TOOLTIPS": (out.tooltip, "the pipeline with this stage", f"every {out.name} file made, one per line; with a "
+                            f"Batch Processor, one line per prompt in its order (empty where a prompt made none)"),
+        "DESCRIPTION": f"Generates a {fam.title} {out.name} ({', '.join(t.title for t in tasks)}), with LoRAs; returns "
+                       f"{'a VIDEO for Save Video' if out.type == 'VIDEO' else 'an IMAGE'}.{notes} Family and task come "
+                       "from the pipeline when one is connected.",
+    }
 
 
-class WanGenerator(_Generator):
-    DESCRIPTION = "Generates a Wan clip: T2V, I2V, FLF2V or Wan 2.2 A14B, with LoRAs; returns a VIDEO for Save Video."
-    FAMILY = "wan"
-    SLOTS = ("dit", "dit_high_noise", "vae", "t5", "clip")
-    IMAGE = True
-
-
-class FramePackGenerator(_Generator):
-    DESCRIPTION = ("Generates a FramePack clip from a start image (section prompts go in options as "
-                   "section_prompts); returns a VIDEO for Save Video.")
-    FAMILY = "framepack"
-    SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2", "image_encoder")
-    IMAGE = True
-
-
-NODES = {
-    "MusubiTuner_HunyuanVideoGenerator": (HunyuanVideoGenerator, "HunyuanVideo Video Generator (musubi)"),
-    "MusubiTuner_WanGenerator": (WanGenerator, "Wan Video Generator (musubi)"),
-    "MusubiTuner_FramePackGenerator": (FramePackGenerator, "FramePack Video Generator (musubi)"),
-}
+NODES = family_classes("generate", _Generator, "{name} {output} Generator (musubi)", _generator_attrs)

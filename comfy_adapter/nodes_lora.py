@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_choices, finish_stage, full_path,
-                   lora_picker, lora_value, loras_folder, model_inputs, one_line, parse_options, set_if, stage_inputs,
-                   start_pipeline, step_files, tip)
+from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_widget, finish_stage, full_path,
+                   lora_picker, lora_value, loras_folder, model_inputs, one_line, parse_options, pipeline_family, set_if,
+                   stage_inputs, start_pipeline, step_files, tip, union_slots)
 
 SAVE_TO = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result"})
+# The LoRA Merger's model pickers in the order workflows saved before store their values (by
+# position); pickers of slots added since go after them, at the end of the node.
+MERGER_SLOTS = ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder")
 
 
 def lora_format(path: str) -> str:
@@ -74,7 +77,7 @@ class FormatConverter(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("convert", pipeline_required=False)
-        required["family"] = (family_choices(), {"default": "wan", "tooltip": "model family of the LoRA"})
+        required["family"] = family_widget("model family of the LoRA")
         _lora_inputs(required, optional)
         required["to"] = (["auto", "comfyui", "musubi"], {"default": "auto", "tooltip": "auto: the other format than the file's"})
         required["save_to"] = SAVE_TO
@@ -82,6 +85,7 @@ class FormatConverter(StageNode):
 
     def run(self, family, to, save_to, unique_id=None, **kw):
         pipe = start_pipeline(kw, "comfyui-convert")
+        family = pipeline_family(pipe, family)
         source = _picked_lora(kw, "", pipe, kw.get("more")) or parse_options(kw.get("options", "")).get("input")
         if not source:
             raise NodeError("no LoRA: pick lora_name or connect a LoRA")
@@ -135,7 +139,7 @@ class PostHocEMA(StageNode):
 
 class LoRAMerger(StageNode):
     DESCRIPTION = ("Merges up to three LoRAs, each with its weight, into the base DiT and saves the merged model "
-                   "(HunyuanVideo: merge_lora; Wan/FramePack: through the generate script).")
+                   "(with the family's merge route: its merge script, or its generate script).")
     CATEGORY = "MusubiTuner/LoRA"
     RETURN_TYPES = (PIPELINE, "STRING")
     RETURN_NAMES = ("pipeline", "model_path")
@@ -144,15 +148,18 @@ class LoRAMerger(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("merge", pipeline_required=False)
-        required["family"] = (family_choices(), {"default": "hunyuan_video", "tooltip": "model family"})
-        required.update(model_inputs("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder"))
+        required["family"] = family_widget("model family of the base model and LoRAs")
+        slots = union_slots("merge")
+        required.update(model_inputs(*[s for s in MERGER_SLOTS if s in slots]))
         _lora_inputs(required, optional, count=3)
         required["output_name"] = tip("STRING", "merged model file name", default="merged.safetensors")
         required["save_to"] = (["diffusion_models folder", "pipeline workdir"], {"default": "diffusion_models folder", "tooltip": "where the merged model goes"})
+        optional.update(model_inputs(*[s for s in slots if s not in MERGER_SLOTS]))
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, family, output_name, save_to, unique_id=None, **kw):
         pipe = start_pipeline(kw, "comfyui-merge")
+        family = pipeline_family(pipe, family)
         loras = [{"path": path, "multiplier": strength} for path, strength in _picked_loras(kw, pipe, kw.get("more"))]
         if not loras and "loras" not in parse_options(kw.get("options", "")):
             raise NodeError("nothing to merge: pick or connect at least one LoRA")
@@ -164,7 +171,7 @@ class LoRAMerger(StageNode):
             folders = folder_paths.get_folder_paths("diffusion_models")
             folder = next((f for f in folders if Path(f).name == "diffusion_models"), folders[0])
             fields["output"] = str(Path(folder) / "musubi-pipe" / name)
-        pipe, stage = build_stage(kw, "merge", family, None, ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder"), fields)
+        pipe, stage = build_stage(kw, "merge", family, None, union_slots("merge"), fields)
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return (pipe, _written(step, stage, "model"))
 
@@ -180,7 +187,7 @@ class LoRAMergeStage(StageNode):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("lora_merge", pipeline_required=False)
-        required["family"] = (family_choices(), {"default": "wan", "tooltip": "model family of the LoRAs"})
+        required["family"] = family_widget("model family of the LoRAs")
         _lora_inputs(required, optional, count=3)
         required["rank"] = tip("INT", "rank of the result (0 = exact: the ranks add up)", default=0, min=0, max=4096)
         required["format"] = (["auto", "musubi", "comfyui"], {"default": "auto", "tooltip": "key layout of the result; auto: the first LoRA's"})
@@ -190,6 +197,7 @@ class LoRAMergeStage(StageNode):
 
     def run(self, family, rank, format, dtype, save_to, unique_id=None, **kw):
         pipe = start_pipeline(kw, "comfyui-lora-merge")
+        family = pipeline_family(pipe, family)
         loras = [{"path": path, "multiplier": float(strength)} for path, strength in _picked_loras(kw, pipe, kw.get("more"))]
         if not loras and "loras" not in parse_options(kw.get("options", "")):
             raise NodeError("nothing to merge: pick or connect at least two LoRAs")

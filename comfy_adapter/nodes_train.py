@@ -1,11 +1,11 @@
-"""Training nodes: config nodes that return plain settings, and one LoRA trainer per family."""
+"""Training nodes: config nodes that return plain settings, and one LoRA trainer per registry family."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .base import (LORA, PIPELINE, NodeError, StageNode, build_stage, finish_stage, loras_folder, model_inputs,
-                   set_if, stage_inputs, step_files, task_choices, tip)
+from .base import (LORA, PIPELINE, NodeError, StageNode, build_stage, family_classes, finish_stage, loras_folder,
+                   model_inputs, node_slots, registry, set_if, stage_inputs, step_files, task_widget, tip)
 
 TRAIN_CONFIG = "MUSUBI_TRAIN_CONFIG"
 OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
@@ -14,36 +14,55 @@ MEMORY_CONFIG = "MUSUBI_MEMORY_CONFIG"
 DEFAULT = "(default)"
 
 
+def train_defaults() -> dict:
+    """The default family's training defaults (its family file): the config widgets start there, so
+    a widget left alone says what a pipeline file that does not set it says."""
+    return registry().family(registry().default_family()).stages["train"].defaults
+
+
 class TrainingConfig:
-    DESCRIPTION = "LoRA size, learning rate, training length, checkpoint cadence and seed, for a trainer node."
+    DESCRIPTION = ("LoRA size, learning rate, training length, checkpoint cadence and seed, for a trainer node. A widget "
+                   "left at its default leaves the setting to the family template, as a pipeline file that does not set it.")
     CATEGORY = "MusubiTuner/Train"
     RETURN_TYPES = (TRAIN_CONFIG,)
     RETURN_NAMES = ("training_config",)
     OUTPUT_TOOLTIPS = ("connect to a LoRA trainer",)
     FUNCTION = "build"
+    # Widgets whose 0 means "not set" rather than a value.
+    ZERO_UNSET = ("max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_every_n_steps")
 
     @classmethod
     def INPUT_TYPES(cls):
+        d = train_defaults()
         return {"required": {
-            "network_dim": tip("INT", "LoRA rank: bigger learns more detail and makes a bigger file", default=32, min=1, max=1024),
-            "network_alpha": tip("FLOAT", "LoRA alpha: scales the update; often dim/2 or 1", default=16.0, min=0.0, max=1024.0, step=0.5),
-            "learning_rate": tip("FLOAT", "learning rate", default=2e-4, min=0.0, max=1.0, step=1e-6, round=False),
-            "max_train_epochs": tip("INT", "epochs to train (0 = use max_train_steps)", default=16, min=0, max=100000),
+            "network_dim": tip("INT", "LoRA rank: bigger learns more detail and makes a bigger file", default=d["network_dim"], min=1, max=1024),
+            "network_alpha": tip("FLOAT", "LoRA alpha: scales the update; often dim/2 or 1", default=float(d["network_alpha"]), min=0.0, max=1024.0, step=0.5),
+            "learning_rate": tip("FLOAT", "learning rate", default=d["learning_rate"], min=0.0, max=1.0, step=1e-6, round=False),
+            "max_train_epochs": tip("INT", "epochs to train (0 = use max_train_steps)", default=d["max_train_epochs"], min=0, max=100000),
             "max_train_steps": tip("INT", "steps to train when epochs is 0", default=0, min=0, max=10000000),
-            "save_every_n_epochs": tip("INT", "save a checkpoint every N epochs (0 = only at the end); checkpoints protect your work", default=1, min=0, max=100000),
+            "save_every_n_epochs": tip("INT", "save a checkpoint every N epochs (0 = the family template's cadence, or with "
+                                       "max_train_steps about every eighth of the run); checkpoints protect your work",
+                                       default=d["save_every_n_epochs"], min=0, max=100000),
             "save_every_n_steps": tip("INT", "save a checkpoint every N steps (0 = off)", default=0, min=0, max=10000000),
             "save_state": tip("BOOLEAN", "save optimizer state with each checkpoint, so an interrupted run resumes", default=True),
-            "seed": tip("INT", "training seed", default=42, min=0, max=2**31 - 1, control_after_generate=False),
-            "gradient_checkpointing": tip("BOOLEAN", "trade speed for much less VRAM", default=True),
+            "seed": tip("INT", "training seed", default=d["seed"], min=0, max=2**31 - 1, control_after_generate=False),
+            "gradient_checkpointing": tip("BOOLEAN", "trade speed for much less VRAM", default=d["gradient_checkpointing"]),
         }}
 
-    def build(self, network_alpha, learning_rate, save_state, gradient_checkpointing, **kw):
-        config = {"network_alpha": float(network_alpha), "learning_rate": float(learning_rate),
-                  "save_state": bool(save_state), "gradient_checkpointing": bool(gradient_checkpointing)}
-        for key, value in kw.items():
-            set_if(config, key, value)
-        if "max_train_epochs" not in config and "max_train_steps" not in config:
+    def build(self, **kw):
+        if not kw.get("max_train_epochs") and not kw.get("max_train_steps"):
             raise NodeError("set max_train_epochs or max_train_steps (both are 0)")
+        defaults = train_defaults()
+        casts = {"network_alpha": float, "learning_rate": float, "save_state": bool, "gradient_checkpointing": bool}
+        config: dict = {}
+        for key, value in kw.items():
+            if key in self.ZERO_UNSET and not value:
+                continue
+            if key in defaults and value == defaults[key]:
+                continue  # the family template's value: a pipeline file says it by not setting it
+            if key == "save_state" and not value:
+                continue  # musubi's default
+            config[key] = casts.get(key, lambda v: v)(value)
         return (config,)
 
 
@@ -54,14 +73,17 @@ class OptimizerConfig:
     RETURN_NAMES = ("optimizer_config",)
     OUTPUT_TOOLTIPS = ("connect to a LoRA trainer",)
     FUNCTION = "build"
+    SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 
     @classmethod
     def INPUT_TYPES(cls):
+        default = train_defaults()["optimizer_type"]
+        kinds = list(dict.fromkeys([default, "AdamW", "AdaFactor", "custom"]))
         return {"required": {
-            "optimizer_type": (["adamw8bit", "AdamW", "AdaFactor", "custom"], {"default": "adamw8bit", "tooltip": "optimizer; custom = the class path below"}),
+            "optimizer_type": (kinds, {"default": default, "tooltip": "optimizer; custom = the class path below"}),
             "custom_optimizer": tip("STRING", "a dotted class path such as prodigyopt.Prodigy (when optimizer_type is custom)", default=""),
             "optimizer_args": tip("STRING", "optimizer arguments as key=value, space separated (e.g. weight_decay=0.01)", default=""),
-            "lr_scheduler": (["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"], {"default": "constant", "tooltip": "learning-rate schedule"}),
+            "lr_scheduler": (cls.SCHEDULERS, {"default": cls.SCHEDULERS[0], "tooltip": "learning-rate schedule"}),
             "lr_warmup_steps": tip("INT", "warmup steps (0 = none)", default=0, min=0, max=1000000),
             "max_grad_norm": tip("FLOAT", "gradient clipping (0 = the template's default)", default=0.0, min=0.0, max=100.0, step=0.1),
         }}
@@ -70,7 +92,11 @@ class OptimizerConfig:
         kind = custom_optimizer.strip() if optimizer_type == "custom" else optimizer_type
         if not kind:
             raise NodeError("optimizer_type is custom but custom_optimizer is empty; give a class path such as prodigyopt.Prodigy")
-        config = {"optimizer_type": kind, "lr_scheduler": lr_scheduler}
+        config: dict = {}
+        # Left at their defaults (the family template's optimizer, musubi's constant schedule),
+        # they say what a pipeline file that does not set them says.
+        set_if(config, "optimizer_type", kind, train_defaults()["optimizer_type"])
+        set_if(config, "lr_scheduler", lr_scheduler, self.SCHEDULERS[0])
         if optimizer_args.split():
             config["optimizer_args"] = optimizer_args.split()
         set_if(config, "lr_warmup_steps", lr_warmup_steps)
@@ -163,14 +189,18 @@ class _Trainer(StageNode):
 
     @classmethod
     def INPUT_TYPES(cls):
+        fam = registry().family(cls.FAMILY)
         required, optional, hidden = stage_inputs("train")
-        tasks = task_choices(cls.FAMILY)
-        if tasks:
-            required["task"] = (tasks, {"default": tasks[0], "tooltip": "what the LoRA is trained for"})
-        required.update(model_inputs(*cls.SLOTS))
+        if fam.tasks:  # kept where saved workflows have it; the pipeline's task is what counts
+            required["task"] = task_widget(fam.task_names(), "what the LoRA is trained for")
+        required.update(model_inputs(*cls.SLOTS, families=[fam]))
         required["output_name"] = tip("STRING", "LoRA file name without extension (empty = the pipeline name)", default="")
         required["save_to"] = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result (and every checkpoint)"})
-        required["attention"] = ([DEFAULT, "sdpa", "flash_attn", "flash3", "xformers"], {"default": DEFAULT, "tooltip": "attention implementation for training"})
+        required["attention"] = ([DEFAULT, *fam.training["attention"]], {"default": DEFAULT, "tooltip": "attention implementation for training"})
+        if fam.experts:
+            two = ", ".join(t.title for t in fam.tasks.values() if t.get("experts"))
+            required["expert"] = (["none", *fam.experts["slots"]], {"default": "none", "tooltip": f"{two}: which noise expert "
+                                  "this run trains (one trainer node each); none for the other tasks"})
         optional.update({
             "training_config": (TRAIN_CONFIG, {"tooltip": "from LoRA Training Config"}),
             "optimizer_config": (OPTIMIZER_CONFIG, {"tooltip": "from Optimizer Config"}),
@@ -179,20 +209,20 @@ class _Trainer(StageNode):
         })
         return {"required": required, "optional": optional, "hidden": hidden}
 
-    def extra_fields(self, kw: dict) -> dict:
-        return {}
-
-    def run(self, output_name, save_to, attention, unique_id=None, task=None, training_config=None,
-            optimizer_config=None, sampling_config=None, memory_config=None, **kw):
-        fields = self.extra_fields(kw)
+    def document(self, output_name, save_to, attention, task=None, training_config=None, optimizer_config=None,
+                 sampling_config=None, memory_config=None, expert="none", **kw) -> tuple[dict, str]:
+        """The pipeline with this node's train stage: (pipeline, stage name)."""
+        fields: dict = {"expert": expert} if expert != "none" else {}
         set_if(fields, "output_name", output_name.strip(), "")
         set_if(fields, "attention", attention, DEFAULT)
-        kw_pipe = kw.get("pipeline") or {}
         if save_to == "loras folder":
-            name = kw_pipe.get("document", {}).get("name", "musubi")
+            name = (kw.get("pipeline") or {}).get("document", {}).get("name", "musubi")
             fields["output_dir"] = str(Path(loras_folder()) / "musubi-pipe" / name)
-        pipe, stage = build_stage(kw, "train", self.FAMILY, task, self.SLOTS, fields, training_config, optimizer_config,
-                                  sampling_config, memory_fields(memory_config, True))
+        return build_stage(kw, "train", self.FAMILY, task, self.SLOTS, fields, training_config, optimizer_config,
+                           sampling_config, memory_fields(memory_config, True))
+
+    def run(self, unique_id=None, **kw):
+        pipe, stage = self.document(**kw)
         plan, step, _ = finish_stage(pipe, stage, unique_id, chart=True)
         files = step_files(step, "lora")
         if not files:
@@ -205,40 +235,16 @@ class _Trainer(StageNode):
                        "text": [shown]}, "result": result}
 
 
-class HunyuanVideoTrainer(_Trainer):
-    DESCRIPTION = "Trains a HunyuanVideo LoRA on the cached dataset, with live loss chart, progress and cancel."
-    FAMILY = "hunyuan_video"
-    SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2")
-
-
-class WanTrainer(_Trainer):
-    DESCRIPTION = ("Trains a Wan LoRA: Wan 2.1 T2V/I2V/FLF2V/Fun-Control, or one expert of Wan 2.2 A14B (high or low "
-                   "noise: one trainer node each).")
-    FAMILY = "wan"
-    SLOTS = ("dit", "dit_high_noise", "vae", "t5", "clip")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        types = super().INPUT_TYPES()
-        types["required"]["expert"] = (["none", "high", "low"], {"default": "none", "tooltip": "Wan 2.2 A14B: which noise expert this run trains"})
-        return types
-
-    def extra_fields(self, kw):
-        expert = kw.pop("expert", "none")
-        return {"expert": expert} if expert != "none" else {}
-
-
-class FramePackTrainer(_Trainer):
-    DESCRIPTION = "Trains a FramePack (image-to-video) LoRA, FramePack or F1."
-    FAMILY = "framepack"
-    SLOTS = ("dit", "vae", "text_encoder1", "text_encoder2", "image_encoder")
+def _trainer_attrs(fam) -> dict:
+    tasks = ", ".join(t.title for t in fam.tasks.values()) or fam.title
+    return {"SLOTS": node_slots(fam, "train"),
+            "DESCRIPTION": f"Trains a {fam.title} LoRA ({tasks}) on the cached dataset, with live loss chart, progress and "
+                           "cancel. Family and task come from the pipeline (Dataset Config)."}
 
 
 NODES = {
     "MusubiTuner_TrainingConfig": (TrainingConfig, "LoRA Training Config (musubi)"),
     "MusubiTuner_OptimizerConfig": (OptimizerConfig, "Optimizer Config (musubi)"),
     "MusubiTuner_SamplingConfig": (SamplingConfig, "Sampling Config (musubi)"),
-    "MusubiTuner_HunyuanVideoTrainer": (HunyuanVideoTrainer, "HunyuanVideo LoRA Trainer (musubi)"),
-    "MusubiTuner_WanTrainer": (WanTrainer, "Wan LoRA Trainer (musubi)"),
-    "MusubiTuner_FramePackTrainer": (FramePackTrainer, "FramePack LoRA Trainer (musubi)"),
+    **family_classes("train", _Trainer, "{name} LoRA Trainer (musubi)", _trainer_attrs),
 }

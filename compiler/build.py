@@ -35,6 +35,7 @@ LORA_FIELDS = ("loras", "loras_high_noise")
 SHELL_META = re.compile(r"[;|&$`<>\n\r\x00]")
 PATH_FIELDS = {
     "image_path", "end_image_path", "network_weights", "logging_dir", "output_dir", "save_path", "output", "dit", "input",
+    "control_image_path", "mask_path",
 }
 
 
@@ -56,6 +57,8 @@ class _Compiler:
         self.fam: Family = registry.family(pipeline.family)
         self.task = pipeline.task or self.fam.default_task
         self.task_props = self.fam.task(self.task) if self.task in self.fam.tasks or not self.fam.tasks else self.fam.model
+        # The architecture name musubi's caches carry: per task where versions differ (Qwen-Image-Edit).
+        self.cache_arch = self.task_props.get("cache_arch") or self.fam.short
         self.base = source.folder
         self.workdir = self.path(pipeline.workdir) if pipeline.workdir else str(self.base / "musubi-out" / pipeline.name)
         self.files: list[GeneratedFile] = []
@@ -182,9 +185,57 @@ class _Compiler:
             for i, d in enumerate(config.datasets):
                 if d.control_directory is None and not getattr(d, "video_jsonl_file", None) and not getattr(d, "image_jsonl_file", None):
                     self.problems.append(source.problem(where + ("datasets", i), f"task {self.task} (Fun-Control) trains on control videos", "set control_directory for this dataset"))
+        self.check_image_datasets(config, source, where, base)
         self.dataset = config.with_paths_resolved(base)
         self.dataset_file = str(Path(self.workdir) / "generated" / "dataset.toml")
         self.files.append(GeneratedFile(self.dataset_file, self.dataset.to_toml()))
+
+    def check_image_datasets(self, config: DatasetConfig, source: Source, where: tuple, base: Path) -> None:
+        """An image family's dataset rules: image datasets only, control images where the task edits
+        them (and nowhere else), several targets where the task needs them, sizes on musubi's grid."""
+        if self.fam.output != "image":
+            return
+        title = f"{self.fam.title} {self.task or ''}".strip()
+        step = self.fam.rule("size_step")
+        general_bucket = config.general.enable_bucket
+        for i, d in enumerate(config.datasets):
+            at = where + ("datasets", i)
+            if d.is_video:
+                self.problems.append(source.problem(at, f"{self.fam.title} trains on images, and this is a video dataset (musubi stops with 'Unsupported architecture')",
+                                                    "use image_directory or image_jsonl_file instead of video_directory / video_jsonl_file"))
+                continue
+            has_control = d.control_directory is not None or (d.image_jsonl_file is not None and _jsonl_has(base, d.image_jsonl_file, "control_path"))
+            if self.task_props.get("control_dataset") and not has_control:
+                fix = ("give each line of image_jsonl_file a control_path (control_path_0, control_path_1, ... for several)" if d.image_jsonl_file
+                       else "set control_directory to a folder with a control image per target image (same file name)")
+                self.problems.append(source.problem(at, f"{title} trains on pairs of control and target images, and this dataset has no control images", fix))
+            elif has_control and not self.task_props.get("control_dataset"):
+                why = "the family uses no control images" if self.fam.rule("no_control_images") else f"only the edit tasks ({', '.join(self.control_tasks())}) use them"
+                self.problems.append(source.problem(at + (("control_directory",) if d.control_directory else ()),
+                                                    f"{title} ignores control images: {why}",
+                                                    "remove control_directory" + (f", or set task to one of {', '.join(self.control_tasks())}" if self.control_tasks() else ""),
+                                                    severity="warning"))
+            if self.task_props.get("multiple_target") and not d.multiple_target:
+                self.problems.append(source.problem(at, f"{title} trains on several target images per item (the layers)",
+                                                    "set multiple_target = true and name the targets <name>_0, <name>_1, ... (docs/dataset_config.md)"))
+            elif d.multiple_target and not self.task_props.get("multiple_target"):
+                self.problems.append(source.problem(at + ("multiple_target",), f"multiple_target is for layered training, not {title}",
+                                                    "remove multiple_target" + (f", or set task to one of {', '.join(self.tasks_with('multiple_target'))}" if self.tasks_with("multiple_target") else "")))
+            bucket = d.enable_bucket if d.enable_bucket is not None else general_bucket
+            resolution = d.resolution or config.general.resolution
+            if step and resolution is not None and not bucket:
+                w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
+                if w % step or h % step:
+                    key = "resolution" if d.resolution is not None else None
+                    path = at + ("resolution",) if key else where + ("general", "resolution")
+                    self.problems.append(source.problem(path, f"resolution {w}x{h} is not a multiple of {step}, and without buckets musubi trains at exactly this size ({self.fam.title} latents need multiples of {step})",
+                                                        f"use [{w // step * step}, {h // step * step}], or enable_bucket = true"))
+
+    def tasks_with(self, switch: str) -> list[str]:
+        return [t for t, task in self.fam.tasks.items() if task.get(switch)]
+
+    def control_tasks(self) -> list[str]:
+        return self.tasks_with("control_dataset")
 
     def need_dataset(self, name: str, skip: bool = True) -> str:
         """The generated dataset config; without a dataset, report it and (if skip) stop building the stage."""
@@ -226,6 +277,7 @@ class _Compiler:
     def options(self, name: str, stage, script: str, values: dict[str, Any]) -> list[str]:
         known = contract.options(script)
         args: list[str] = []
+        self.check_option_rules(name, stage, values)
         for key, value in values.items():
             if key in LANGUAGE_FIELDS:
                 continue
@@ -237,8 +289,30 @@ class _Compiler:
                 continue
             if key in PATH_FIELDS and isinstance(value, str):
                 value = self.path(value)
+            elif key in PATH_FIELDS and isinstance(value, list):
+                value = [self.path(v) for v in value]
             args += self.render(("stages", name, key) if key in stage.model_fields_set else ("stages", name), script, key, value)
         return args
+
+    def check_option_rules(self, name: str, stage, values: dict[str, Any]) -> None:
+        """The family's rules on option values: options only some tasks take, options that exclude each other."""
+        def where(key: str) -> tuple:
+            if key in extra:
+                return ("stages", name, "extra_args", extra[key])
+            return ("stages", name, key) if key in stage.model_fields_set else ("stages", name)
+
+        extra = {k.lstrip("-").replace("-", "_"): k for k in stage.extra_args}
+        values = {**values, **{dest: stage.extra_args[k] for dest, k in extra.items()}}
+
+        for option, switch in self.fam.rule("task_only_options", {}).items():
+            if values.get(option) and not self.task_props.get(switch):
+                tasks = self.tasks_with(switch)
+                self.error(where(option), f"{option} is only for {', '.join(tasks)}, not {self.task or self.fam.title}",
+                           f"remove {option}, or set task to {tasks[0]}" if tasks else f"remove {option}")
+        for group in self.fam.rule("exclusive_options", []):
+            chosen = [o for o in group if values.get(o) not in (None, False)]
+            if len(chosen) > 1:
+                self.error(where(chosen[-1]), f"{' and '.join(chosen)} cannot be used together (musubi-tuner's docs)", f"keep one of {', '.join(chosen)}")
 
     def render(self, where: tuple, script: str, dest: str, value) -> list[str]:
         """argv words for an option; a list item that musubi's parser would read as a flag is refused
@@ -341,10 +415,10 @@ class _Compiler:
     # --- stage builders ---------------------------------------------------------------------
 
     def build_cache_latents(self, name, stage, tpl, refs) -> Step:
-        return self.cache_step(name, stage, tpl, "latent_cache", f"*_{self.fam.short}.safetensors")
+        return self.cache_step(name, stage, tpl, "latent_cache", f"*_{self.cache_arch}.safetensors")
 
     def build_cache_text_encoder(self, name, stage, tpl, refs) -> Step:
-        return self.cache_step(name, stage, tpl, "text_encoder_cache", f"*_{self.fam.short}_te.safetensors")
+        return self.cache_step(name, stage, tpl, "text_encoder_cache", f"*_{self.cache_arch}_te.safetensors")
 
     def cache_step(self, name, stage, tpl, artifact: str, pattern: str) -> Step:
         """A caching step: reads the dataset and its media, writes `pattern` files into each cache folder."""
@@ -356,11 +430,13 @@ class _Compiler:
             # without --skip_existing (docs/framepack_1f.md).
             values.pop("skip_existing", None)
         args = self.arg(tpl.script, "dataset_config", dataset) + self.models(name, stage, tpl, tpl.script)
+        if self.task and self.has(tpl.script, "task"):  # Qwen-Image caches per --model_version
+            args += self.arg(tpl.script, "task", self.task)
         args += self.options(name, stage, tpl.script, values)
         assert self.dataset is not None
         outputs = [Output(artifact, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
         return Step(name, stage.kind, self.p.family, tpl.script, args, inputs=self.media_inputs(dataset), outputs=outputs,
-                    meta={"cache_arch": self.fam.short})
+                    meta={"cache_arch": self.cache_arch})
 
     def media_inputs(self, dataset_file: str) -> list[Input]:
         """The dataset config and its media: adding a clip or editing a caption re-runs caching."""
@@ -416,6 +492,10 @@ class _Compiler:
                     if not prompt.image:
                         self.error(where + ("sample_prompts", i, "image"), f"{self.fam.title} {self.task} samples start from an image (musubi asserts 'image_path should be set')",
                                    "give each sample prompt an image")
+            if self.fam.output == "image" and not isinstance(stage.sample_prompts, str):
+                for i, prompt in enumerate(stage.sample_prompts):
+                    if prompt.frames is not None:
+                        self.error(where + ("sample_prompts", i, "frames"), f"{self.fam.title} makes images, not videos", "remove frames")
             args += self.arg(script, "sample_prompts", self.prompt_file(name, stage.sample_prompts, "sample"))
         args += self.arg(script, "output_dir", output_dir) + self.arg(script, "output_name", output_name)
         launch = launch_args(stage.num_processes or 1, mixed, stage.num_machines or 1)
@@ -432,7 +512,7 @@ class _Compiler:
         meta = {
             "output_dir": output_dir, "output_name": output_name, "save_state": save_state,
             "checkpoints": checkpoints, "mixed_precision": mixed, "task": self.task, "family": self.p.family,
-            "cache_arch": self.fam.short,
+            "cache_arch": self.cache_arch,
         }
         if memory_why:
             meta["memory_plan"] = memory_why
@@ -671,18 +751,21 @@ class _Compiler:
             self.error(where + ("image_path",), f"{self.fam.title} {self.task or ''} generation starts from an image".replace("  ", " "), "set image_path (musubi would silently use a black image)" if black else "set image_path")
         if self.task_props.get("control") and values.get(self.fam.flag("control_video")) is None and stage.prompts is None:
             self.error(where + (self.fam.flag("control_video"),), f"{self.task} (Fun-Control) generates from a control video", f"set {self.fam.flag('control_video')} to the control video")
+        if self.fam.output == "image":
+            inputs += self.check_image_generation(name, stage, values)
         length = values.get(self.fam.flag("video_length"))
         if self.fam.rule("frame_rule") == "4n+1" and length is not None and (length - 1) % 4:
             self.error(where + ("video_length",), f"video_length must be 4*N+1, got {length}", f"use {(length - 1) // 4 * 4 + 1} or {((length - 1) // 4 + 1) * 4 + 1}")
         self.check_video_rules(name, stage)
         self.check_swap(name, values)
         args += self.options(name, stage, script, values)
-        kind = tpl.outputs.get(values.get(self.fam.flag("output_type"), "video"), "*")
+        # The outputs table's first type is the script's default --output_type.
+        kind = tpl.outputs.get(values.get(self.fam.flag("output_type"), next(iter(tpl.outputs), "")), "*")
         # A script that writes one file by name (rule save_file) gets <save_path>/<stage>.<type's suffix>.
         target = str(Path(save_path) / f"{name}{Path(kind).suffix}") if self.fam.rule("save_file") else save_path
         args += self.arg(script, "save_path", target)
         return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
-                    outputs=[Output("videos", "files", save_path, kind)],
+                    outputs=[Output(f"{self.fam.output}s", "files", save_path, kind)],
                     meta={"save_path": save_path, "prompts": len(stage.prompts or []) or 1,
                           "batch_prompts": [p.model_dump(exclude_none=True) for p in stage.prompts or []]})
 
@@ -712,6 +795,31 @@ class _Compiler:
                 self.warn(where, f"{self.fam.title} swaps at most {top} blocks; musubi clamps {swap} to that", f"set blocks_to_swap = {top}")
             else:
                 self.error(where, f"{self.fam.title} swaps at most {top} blocks, got {swap} (musubi's enable_block_swap refuses more)", f"set blocks_to_swap = {top} or less")
+
+    def check_image_generation(self, name: str, stage, values: dict) -> list[Input]:
+        """An image family's generation rules: the control image an edit task needs (and how many it
+        takes), the size on musubi's grid; returns the control images as inputs."""
+        where = ("stages", name)
+        flag = self.fam.flag("control_images")
+        controls = values.get(flag) or []
+        title = f"{self.fam.title} {self.task or ''}".strip()
+        if self.task_props.get("control_generate") and not controls and stage.prompts is None:
+            self.error(where + (flag,), f"{title} generates from a control image", f"set {flag} = [\"path/to/image.png\"]")
+        if controls and not self.task_props.get("control_generate"):
+            tasks = self.tasks_with("control_generate")
+            self.error(where + (flag,), f"{title} takes no control image", f"remove {flag}" + (f", or set task to one of {', '.join(tasks)}" if tasks else ""))
+        most = self.task_props.get("max_control_images")
+        if most and len(controls) > most:
+            self.error(where + (flag,), f"{title} takes {most} control image(s), got {len(controls)}", f"keep {most}")
+        for option, value in self.fam.stages["generate"].task_defaults.get("official_control_size", {}).items():
+            if self.task_props.get("official_control_size") and values.get(option) != value:
+                self.error(where + (option,), f"{title} needs {option} = {str(value).lower()} (musubi-tuner's docs: mandatory)", f"remove {option} = {values.get(option)!r}")
+        step = self.fam.rule("size_step")
+        size = values.get("image_size")
+        if step and size and (size[0] % step or size[1] % step):
+            self.error(where + ("image_size",), f"image_size {list(size)} is not a multiple of {step} (musubi stops: 'height and width have to be divisible by {step}')",
+                       f"use [{size[0] // step * step}, {size[1] // step * step}]")
+        return [Input(f"control_image{i}", self.path(p)) for i, p in enumerate(controls)]
 
     def build_merge(self, name, stage, tpl, refs) -> Step:
         where = ("stages", name)
@@ -835,6 +943,19 @@ class _Compiler:
             outputs.append(Output("contact_sheet", "file", sheet))
         return Step(name, stage.kind, self.p.family, tpl.script, args, launcher=LAUNCH_TOOL,
                     inputs=self.media_inputs(dataset), outputs=outputs)
+
+
+def _jsonl_has(base: Path, jsonl: str, prefix: str) -> bool:
+    """Whether a metadata JSONL's lines have a key starting with `prefix` (true when the file cannot be read yet)."""
+    import json
+
+    path = Path(jsonl) if os.path.isabs(jsonl) else base / jsonl
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, ValueError):
+        return True
+    return all(any(k.startswith(prefix) for k in line) for line in lines if isinstance(line, dict))
 
 
 def _sections(items: dict[str, str]) -> str:

@@ -12,12 +12,21 @@ from typing import Any
 # part of a plan: that comes from the local configuration, at run time.
 LAUNCH_PYTHON = "python"
 LAUNCH_ACCELERATE = "accelerate"
+# Python puts the working directory first on sys.path for `-c` and `-m`, and steps run in the
+# pipeline's folder (a ComfyUI workflow's base folder): places a shared document chooses. So every
+# Python musubi-pipe starts with `-c` first drops that entry, and any relative one, before it imports
+# anything (only builtins are imported before). `-P` does the same from 3.11 on; musubi's venvs are
+# often 3.10. `python script.py` is safe already: its sys.path[0] is the script's own folder.
+SAFE_PATH = ("import sys; sys.path[:] = [p for p in sys.path if p]; "
+             "import os; sys.path[:] = [p for p in sys.path if os.path.isabs(p)]; ")
+# `python -m MODULE args` without the working directory on sys.path: same argv and __main__.
+MODULE_BOOT = SAFE_PATH + "import runpy; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
 # musubi-pipe's own tools (LoRA merge, dataset check), run in musubi-pipe's Python. The package is
 # loaded from its own folder, so this works where ComfyUI imported it from custom_nodes/ too.
 LAUNCH_TOOL = "musubi-pipe"
 TOOL_COMMANDS = (("lora", "merge"), ("dataset", "inspect"))
-_TOOL_BOOT = (  # one line, so logs and commands.txt show it on one line
-    "import importlib.util, sys; root = sys.argv.pop(1); "
+_TOOL_BOOT = SAFE_PATH + (  # one line, so logs and commands.txt show it on one line
+    "import importlib.util; root = sys.argv.pop(1); "
     "spec = importlib.util.spec_from_file_location('musubi_pipe', root + '/__init__.py', submodule_search_locations=[root]); "
     "module = importlib.util.module_from_spec(spec); sys.modules['musubi_pipe'] = module; spec.loader.exec_module(module); "
     "from musubi_pipe.cli import main; main(args=sys.argv[1:], prog_name='musubi-pipe')"
@@ -101,7 +110,7 @@ class Step:
             return [sys.executable, "-c", _TOOL_BOOT, str(Path(__file__).resolve().parent.parent), *self.args]
         script = f"{musubi_dir.rstrip('/')}/src/musubi_tuner/{self.script}"
         if self.launcher == LAUNCH_ACCELERATE:
-            return [python, "-m", "accelerate.commands.launch", *self.launch_args, script, *self.args]
+            return [python, "-c", MODULE_BOOT, "accelerate.commands.launch", *self.launch_args, script, *self.args]
         return [python, script, *self.args]
 
     def shell_line(self) -> str:

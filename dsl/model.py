@@ -222,10 +222,11 @@ class GenerateStage(_Stage):
     section_images: dict[StrictStr, StrictStr] | None = Field(None, description="FramePack: start image per section index ('0' is image_path)")
     end_image_path: StrictStr | None = None
     one_frame_inference: StrictStr | None = Field(None, description="one-frame inference options, e.g. 'target_index=1,control_index=0'")
-    control_image_path: list[StrictStr] | None = Field(None, description="one-frame inference: control (reference) images")
+    control_image_path: list[StrictStr] | None = Field(None, description="control (reference) images: one-frame inference, image editing")
     control_image_mask_path: list[StrictStr] | None = None
     control_path: StrictStr | None = Field(None, description="Fun-Control: the control video")
     video_size: tuple[Count, Count] | None = Field(None, description="[height, width]")
+    image_size: tuple[Count, Count] | None = Field(None, description="image families: [height, width] of the image")
     video_length: Count | None = None
     video_seconds: Positive | None = None
     video_sections: Count | None = None

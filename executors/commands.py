@@ -11,8 +11,34 @@ from ..errors import PipelineError
 
 
 def _fail(err: PipelineError, code: int = 2):
-    click.echo(str(err), err=True)
+    _say(str(err))
     sys.exit(code)
+
+
+def _say(text: str) -> None:
+    """A line on stderr that never raises: the terminal may be gone (SIGHUP) or the pipe closed
+    (`| tee log` ended by the same Ctrl-C)."""
+    try:
+        click.echo(text, err=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _silence_dead_output() -> None:
+    """Point stdout/stderr at the null device if they are broken, so the interpreter's final
+    flush neither prints a BrokenPipeError nor changes the exit code."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
 
 
 @click.command()
@@ -64,16 +90,24 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
     except PipelineError as err:
         _fail(err)
     for w in plan.warnings:
-        click.echo(f"warning: {w}", err=True)
+        _say(f"warning: {w}")
     for problem in missing:
-        click.echo(str(problem), err=True)
+        _say(str(problem))
     display = TerminalDisplay(choose_mode(quiet, plain))
+    got: list[int] = []
 
     def stop(signum, frame):
-        click.echo("\nmusubi-pipe: stopping the running step…", err=True)
-        runner.cancel()
+        runner.cancel()  # first: the message may fail, and nothing may skip the cancel
+        got.append(signum)
+        _say("\nmusubi-pipe: stopping the running step…")
 
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C, `kill`, and SIGHUP from a closed SSH session or terminal all cancel the run. A signal
+    # the caller ignores (nohup, a background job) stays ignored.
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    old = {}
+    for sig in (getattr(signal, n) for n in names if hasattr(signal, n)):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, stop)
     try:
         if executor == "comfy":
             result = runner.run(pipeline, [display])
@@ -87,7 +121,9 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         display.close()
         for s, handler in old.items():
             signal.signal(s, handler)
-    sys.exit({"succeeded": 0, "dry-run": 0, "cancelled": 130}.get(result.status, 1))
+    _silence_dead_output()
+    cancelled = 128 + got[0] if got else 130  # as a shell reports the signal that stopped it
+    sys.exit({"succeeded": 0, "dry-run": 0, "cancelled": cancelled}.get(result.status, 1))
 
 
 @click.command()

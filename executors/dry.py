@@ -8,6 +8,7 @@ from ..compiler.plan import Plan
 from . import events as ev
 from .local import RunResult, check_plan, decide, select_steps
 from .musubi_env import MusubiConfig
+from .runlock import check_owner
 from .state import StateFile, made_by_plan, state_path
 
 DRY = "dry-run"
@@ -30,8 +31,9 @@ class DryExecutor:
                 listener(e)
 
         # What a real run refuses, a dry run refuses too: only this machine's own configuration
-        # may allow what a plan asks for (code, uploads, folders).
+        # may allow what a plan asks for (code, uploads, folders), and a workdir has one owner.
         check_plan(plan, self.config or MusubiConfig())
+        check_owner(plan)
         chosen = select_steps(plan, only, from_, until)
         to_run, stale, reasons = decide(plan, StateFile(state_path(plan)), chosen, force, made_by_plan(plan))
         emit(ev.Event(ev.PLAN, data={"steps": to_run, "skipped": [s.id for s in plan.steps if s.id not in to_run],

@@ -20,9 +20,14 @@ from ..compiler.plan import LAUNCH_TOOL, TOOL_COMMANDS, Plan, Step
 from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
+from ..pipelines import registry
 from .musubi_env import MusubiConfig, environment_facts
+from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, rename_resumed, resume_key,
+                     shift_event_steps, snapshot_states, tag_new_states)
+from .runlock import RunLock, check_owner, claim
+from .watchdog import Watchdog
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
-                    missing_outputs, output_files, sha256_file, stamp, state_path)
+                    missing_outputs, output_files, output_snapshot, sha256_file, stamp, state_path)
 
 def launch_flags() -> set[str]:
     """`accelerate launch` flags a plan may carry (the registry's). Anything else (--module,
@@ -104,8 +109,12 @@ def _option_problems(plan: Plan, step: Step, config: MusubiConfig) -> list[Probl
     from ..pipelines import registry
 
     try:
-        values = vars(contract.parser(step.script).parse_args(step.args))
-    except (contract.ContractError, OSError) as exc:
+        parser = contract.parser(step.script)
+    except contract.ContractError:
+        return []  # not a recorded script (the compiler emits only those): no options to judge
+    try:
+        values = vars(parser.parse_args(step.args))
+    except contract.ContractError as exc:
         return [Problem(f"musubi's {step.script} would reject this command: {exc}", path=f"steps.{step.id}.args", file=plan.source,
                         fix="compile the pipeline again with this musubi-pipe")]
     policy, where, out = registry.policy(), f"steps.{step.id}.args", []
@@ -192,145 +201,25 @@ def decide(plan: Plan, state: StateFile, chosen: list[str], force: bool,
     return [s.id for s in plan.steps if s.id in chosen and s.id in stale], stale, reasons
 
 
-# ------------------------------------------------------------------------------- argv edits
-
-
-def flag_value(args: list[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def set_flag(args: list[str], flag: str, value: str | None = None) -> list[str]:
-    """A copy of args with `flag` (and its value, if given) set, replacing an existing value."""
-    out = remove_flag(args, flag, takes_value=value is not None)
-    return out + ([flag, value] if value is not None else [flag])
-
-
-def remove_flag(args: list[str], flag: str, takes_value: bool = True) -> list[str]:
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a == flag:
-            skip = takes_value
-            continue
-        if a.startswith(flag + "="):
-            continue
-        out.append(a)
-    return out
-
-
-# ----------------------------------------------------------------------------------- resume
-
-STATE_DIR = re.compile(r"^(?P<name>.+?)-(?:step(?P<step>\d{8})|(?P<epoch>\d{6}))-state$")
-
-
-@dataclass
-class Resume:
-    state_dir: str
-    done_steps: int | None  # global optimisation steps already done
-    done_epochs: int | None
-    args: list[str]
-    attempt_name: str  # the --output_name this attempt writes under, renamed afterwards
-    note: str
-    out_dir: Path  # where the step writes, and the --output_name its files are renamed to
-    name: str
-
-
-def plan_resume(step: Step, record: dict | None) -> Resume | None:
-    """For an interrupted training step that saves state: resume from the newest state folder.
-
-    musubi restarts its step counter at 0 on --resume, so the attempt trains only the steps
-    that are left, under a temporary --output_name (`<name>-resume<k>`) so it cannot overwrite
-    the checkpoints already saved; afterwards its files are renamed to the global numbering."""
-    meta = step.meta or {}
-    if step.kind != "train" or not meta.get("save_state") or flag_value(step.args, "--resume"):
-        return None
-    if not record or record.get("fingerprint") != step.fingerprint or record.get("status") == SUCCEEDED:
-        return None
-    out_dir = Path(meta.get("output_dir") or flag_value(step.args, "--output_dir") or "")
-    name = meta.get("output_name") or flag_value(step.args, "--output_name")
-    if not name or not out_dir.is_dir():
-        return None
-    progress = record.get("progress", {})
-    spe = meta.get("steps_per_epoch") or progress.get("steps_per_epoch")
-    total_steps = meta.get("max_train_steps") if not meta.get("max_train_epochs") else None
-    total_epochs = meta.get("max_train_epochs")
-    if total_steps is None:
-        total_steps = progress.get("total") or (total_epochs * spe if total_epochs and spe else None)
-    best = None  # (global step or -1, epoch, dir)
-    for entry in out_dir.iterdir():
-        m = STATE_DIR.match(entry.name)
-        if not m or m["name"] != name or not entry.is_dir():
-            continue
-        if m["step"]:
-            key = (int(m["step"]), None)
-        else:
-            epoch = int(m["epoch"])
-            key = (epoch * spe if spe else -1, epoch)
-        if best is None or key > best[:2]:
-            best = (*key, entry)
-    if best is None:
-        return None
-    done_steps, done_epochs, state_dir = best
-    done_steps = None if done_steps < 0 else done_steps
-    k = int(record.get("resumes", 0)) + 1
-    attempt_name = f"{name}-resume{k}"
-    args = set_flag(step.args, "--resume", str(state_dir))
-    args = set_flag(args, "--output_name", attempt_name)
-    if done_epochs is not None and total_epochs:  # an epoch state of an epoch-length run: count epochs
-        left = total_epochs - done_epochs
-        if left <= 0:
-            return None
-        args = set_flag(args, "--max_train_epochs", str(left))
-        note = f"resumed from {state_dir.name}: {left} of {total_epochs} epochs left"
-    elif done_steps is not None and total_steps:
-        left = int(total_steps) - done_steps
-        if left <= 0:
-            return None
-        # max_train_epochs would override max_train_steps inside musubi
-        args = set_flag(remove_flag(args, "--max_train_epochs"), "--max_train_steps", str(left))
-        note = f"resumed from {state_dir.name}: {left} of {total_steps} steps left"
-    else:
-        return None
-    return Resume(str(state_dir), done_steps, done_epochs, args, attempt_name, note, out_dir, name)
-
-
-def rename_resumed(res: Resume, spe: int | None) -> list[str]:
-    """Give a resumed attempt's files the numbering of one uninterrupted run; never overwrite."""
-    out_dir, name = res.out_dir, res.name
-    notes = []
-    epoch_offset = res.done_epochs if res.done_epochs is not None else (
-        res.done_steps // spe if spe and res.done_steps is not None and res.done_steps % spe == 0 else None)
-    pat = re.compile(rf"^{re.escape(res.attempt_name)}(?:-step(?P<step>\d{{8}})|-(?P<epoch>\d{{6}}))?(?P<rest>\.safetensors|-state)$")
-    for entry in sorted(out_dir.iterdir()):
-        m = pat.match(entry.name)
-        if not m:
-            continue
-        if m["step"]:
-            if res.done_steps is None:
-                continue
-            target = f"{name}-step{int(m['step']) + res.done_steps:08d}{m['rest']}"
-        elif m["epoch"]:
-            if epoch_offset is None:
-                continue
-            target = f"{name}-{int(m['epoch']) + epoch_offset:06d}{m['rest']}"
-        else:
-            target = f"{name}{m['rest']}"
-        if (out_dir / target).exists():
-            notes.append(f"kept {entry.name}: {target} already exists")
-            continue
-        os.replace(entry, out_dir / target)
-        notes.append(f"{entry.name} -> {target}")
-    return notes
+# argv edits (flag_value, set_flag, remove_flag) and resuming live in resume.py
 
 
 # ---------------------------------------------------------------------------------- the run
+
+
+def end_running_records(plan: Plan, cause: str) -> None:
+    """Mark steps the state file still calls running as failed (and `interrupted`), with `cause`:
+    called holding the lock, when no process of this pipeline can be running them."""
+    try:
+        state = StateFile(state_path(plan))
+        running = [r for r in state.steps.values() if isinstance(r, dict) and r.get("status") == RUNNING]
+        for record in running:
+            record.update(status=FAILED, interrupted=True, cause=cause, finished=record.get("finished") or time.time(),
+                          fix="run again: finished steps are skipped, and training resumes from its newest saved state")
+        if running:
+            state.save()
+    except OSError:  # on the way out of a failing run: the original error matters more
+        pass
 
 
 class LocalExecutor:
@@ -362,13 +251,30 @@ class LocalExecutor:
                 try:
                     listener(event)
                 except Exception as exc:  # a broken front end must not break the run
-                    print(f"musubi-pipe: listener error: {exc!r}", file=sys.stderr)
+                    try:
+                        print(f"musubi-pipe: listener error: {exc!r}", file=sys.stderr)
+                    except (OSError, ValueError):  # nor a closed stderr
+                        pass
 
     def run(self, plan: Plan, listeners: Iterable[ev.Listener] = (), force: bool = False,
             only: Iterable[str] | None = None, from_: str | None = None, until: str | None = None,
             retry: RetryPolicy | None = None) -> RunResult:
+        """Run the plan, holding its workdir's lock: one run of a pipeline at a time."""
         self.config.require()
         check_plan(plan, self.config)
+        check_owner(plan)
+        with RunLock(plan):
+            claim(plan)
+            # holding the lock, a step still "running" belongs to a run that died (kill -9, power)
+            end_running_records(plan, "the run that ran this step ended without recording how (killed, or the machine stopped)")
+            try:
+                return self._run(plan, listeners, force, only, from_, until, retry)
+            except BaseException as exc:  # a crash or an interrupt: the step was stopped, say so in the state
+                end_running_records(plan, f"musubi-pipe stopped while this step ran: {type(exc).__name__}: {exc}")
+                raise
+
+    def _run(self, plan: Plan, listeners: Iterable[ev.Listener], force: bool, only: Iterable[str] | None,
+             from_: str | None, until: str | None, retry: RetryPolicy | None) -> RunResult:
         chosen = select_steps(plan, only, from_, until)
         self._cancel.clear()
         self._listeners = list(listeners)
@@ -462,28 +368,42 @@ class LocalExecutor:
     def _run_step(self, step: Step, exclude: list[str]) -> str:
         log_path = self.run_dir / f"{step.id}.log"
         previous = self.state.record(step.id)
-        args, changes = list(step.args), []
+        changes = finish_leftovers(previous)  # what an earlier run that died could not finish
         # The memory setting that worked last time, if the plan still offers it: out of memory
         # again first would only cost time.
         level = _worked_before(step, previous)
         if level:
-            args = step.fallbacks[level - 1].args
             changes.append(f"starting with {step.fallbacks[level - 1].why} (it worked last run; out of memory without it)")
-        resume = plan_resume(replace(step, args=args), previous)
-        if resume:
-            args = resume.args
-            changes.append(resume.note)
-        # what a later resume needs from earlier attempts with the same settings
-        same = previous if previous and previous.get("fingerprint") == step.fingerprint else {}
         record = {
-            "status": RUNNING, "fingerprint": step.fingerprint, "started": time.time(), "run": str(self.run_dir),
+            "status": RUNNING, "fingerprint": step.fingerprint, "args": redact(step.args), "started": time.time(),
+            "run": str(self.run_dir),
             "log": str(log_path), "inputs": input_identities(step, exclude),
             "needs": {n: stamp(self.state.record(n)) for n in step.needs},
-            "progress": same.get("progress", {}), "resumes": same.get("resumes", 0) + (1 if resume else 0),
         }
         if level:
             record["memory"] = asdict(step.fallbacks[level - 1])
+        record["key"] = resume_key(record)
+        base = step.fallbacks[level - 1].args if level else list(step.args)
+        resume, not_resumed = plan_resume(replace(step, args=base), record, previous)
+        args = list(base)
+        if resume:
+            args = resume.args
+            changes.append(resume.note)
+            record["attempt"] = resume.to_record()  # a run that dies mid-attempt leaves these to rename
+        elif not_resumed:
+            changes.append(not_resumed)
+        # what a later resume needs from earlier attempts with the same settings and inputs
+        same = previous if previous and previous.get("key") == record["key"] else {}
+        record["progress"] = same.get("progress", {})
+        record["resumes"] = same.get("resumes", 0) + (1 if resume else 0)
+        states = _state_folders(step)
+        if states:  # state folders that appear from now on were saved under this record's key
+            record.update(step=step.id, states_where=[str(states[0]), states[1]], states_before=snapshot_states(*states))
         self.state.put(step.id, record)
+        before = output_snapshot(step)  # a file already there is not what this step wrote
+        logs = flag_value(args, registry.option("logging_dir"))
+        logs = Path(step.cwd or Path(self.run_dir).parent.parent, logs) if logs and resume else None
+        logs_seen = event_files(logs)  # a resumed attempt's TensorBoard steps are shifted once
         for out in step.outputs:  # musubi's savers do not create missing folders
             folder = Path(out.path) if out.pattern else Path(out.path).parent
             if out.path:
@@ -493,13 +413,16 @@ class LocalExecutor:
         attempt = 0
         while True:
             attempt += 1
-            known = dict(record["progress"])
             status, rc = self._attempt(step, args, log_path, attempt, changes, record)
-            if resume:  # the attempt printed only the steps left: keep the whole run's length
-                record["progress"] = {**record["progress"], **{k: known[k] for k in ("total", "epochs") if k in known}}
+            if resume:
                 spe = (step.meta or {}).get("steps_per_epoch") or record["progress"].get("steps_per_epoch")
                 changes.extend(f"renamed {r}" for r in rename_resumed(resume, spe))
-            missing = missing_outputs(step) if status == SUCCEEDED else []
+                for f in sorted(event_files(logs) - logs_seen):
+                    shift_event_steps(f, resume)
+                    logs_seen.add(f)
+            if states:
+                tag_new_states(*states, record["states_before"], record["key"], step.id)
+            missing = missing_outputs(step, before) if status == SUCCEEDED else []
             if status == SUCCEEDED and not missing:
                 record["outputs"] = output_files(step)
                 for o in record["outputs"]:
@@ -529,7 +452,7 @@ class LocalExecutor:
                 level += 1
                 args = following.args
                 if resume:  # resume from the same state, with the new setting
-                    again = plan_resume(replace(step, args=args), previous)
+                    again, _ = plan_resume(replace(step, args=args), record, previous)
                     args = again.args if again else args
                 record["memory"] = asdict(following)
                 retry_note = f"out of memory; retrying with {following.why}"
@@ -564,8 +487,7 @@ class LocalExecutor:
 
         run_step = replace(step, args=args)
         argv = run_step.command(str(self.config.python), str(self.config.musubi_dir))
-        extra_env = {**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-        env = {**os.environ, **extra_env}
+        env = step_environment({**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         cwd = step.cwd or str(Path(self.run_dir).parent.parent)
         self._note_command(step, argv, {**self.config.step_env(), **step.env}, "; ".join(changes) if changes else "")
         parser = ProgressParser(step.id, step.kind)
@@ -610,8 +532,11 @@ class LocalExecutor:
                     if not chunk:
                         break
                     with log_lock:
-                        log.write(chunk)
-                        log.flush()
+                        try:
+                            log.write(chunk)
+                            log.flush()
+                        except ValueError:  # closed: musubi-pipe is failing and left the step
+                            break
                     text = decoder.decode(chunk)
                     if text:
                         deliver(lambda: parser.feed(name, text))
@@ -623,22 +548,34 @@ class LocalExecutor:
                        for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
             for t in threads:
                 t.start()
-            cancelled = False
+            watchdog = Watchdog.start(proc.pid, self.grace_s)
+            cancelled = ended = False
             try:
-                while True:
-                    try:
-                        rc = proc.wait(timeout=0.05)
-                        break
-                    except subprocess.TimeoutExpired:
-                        if self._cancel.is_set():
-                            cancelled = True
-                            rc = self._stop(proc)
+                try:
+                    while True:
+                        try:
+                            rc = proc.wait(timeout=0.05)
                             break
-            except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
-                self._cancel.set()
-                cancelled = True
-                rc = self._stop(proc)
-            _kill_group(proc.pid)  # nothing the step started may outlive it
+                        except subprocess.TimeoutExpired:
+                            if self._cancel.is_set():
+                                cancelled = True
+                                rc = self._stop(proc)
+                                break
+                except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
+                    self._cancel.set()
+                    cancelled = True
+                    rc = self._stop(proc)
+                _kill_group(proc.pid)  # nothing the step started may outlive it
+                ended = True
+            finally:
+                if not ended:  # musubi-pipe itself is failing: the step must not outlive the error
+                    try:
+                        self._stop(proc)
+                        _kill_group(proc.pid)
+                        ended = True
+                    except BaseException:  # a second interrupt: the watchdog ends what is left
+                        pass
+                watchdog.close(done=ended)
             for t in threads:
                 t.join(timeout=5)
             deliver(parser.flush)  # an unterminated last line is still a line
@@ -665,6 +602,9 @@ class LocalExecutor:
 
     def _note_progress(self, record: dict, e: ev.Event) -> None:
         """Keep the training length musubi printed: a later resume computes what is left from it."""
+        if record.get("attempt"):
+            _whole_run_progress(Resume.from_record(record["attempt"]), e, record.get("progress", {}))
+        known = (record.get("progress") or {}).get("steps_per_epoch")
         if e.kind == ev.PROGRESS and e.phase == "training" and e.total:
             prog = record.setdefault("progress", {})
             prog["total"] = e.total
@@ -674,6 +614,8 @@ class LocalExecutor:
         steps_per_epoch = (e.data or {}).get("steps_per_epoch")
         if steps_per_epoch:
             record.setdefault("progress", {})["steps_per_epoch"] = steps_per_epoch
+        if e.step and not known and (record.get("progress") or {}).get("steps_per_epoch"):
+            self.state.put(e.step, record)  # on disk now: a run killed later (kill -9) can still be resumed
 
     def _stop(self, proc: subprocess.Popen) -> int:
         """Polite signal to the whole process group, then SIGKILL after the grace period, also
@@ -701,6 +643,40 @@ class LocalExecutor:
                     pass
             _wait_dead(alive, 5.0)
         return proc.wait()
+
+
+def _state_folders(step: Step) -> tuple[Path, str] | None:
+    """Where a training step that saves state puts its `-state` folders, and under which name."""
+    meta = step.meta or {}
+    if step.kind != "train" or not meta.get("save_state") or not meta.get("output_dir") or not meta.get("output_name"):
+        return None
+    return Path(meta["output_dir"]), meta["output_name"]
+
+
+def _whole_run_progress(res: Resume, e: ev.Event, progress: dict) -> None:
+    """A resumed attempt counts its steps and epochs from 0: show them as the whole run's."""
+    if e.kind != ev.PROGRESS or e.phase not in ("training", "saving", "done"):
+        return
+    if e.current is not None and res.done_steps is not None:
+        e.current += res.done_steps
+    if e.total is not None and res.total_steps:
+        e.total = res.total_steps
+    if e.epoch is not None and res.done_epochs is not None:
+        e.epoch += res.done_epochs
+    spe = progress.get("steps_per_epoch") or (e.data or {}).get("steps_per_epoch")
+    whole_epochs = res.total_epochs or (-(-res.total_steps // spe) if res.total_steps and spe else None)
+    if e.epochs is not None and whole_epochs:
+        e.epochs = whole_epochs
+def step_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus `extra`, less the PYTHONPATH entries that are relative or
+    empty: they name the step's working directory, a folder a shared document chooses."""
+    env = {**os.environ, **extra}
+    if "PYTHONPATH" in env:
+        kept = [p for p in env["PYTHONPATH"].split(os.pathsep) if p and os.path.isabs(p)]
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+        if not kept:
+            del env["PYTHONPATH"]
+    return env
 
 
 def _wait_dead(procs: list, timeout: float) -> list:

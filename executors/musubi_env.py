@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..compiler.plan import SAFE_PATH
 from ..errors import PipelineError, Problem
 from ..files import write_atomic
 
@@ -149,7 +150,12 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
         cfg.musubi_dir = Path(str(musubi_dir)).expanduser().resolve()
     python = pick("python", PYTHON_ENV)
     if python:
-        cfg.python = Path(str(python)).expanduser()
+        # Absolute now: steps start in the pipeline's folder, where a relative path would name a
+        # program the document's folder provides. Not resolve(): a venv's python is a symlink.
+        python = Path(str(python)).expanduser()
+        if not python.is_absolute():
+            python = (Path.cwd() if cfg.origin["python"].startswith("$") else path.parent) / python
+        cfg.python = Path(os.path.abspath(python))
     elif cfg.musubi_dir is not None:
         cfg.python = venv_python(cfg.musubi_dir)
         if cfg.python:
@@ -240,7 +246,7 @@ print("MUSUBI_PIPE_PROBE " + json.dumps(out))
 
 def probe_python(python: Path, torch: bool = True, timeout: float = 60.0, env: dict | None = None) -> dict:
     """Versions (and CUDA facts with torch=True) as seen by musubi's Python. Never raises."""
-    argv = [str(python), "-c", PROBE] + (["--torch"] if torch else [])
+    argv = [str(python), "-c", SAFE_PATH + PROBE.strip()] + (["--torch"] if torch else [])
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})

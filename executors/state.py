@@ -64,7 +64,7 @@ def same_file(a: dict, b: dict) -> bool:
 def made_by_plan(plan: Plan) -> list[str]:
     """Glob patterns of everything the plan's steps write, and the run records: a folder input's
     identity leaves these out, so a step writing caches into its dataset folder is not 'changed'."""
-    pats = [str(Path(plan.workdir) / "runs"), str(state_path(plan))]
+    pats = [str(Path(plan.workdir) / "runs"), str(Path(plan.workdir) / ".musubi-pipe"), str(state_path(plan))]
     for step in plan.steps:
         for out in step.outputs:
             pats.append(os.path.join(out.path, out.pattern) if out.pattern else out.path)
@@ -97,6 +97,43 @@ def dir_identity(path: str | Path, exclude: list[str] = ()) -> dict:
     return {"path": str(root), "dir": True, "files": count, "digest": h.hexdigest()[:32]}
 
 
+def _setting_changes(step: Step, old_args: list[str] | None) -> str:
+    """': network_dim 16 -> 32, fp8_base off -> on' from the argv the step last ran with (as musubi's
+    recorded parser reads both); '' when they are the same or unknown."""
+    from ..compiler import contract
+
+    if not old_args:
+        return ""
+    try:
+        parser = contract.parser(step.script)
+        old, new = vars(parser.parse_args(old_args)), vars(parser.parse_args(step.args))
+    except contract.ContractError:
+        return "" if old_args == step.args else ": the command changed"
+
+    def shown(value) -> str:
+        return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if not isinstance(value, (int, float)) or \
+            isinstance(value, bool) else str(value)
+
+    changes = [f"{k} {shown(old.get(k))} -> {shown(new.get(k))}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not changes:
+        return " (a generated file, the launch settings or an upstream step's settings)"
+    return ": " + ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+
+
+def _identity_change(old: dict | None, new: dict) -> str:
+    if old is None:
+        return " (new)"
+    if new.get("missing"):
+        return " (gone)"
+    if "files" in old and "files" in new and old["files"] != new["files"]:
+        return f" ({old['files']} -> {new['files']} files)"
+    if "files" in new:
+        return " (a file in it changed)"
+    if old.get("size") != new.get("size"):
+        return f" (size {old.get('size')} -> {new.get('size')} bytes)"
+    return " (content changed)" if "sha256" in new else " (modified)"
+
+
 def same_identity(a: dict, b: dict) -> bool:
     if "digest" in a or "digest" in b:
         return a.get("path") == b.get("path") and a.get("digest") == b.get("digest")
@@ -127,17 +164,52 @@ def output_files(step: Step) -> list[dict]:
     return [f for f in found if not f.get("missing")]
 
 
-def missing_outputs(step: Step) -> list[str]:
-    """Required outputs that do not exist (a glob output needs at least one match)."""
+# Kinds whose step keeps files an earlier run made (`--skip_existing` caches): for them an output
+# that was already there still counts.
+KEEPS_EXISTING = ("cache_latents", "cache_text_encoder")
+
+
+def _sig(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def output_snapshot(step: Step) -> dict[str, tuple]:
+    """The files a step's outputs name now (globs expanded), before it runs."""
+    snap = {}
+    for out in step.outputs:
+        paths = glob.glob(os.path.join(glob.escape(out.path), out.pattern)) if out.pattern else [out.path]
+        for path in paths:
+            sig = _sig(path)
+            if sig is not None:
+                snap[path] = sig
+    return snap
+
+
+def missing_outputs(step: Step, before: dict[str, tuple] | None = None) -> list[str]:
+    """Required outputs that do not exist (a glob output needs at least one match). With `before`
+    (output_snapshot at the step's start), a file that is still the one that was there then is
+    not this step's output: it is listed as missing too."""
+    def new(path: str) -> bool:
+        return before is None or step.kind in KEEPS_EXISTING or before.get(path) != _sig(path)
+
     missing = []
     for out in step.outputs:
         if not out.required:
             continue
         if out.pattern:
-            if not glob.glob(os.path.join(glob.escape(out.path), out.pattern)):
+            found = glob.glob(os.path.join(glob.escape(out.path), out.pattern))
+            if not found:
                 missing.append(os.path.join(out.path, out.pattern))
+            elif not any(new(f) for f in found):
+                missing.append(f"{os.path.join(out.path, out.pattern)} (only files older than this run match)")
         elif not os.path.exists(out.path):
             missing.append(out.path)
+        elif not new(out.path):
+            missing.append(f"{out.path} (the file there is older than this run)")
     return missing
 
 
@@ -190,7 +262,7 @@ class StateFile:
         if rec.get("status") != SUCCEEDED:
             return f"last run {rec.get('status', 'unknown')}"
         if rec.get("fingerprint") != step.fingerprint:
-            return "settings changed"
+            return "settings changed" + _setting_changes(step, rec.get("args"))
         for need in step.needs:
             if need in stale_needs:
                 return f"{need} runs first"
@@ -200,7 +272,7 @@ class StateFile:
         for ident in input_identities(step, exclude):
             old = recorded.get(ident["path"])
             if old is None or not same_identity(old, ident):
-                return f"input changed: {ident['path']}"
+                return f"input changed: {ident['path']}" + _identity_change(old, ident)
         now = {o["path"]: o for o in output_files(step)}
         for old in rec.get("outputs", []):
             cur = now.get(old["path"])

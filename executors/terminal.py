@@ -73,15 +73,24 @@ class TerminalDisplay:
         self._last_plain: dict[str, tuple[float, str]] = {}
         self._progress = None
         self._tasks: dict[str, int] = {}
+        self.broken = False  # the stream failed once: nothing more is written to it
 
     def __call__(self, e: ev.Event) -> None:
         with self._lock:
-            getattr(self, f"_{self.mode}")(e)
+            if self.broken:
+                return
+            try:
+                getattr(self, f"_{self.mode}")(e)
+            except (OSError, ValueError):  # the terminal is gone or the pipe closed: the run goes on
+                self.broken = True
 
     def close(self) -> None:
         with self._lock:
             if self._progress is not None:
-                self._progress.stop()
+                try:
+                    self._progress.stop()
+                except (OSError, ValueError):
+                    self.broken = True
                 self._progress = None
 
     def _print(self, text: str) -> None:

@@ -144,7 +144,7 @@ class Family:
 
     @property
     def target_fps(self) -> int:
-        return self.rules["target_fps"]
+        return self.rules.get("target_fps", 0)  # 0: an image family has no frame rate
 
     @property
     def network_module(self) -> str:
@@ -312,6 +312,11 @@ def training() -> dict[str, Any]:
 def policy() -> dict[str, list[str]]:
     """What options can do beyond their step (common.toml [policy]): load code, send data, write."""
     return dict(_common()["policy"])
+
+
+def option(role: str) -> str:
+    """A musubi option every family spells the same, as a flag ("--resume"), by its role."""
+    return "--" + _common()["flags"][role]
 
 
 def launch_flags() -> dict[str, str]:

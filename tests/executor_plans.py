@@ -36,7 +36,8 @@ def _step(**kw) -> Step:
 
 
 def wan_plan(project: Path, epochs: int = 2, network_dim: int = 4, save_state: bool = False,
-             steps: int | None = None, save_every_steps: int | None = None, env: dict | None = None) -> Plan:
+             steps: int | None = None, save_every_steps: int | None = None, env: dict | None = None,
+             train_extra: list[str] = ()) -> Plan:
     """dataset TOML -> cache latents -> cache text encoder -> train -> post-hoc EMA -> convert."""
     project = Path(project)
     imgs, cache, out = project / "imgs", project / "cache", project / "out"
@@ -53,7 +54,7 @@ def wan_plan(project: Path, epochs: int = 2, network_dim: int = 4, save_state: b
     train_args = ["--dataset_config", str(ds), "--dit", str(project / "wan_bf16.safetensors"), "--sdpa",
                   "--mixed_precision", "bf16", "--network_module", "networks.lora_wan", "--network_dim", str(network_dim),
                   "--optimizer_type", "adamw8bit", "--output_dir", str(out), "--output_name", "lora",
-                  *length, *cadence, *(["--save_state"] if save_state else [])]
+                  *length, *cadence, *(["--save_state"] if save_state else []), *train_extra]
     meta = {"output_dir": str(out), "output_name": "lora", "save_state": save_state}
     if steps:
         meta.update(max_train_steps=steps)

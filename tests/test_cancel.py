@@ -113,7 +113,10 @@ def test_cancelled_training_keeps_checkpoints_and_resumes_with_the_steps_left(ch
     ex.cancel()
     t.join(timeout=20)
     assert box["result"].status == "cancelled"
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == saved  # nothing removed or touched
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    tags = {n for n in after if n.endswith(".musubi-pipe.json")}  # which settings saved each state
+    assert tags == {f"lora-step0000000{i}-state.musubi-pipe.json" for i in (2, 4, 6)}
+    assert {n: t for n, t in after.items() if n not in tags} == saved  # nothing removed or touched
     assert "lora-step00000006.safetensors" in saved and "lora-step00000006-state" in saved
     assert StateFile(state_path(plan)).record("train")["progress"]["total"] == 10
 

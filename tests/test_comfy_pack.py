@@ -54,9 +54,10 @@ def test_stage_nodes_build_the_pipeline_document_without_flags():
                                       seed=5, gradient_checkpointing=True)[0]
     optimizer = OptimizerConfig().build("adamw8bit", "", "weight_decay=0.01", "cosine", 0, 0.0)[0]
     sampling = SamplingConfig().build("shift", 3.0, "a cat\n\n a dog ", 1, 0, False)[0]
+    # gradient_checkpointing and adamw8bit are the family template's: left to it, as a pipeline file would
     assert training == {"network_dim": 8, "network_alpha": 4.0, "learning_rate": 1e-4, "max_train_epochs": 3,
-                        "save_every_n_epochs": 1, "save_state": True, "seed": 5, "gradient_checkpointing": True}
-    assert optimizer == {"optimizer_type": "adamw8bit", "lr_scheduler": "cosine", "optimizer_args": ["weight_decay=0.01"]}
+                        "save_every_n_epochs": 1, "save_state": True, "seed": 5}
+    assert optimizer == {"lr_scheduler": "cosine", "optimizer_args": ["weight_decay=0.01"]}
     assert sampling["sample_prompts"] == [{"text": "a cat"}, {"text": "a dog"}]
     assert memory_fields({"fp8": True, "fp8_scaled": True, "blocks_to_swap": 20}, True) == \
         {"fp8_base": True, "fp8_scaled": True, "blocks_to_swap": 20}
@@ -111,11 +112,17 @@ def test_memory_optimizer_plans_from_the_pipeline_with_the_memory_planner(tmp_pa
     assert f"{expected.tokens:,} tokens" in text and text.startswith("memory: 24 GiB from gpu_memory_gib")
     assert memory_fields(config, True)["blocks_to_swap"] == expected.chosen.settings.blocks_to_swap > 0
 
-    # the same dataset as a TOML file beside the pipeline, and widgets that override the pipeline
+    # the same dataset as a TOML file beside the pipeline, and widgets that override its sample size;
+    # family and task widgets may only confirm the pipeline's
     import tomli_w
 
     (tmp_path / "dataset.toml").write_text(tomli_w.dumps(dataset))
     pipe["document"]["dataset"] = "dataset.toml"
+    with pytest.raises(base.NodeError, match=r"task is t2v-1.3B here but the pipeline's task is t2v-14B .*set task to \(from pipeline\)"):
+        MemoryOptimizer().choose(**{**widgets, "task": "t2v-1.3B"}, pipeline=pipe)
+    with pytest.raises(base.NodeError, match="family is framepack here but the pipeline it extends is wan"):
+        MemoryOptimizer().choose(**{**widgets, "family": "framepack"}, pipeline=pipe)
+    pipe["document"]["task"] = "t2v-1.3B"
     config, text = MemoryOptimizer().choose(**{**widgets, "family": "wan", "task": "t2v-1.3B", "gpu_memory_gib": 80.0,
                                                  "resolution": "832x480", "frames": 33, "batch_size": 1}, pipeline=pipe)["result"]
     assert config["gradient_checkpointing"] is False and config["fp8"] is False
@@ -155,3 +162,222 @@ def test_gpu_nodes_read_nvml_through_tools_resources(monkeypatch):
     assert report == resources.report_text(resources.gpu_report(), "wan", "t2v-14B")
     assert report.startswith("GPU 0 NVIDIA GeForce RTX 4090: 3.0 of 24.0 GiB used, 21.0 GiB free, 87% busy")
     assert "advice: wan t2v-14B" in report
+
+
+# ------------------------------------------------------------------ the pack reads the registry
+
+
+def _node(kind_or_id: str, family=None):
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS[base.family_node_id(family, kind_or_id) if family else kind_or_id]
+
+
+def _picker_slots(cls) -> set[str]:
+    """The model slots a node shows: inputs with a free-path twin."""
+    types = cls.INPUT_TYPES()
+    names = {**types["required"], **types.get("optional", {})}
+    return {n for n in names if f"{n}_path" in names}
+
+
+FAMILY_KINDS = ("cache_latents", "cache_text_encoder", "train", "generate")
+
+
+@pytest.mark.parametrize("family", __import__("musubi_pipe.pipelines.registry", fromlist=["x"]).family_names())
+def test_every_registry_family_has_its_nodes_showing_only_its_model_slots(family):
+    from musubi_pipe import NODE_DISPLAY_NAME_MAPPINGS
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.export import FAMILY_NODES
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(family)
+    for kind in FAMILY_KINDS:
+        node_id = f"MusubiTuner_{fam.comfy_name}{base.FAMILY_NODE_SUFFIX[kind]}"
+        cls = _node(node_id)
+        assert cls.FAMILY == fam.name and FAMILY_NODES[(kind, fam.name)] == node_id
+        wanted = set(fam.slots(kind)) | (set(fam.experts.get("slots", {}).values()) if kind == "train" else set())
+        assert _picker_slots(cls) == wanted, f"{node_id} shows {_picker_slots(cls)}"
+        for slot in wanted:  # folder and help are the registry's
+            spec = cls.INPUT_TYPES()["required"][slot]
+            assert f"({fam.models[slot].folder} folder)" in spec[1]["tooltip"] and fam.models[slot].help in spec[1]["tooltip"]
+        assert fam.comfy_name in NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        types = cls.INPUT_TYPES()["required"]
+        assert "family" not in types  # the pipeline socket carries it
+        if kind in ("train", "generate"):
+            assert fam.title in cls.DESCRIPTION
+            if fam.tasks:  # a dropdown of the family's tasks that defaults to the pipeline's
+                assert types["task"][0] == [base.FROM_PIPELINE, *fam.task_names()]
+                assert types["task"][1]["default"] == base.FROM_PIPELINE
+            else:
+                assert "task" not in types
+        else:
+            assert "task" not in types
+    generator = _node("generate", fam)
+    assert generator.RETURN_TYPES[0] == {"video": "VIDEO", "image": "IMAGE"}[fam.output]
+
+
+def test_task_is_a_dropdown_everywhere_and_family_defaults_come_from_the_registry():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes import NODE_CLASS_MAPPINGS
+    from musubi_pipe.pipelines import registry
+
+    every_task = list(dict.fromkeys(t for fam in registry.families() for t in fam.task_names()))  # families share names (i2v)
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for input_name, spec in types.get(section, {}).items():
+                if input_name == "task":
+                    assert isinstance(spec[0], list), f"{name}.task is not a dropdown"
+                    assert set(spec[0]) - {base.FROM_PIPELINE, base.DEFAULT_TASK, ""} <= set(every_task)
+                if input_name == "family":
+                    assert set(spec[0]) - {base.FROM_PIPELINE} == set(registry.family_names()), name
+                    assert spec[1]["default"] in (base.FROM_PIPELINE, registry.default_family()), name
+    dataset = NODE_CLASS_MAPPINGS["MusubiTuner_DatasetConfig"].INPUT_TYPES()["optional"]
+    assert dataset["family"][0] == list(registry.family_names())
+    assert dataset["task"][0] == [base.DEFAULT_TASK, *every_task]
+    # the two come last, so that editor workflows saved before them keep their widget values by position
+    assert list(dataset)[-2:] == ["family", "task"]
+
+
+def test_family_and_task_are_chosen_once_and_flow_down_the_pipeline(tmp_path):
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_data import DatasetConfig
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(registry.default_family())
+    other = next(f for f in registry.families() if f.name != fam.name and f.tasks)
+    start = dict(name="p", media_folder="", base_folder=str(tmp_path))
+    pipe = DatasetConfig().build(**start)[0]  # a workflow saved before the two widgets: the defaults
+    assert (pipe["document"]["family"], pipe["document"]["task"]) == (fam.name, fam.default_task)
+    task = fam.task_names()[1]
+    pipe = DatasetConfig().build(**start, family=fam.name, task=task)[0]
+    assert pipe["document"]["task"] == task
+    with pytest.raises(base.NodeError, match=rf"task: {other.task_names()[0]} is not a {fam.title} task"):
+        DatasetConfig().build(**start, family=fam.name, task=other.task_names()[0])
+
+    trainer = _node("train", fam)()
+    widgets = dict(stage_name="train", output_name="", save_to="pipeline workdir", attention="(default)")
+    built, _ = trainer.document(pipeline=pipe, **widgets)  # the task widget at (from pipeline)
+    assert built["document"]["task"] == task and built["document"]["family"] == fam.name
+    built, _ = trainer.document(pipeline=pipe, task=task, **widgets)  # a task widget that agrees
+    with pytest.raises(base.NodeError, match=rf"task is {fam.default_task} here but the pipeline's task is {task}"):
+        trainer.document(pipeline=pipe, task=fam.default_task, **widgets)
+    with pytest.raises(base.NodeError, match=rf"this node is for {other.title}, but the pipeline it extends is {fam.name}"):
+        _node("train", other)().document(pipeline=pipe, **widgets)
+    # a node of several families confirms the pipeline's, or names the widget that contradicts it
+    assert base.pipeline_family(pipe) == fam.name
+    with pytest.raises(base.NodeError, match=rf"family is {other.name} here but the pipeline it extends is {fam.name}"):
+        base.pipeline_family(pipe, other.name)
+
+
+def test_a_node_serving_several_families_refuses_another_familys_models(tmp_path):
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_cache import VAELatentCache
+    from musubi_pipe.pipelines import registry
+
+    for fam in registry.families():
+        foreign = [s for s in base.union_slots("merge") if s not in base.node_slots(fam, "merge")]
+        for slot in foreign:
+            with pytest.raises(base.NodeError, match=rf"^{slot}: {fam.title} does not use it here \(merge\); set {slot} to"):
+                base.build_stage({"stage_name": "m", f"{slot}_path": "/m/x.safetensors"}, "merge", fam.name, None,
+                                 base.union_slots("merge"), {})
+    # the deprecated shared cache node: saved workflows' layout, family and task confirmed against the pipeline
+    fam = registry.family(registry.default_family())
+    assert list(VAELatentCache.INPUT_TYPES()["required"])[:4] == ["pipeline", "stage_name", "family", "task"]
+    pipe = base.new_pipeline("p", base=str(tmp_path), family=fam.name, task=fam.default_task)
+    other = next(f for f in registry.families() if f.name != fam.name)
+    node = VAELatentCache()
+    assert node.document({"pipeline": pipe, "stage_name": "c"}, base.pipeline_family(pipe, fam.name), {}, "")[0]["document"]["task"] == fam.default_task
+    with pytest.raises(base.NodeError, match="family is .* here but the pipeline it extends is"):
+        base.pipeline_family(pipe, other.name)
+
+
+def test_an_image_family_gets_an_image_generator_from_the_same_code():
+    """The output kind is a switch in the registry (rules.output), not a copied class."""
+    import dataclasses
+
+    from musubi_pipe.comfy_adapter.nodes_generate import OUTPUTS, _generator_attrs
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(registry.default_family())
+    image = dataclasses.replace(fam, rules={**fam.rules, "output": "image"})
+    attrs = _generator_attrs(image)
+    assert attrs["RETURN_TYPES"][0] == "IMAGE" and attrs["RETURN_NAMES"] == ("image", "pipeline", "image_paths")
+    assert attrs["OUTPUT"] is OUTPUTS["image"] and ".png" in attrs["OUTPUT"].suffixes
+    assert _generator_attrs(fam)["RETURN_TYPES"][0] == "VIDEO"
+
+
+CLI_PIPELINE = """
+name = "style"
+family = "{family}"
+task = "{task}"
+
+[models]
+{models}
+
+[dataset]
+general = {{ resolution = [96, 64], caption_extension = ".txt", batch_size = 1 }}
+datasets = [{{ video_directory = "clips", cache_directory = "cache", target_frames = [1, 9] }}]
+
+[stages.cache_latents]
+kind = "cache_latents"
+
+[stages.cache_text_encoder]
+kind = "cache_text_encoder"
+
+[stages.train]
+kind = "train"
+save_state = true
+"""
+
+
+def test_training_config_left_at_its_defaults_trains_what_the_cli_pipeline_trains(tmp_path):
+    """Config widgets start at the default family's template values and, left there, say what a
+    pipeline file that does not set them says: the same document, the same argv."""
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_data import DatasetConfig
+    from musubi_pipe.comfy_adapter.nodes_train import OptimizerConfig, TrainingConfig
+    from musubi_pipe.comfy_adapter.export import _widget_default
+    from musubi_pipe.compiler.build import compile_file
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(registry.default_family())
+    defaults = fam.stages["train"].defaults
+    (tmp_path / "clips").mkdir()
+    models = {}
+    for slot in set(base.node_slots(fam, "train")) - set(fam.experts.get("slots", {}).values()) | {"dit"}:
+        if fam.stages["train"].models.get(slot) in ("required", "sampling"):
+            models[slot] = str(tmp_path / f"{slot}.safetensors")
+            Path(models[slot]).write_bytes(b"\0" * 16)
+    task = fam.task_names()[1] if fam.tasks else None
+
+    def at_defaults(cls) -> dict:
+        return {n: _widget_default(spec) for n, spec in cls.INPUT_TYPES()["required"].items()}
+
+    training = at_defaults(TrainingConfig)
+    for key in ("network_dim", "network_alpha", "learning_rate", "max_train_epochs", "save_every_n_epochs", "seed"):
+        assert training[key] == defaults[key], key  # the family file's, not the node's own
+    dataset_toml = 'general = { resolution = [96, 64], caption_extension = ".txt", batch_size = 1 }\n' \
+                   'datasets = [{ video_directory = "clips", cache_directory = "cache", target_frames = [1, 9] }]\n'
+    pipe = DatasetConfig().build(name="style", media_folder="", dataset_toml=dataset_toml, base_folder=str(tmp_path),
+                                 family=fam.name, task=task or base.DEFAULT_TASK)[0]
+    for kind in ("cache_latents", "cache_text_encoder"):
+        node = _node(kind, fam)()
+        paths = {f"{slot}_path": models[slot] for slot in node.SLOTS if slot in models}
+        pipe, _ = node.document({"pipeline": pipe, "stage_name": kind, **paths}, fam.name, {})
+    trainer = _node("train", fam)()
+    paths = {f"{slot}_path": path for slot, path in models.items() if slot in trainer.SLOTS}
+    pipe, _ = trainer.document(pipeline=pipe, stage_name="train", output_name="", save_to="pipeline workdir",
+                               attention="(default)", training_config=TrainingConfig().build(**training)[0],
+                               optimizer_config=OptimizerConfig().build(**at_defaults(OptimizerConfig))[0], **paths)
+    assert pipe["document"]["stages"]["train"] == {"kind": "train", "save_state": True}
+
+    cli = tmp_path / "style.toml"
+    cli.write_text(CLI_PIPELINE.format(family=fam.name, task=task, models="\n".join(f'{k} = "{v}"' for k, v in models.items())))
+    ours, theirs = base.compile_pipeline(pipe), compile_file(cli)
+    assert [(s.id, s.script, s.args, s.launch_args) for s in ours.steps] == [(s.id, s.script, s.args, s.launch_args) for s in theirs.steps]
+    assert len(ours.steps) == 3
+    train = ours.step("train").args
+    for key in ("network_alpha", "save_every_n_epochs"):  # the values ComfyUI and the CLI used to disagree on
+        assert train[train.index(f"--{key}") + 1] == str(defaults[key])

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from musubi_pipe.compiler import compile_file, compile_pipeline
-from musubi_pipe.compiler.plan import Plan
+from musubi_pipe.compiler.plan import LAUNCH_TOOL, Plan
 from musubi_pipe.dsl.load import parse_pipeline
 from musubi_pipe.errors import PipelineError
 
@@ -38,7 +38,8 @@ def compile_text(text: str, fmt: str = "toml", folder: Path | None = None) -> Pl
 
 
 def argvs(plans) -> list[dict]:
-    return [{"script": s.script, "args": s.args} for plan in plans for s in plan.steps]
+    # musubi-pipe's own tools (check_dataset, lora_merge) are not musubi scripts
+    return [{"script": s.script, "args": s.args} for plan in plans for s in plan.steps if s.launcher != LAUNCH_TOOL]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
@@ -73,7 +74,8 @@ def test_training_runs_under_accelerate_with_explicit_flags():
     assert train.args[train.args.index("--network_module") + 1] == "networks.lora_wan"
     assert train.args[train.args.index("--task") + 1] == "t2v-1.3B"
     command = train.command("/venv/bin/python", "/opt/musubi")
-    assert command[:3] == ["/venv/bin/python", "-m", "accelerate.commands.launch"]
+    # `python -m accelerate.commands.launch`, without the working directory on sys.path
+    assert command[:2] == ["/venv/bin/python", "-c"] and command[3] == "accelerate.commands.launch"
     assert "/opt/musubi/src/musubi_tuner/wan_train_network.py" in command
 
 

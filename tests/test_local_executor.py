@@ -16,7 +16,8 @@ from musubi_double import make_fake_checkout
 from musubi_pipe.compiler.plan import Output
 from musubi_pipe.errors import PipelineError
 from musubi_pipe.executors.dry import DryExecutor
-from musubi_pipe.executors.local import LocalExecutor, RetryPolicy, set_flag
+from musubi_pipe.executors.local import LocalExecutor, RetryPolicy
+from musubi_pipe.executors.resume import set_flag
 from musubi_pipe.executors.state import StateFile, state_path
 
 
@@ -63,7 +64,7 @@ def test_run_completes_with_progress_records_and_outputs(double, tmp_path):
     assert run_dir.parent == project / "runs"
     assert json.loads((run_dir / "plan.json").read_text())["name"] == "wan-test"
     commands = (run_dir / "commands.txt").read_text()
-    assert "-m accelerate.commands.launch --num_processes 1" in commands
+    assert "accelerate.commands.launch --num_processes 1" in commands
     assert f"'{project}/out/lora_comfy.safetensors'" in commands  # shell-quoted
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["musubi_tuner"]["version"] == "0.3.4"
@@ -92,7 +93,18 @@ def test_changing_a_training_setting_reruns_training_and_what_follows(double, tm
     assert result.status == "succeeded"
     assert double.runs()[first:] == ["wan_train_network", "lora_post_hoc_ema", "convert_lora"]
     assert rec.skipped() == {"cache_latents": "up to date", "cache_text": "up to date"}
-    assert rec.kinds("plan")[0].data["reasons"]["train"] == "settings changed"
+    assert rec.kinds("plan")[0].data["reasons"]["train"] == "settings changed: network_dim 4 -> 8"
+    assert rec.kinds("plan")[0].data["reasons"]["ema"] == "train runs first"
+
+
+def test_the_dry_run_says_why_each_step_would_run_setting_by_setting(double, tmp_path):
+    run(double, wan_plan(tmp_path))
+    (tmp_path / "imgs" / "extra.png").write_bytes((tmp_path / "imgs" / next(iter(os.listdir(tmp_path / "imgs")))).read_bytes())
+    rec = Recorder()
+    DryExecutor(config_for(double.path)).run(wan_plan(tmp_path, network_dim=8), [rec])
+    reasons = {e.step: e.data["reason"] for e in rec.kinds("step_start")}
+    assert reasons["cache_latents"].startswith(f"input changed: {tmp_path / 'imgs'} (") and "files)" in reasons["cache_latents"]
+    assert reasons["train"] == "settings changed: network_dim 4 -> 8"
 
 
 def test_a_new_image_reruns_caching_and_everything_after(double, tmp_path):
@@ -378,6 +390,8 @@ def _prepare_example(src: Path, tmp_path: Path) -> Path:
             for ds in tomllib.loads(gen.content)["datasets"]:
                 if ds.get("image_directory"):
                     make_images(Path(ds["image_directory"]))
+                if ds.get("control_directory") and not ds.get("video_directory"):
+                    make_images(Path(ds["control_directory"]))  # the same names as the targets
                 if ds.get("video_directory"):
                     d = Path(ds["video_directory"])
                     d.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,14 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from musubi_double import DEFAULT_CONTRACT, double_python, make_fake_checkout, script_path
@@ -218,16 +220,53 @@ def test_training_through_accelerate_writes_real_checkpoints_and_output(checkout
     assert "were not passed to `accelerate launch`" not in r.stderr
 
 
-def test_resume_restarts_counters_and_records_it(checkout, wan_project):
-    (wan_project / "state").mkdir()
-    r = run(checkout, "wan_train_network", *TRAIN, "--output_name", "lo", "--max_train_steps", "3", "--resume", "state", cwd=wan_project)
-    assert r.returncode == 0, r.stderr
-    assert "INFO:musubi_tuner.training.trainer_base:resume training from local state: state" in r.stderr
-    assert "\rsteps: 100%|██████████| 3/3" in r.stderr  # the full count again, as real musubi does
+def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from musubi_pipe.tools.monitor import EventFileReader
+
+    rows = []
+    for f in sorted(folder.rglob("events.out.tfevents*")):
+        rows += [(step, value) for _, step, t, value in EventFileReader(f, [tag]).read() if t == tag]
+    return rows
+
+
+COSINE = ["--learning_rate", "1e-4", "--lr_scheduler", "cosine", "--output_name", "lo", "--save_every_n_steps", "3", "--save_state"]
+
+
+def test_resume_restores_the_scheduler_counter_and_restarts_the_loop_counters_as_musubi_does(checkout, wan_project):
+    """The double reproduces musubi 30c658c: the schedule is built from the argv's length, the
+    scheduler's step counter and the weights come from the state, the loop counts from 0."""
     from safetensors import safe_open
 
-    with safe_open(str(wan_project / "out/lo.safetensors"), framework="numpy") as f:
-        assert f.metadata()["musubi_double_resumed_from"] == str(wan_project / "state")
+    whole = run(checkout, "wan_train_network", *TRAIN, *COSINE, "--max_train_steps", "8", "--logging_dir", "logs-whole",
+                cwd=wan_project)
+    assert whole.returncode == 0, whole.stderr
+    lrs = [round(v / 1e-4, 3) for _, v in tb_scalars(wan_project / "logs-whole", "lr/unet")]
+    assert lrs == [0.962, 0.854, 0.691, 0.5, 0.309, 0.146, 0.038, 0.0]
+    shutil.move(str(wan_project / "out" / "lo.safetensors"), str(wan_project / "whole.safetensors"))
+
+    cut = run(checkout, "wan_train_network", *TRAIN, *COSINE, "--max_train_steps", "8", cwd=wan_project,
+              env={"MUSUBI_DOUBLE_FAIL": "wan_train_network:crash", "MUSUBI_DOUBLE_FAIL_AT": "4"})
+    assert cut.returncode == 1 and (wan_project / "out" / "lo-step00000003-state").is_dir()
+    # what musubi-pipe used to run: the steps left as the length; the schedule is then 5 steps long
+    left = run(checkout, "wan_train_network", *TRAIN, *COSINE, "--max_train_steps", "5", "--resume", "out/lo-step00000003-state",
+               "--logging_dir", "logs-left", "--output_name", "left", cwd=wan_project)
+    assert left.returncode == 0, left.stderr
+    assert "resume training from local state: out/lo-step00000003-state" in left.stderr
+    assert "\rsteps: 100%|██████████| 5/5" in left.stderr  # the loop counts from 0 again
+    assert [s for s, _ in tb_scalars(wan_project / "logs-left", "lr/unet")] == [1, 2, 3, 4, 5]
+    assert [round(v / 1e-4, 3) for _, v in tb_scalars(wan_project / "logs-left", "lr/unet")] == [0.095, 0.0, 0.095, 0.345, 0.655]
+    with safe_open(str(wan_project / "out/left.safetensors"), framework="numpy") as f:
+        assert f.metadata()["ss_steps"] == "5"
+        resumed = f.get_tensor("lora_unet_blocks_0_self_attn_q.lora_up.weight")
+    with safe_open(str(wan_project / "whole.safetensors"), framework="numpy") as f:
+        assert not np.allclose(f.get_tensor("lora_unet_blocks_0_self_attn_q.lora_up.weight"), resumed, rtol=1e-3)
+    # the full length trains 8 more steps past the state's step 3
+    full = run(checkout, "wan_train_network", *TRAIN, *COSINE, "--max_train_steps", "8", "--resume", "out/lo-step00000003-state",
+               "--logging_dir", "logs-full", "--output_name", "full", cwd=wan_project)
+    assert [round(v / 1e-4, 3) for _, v in tb_scalars(wan_project / "logs-full", "lr/unet")] == [
+        0.5, 0.309, 0.146, 0.038, 0.0, 0.038, 0.146, 0.309]
+    missing = run(checkout, "wan_train_network", *TRAIN, *COSINE, "--max_train_steps", "8", "--resume", "nostate", cwd=wan_project)
+    assert missing.returncode == 1 and "No such file or directory: 'nostate/model.safetensors'" in missing.stderr
 
 
 @pytest.mark.parametrize("change, final_line", [

@@ -280,7 +280,8 @@ def _minimal_pipeline(fam: registry.Family) -> str:
         lines.append(f'task = "{fam.default_task}"')
     lines.append("[models]")
     lines += [f'{slot} = "/m/{slot}.safetensors"' for slot in fam.models if slot != "dit_high_noise"]
-    lines.append('[dataset]\ndatasets = [{ video_directory = "/clips", cache_directory = "/cache", target_frames = [1, 25] }]')
+    media = ('image_directory = "/images"' if fam.output == "image" else 'video_directory = "/clips", target_frames = [1, 25]')
+    lines.append(f'[dataset]\ndatasets = [{{ {media}, cache_directory = "/cache" }}]')
     stages = {"cache_latents": "", "cache_text_encoder": "", "train": "", "ema": 'checkpoints = "@train.checkpoints"',
               "convert": 'input = "@train.lora"', "generate": 'prompt = "a"\nimage_path = "/i/a.png"' if fam.task(None).get("start_image") else 'prompt = "a"',
               "merge": 'loras = ["@train.lora"]', "lora_merge": 'loras = ["@train.lora", "@ema.lora"]'}

@@ -294,8 +294,14 @@ def plan_memory(family: str, task: str | None, vram_gib: float, resolution: str 
     if batch_size < 1 or frames < 1 or rank < 1:
         raise PipelineError([Problem("batch size, frames and rank must be at least 1", fix="e.g. --frames 33 --batch-size 1")])
     w, h = parse_resolution(resolution) if isinstance(resolution, str) else resolution
+    if registry.family(family).output == "image":
+        frames = 1  # an image family trains on single images
     dit, fit = dit_for(family, task), fitted()
     tokens = tokens_for(w, h, frames) * batch_size
+    fam_facts = registry.family(family)
+    edits = bool(fam_facts.task(task if fam_facts.tasks else None).get("control_dataset"))
+    if edits:
+        tokens *= 2  # the control image's latents join the sequence (one control at the target's size)
     limit = vram_gib - safety_margin(vram_gib)
     options = []
     for gc in (False, True):
@@ -318,10 +324,10 @@ def plan_memory(family: str, task: str | None, vram_gib: float, resolution: str 
     train, why = _fields(dit, family, best, options, tokens, batch_size, rank, limit, fit)
     cache, cache_why = _cache_fields(family, vram_gib)
     why.update(cache_why)
-    measured_family = _measured()[0]
-    if family != measured_family.name:
-        why["estimate"] = (f"nothing was measured for {registry.family(family).title}: the figures are an estimate that "
-                           f"scales the runs measured on {measured_family.title} by this DiT's exact parameter counts")
+    if not fam_facts.memory.get("measured"):
+        why["estimate"] = (f"nothing was measured for {fam_facts.title}; the figures scale the runs measured on "
+                           f"{_measured()[0].title} by its exact parameter counts"
+                           + (", with the control image's tokens counted as a second image" if edits else ""))
     return MemoryPlan(family, task, vram_gib, limit, tokens, batch_size, best, train, cache, why,
                       sorted(fitting, key=lambda o: o.seconds_per_step)[:5])
 

@@ -11,14 +11,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def examples() -> dict[str, tuple[list[dict], list[tuple]]]:
     training = [
-        {"id": "1", "class_type": "MusubiTuner_DatasetConfig", "widgets": {"name": "my-wan-lora", "target_frames": "1, 25, 45"}},
-        {"id": "2", "class_type": "MusubiTuner_VAELatentCache", "widgets": {"family": "wan", "task": "t2v-1.3B"}},
-        {"id": "3", "class_type": "MusubiTuner_TextEncoderCache", "widgets": {"family": "wan", "task": "t2v-1.3B"}},
+        {"id": "1", "class_type": "MusubiTuner_DatasetConfig", "widgets": {"name": "my-wan-lora", "target_frames": "1, 25, 45",
+                                                                         "family": "wan", "task": "t2v-1.3B"}},
+        {"id": "2", "class_type": "MusubiTuner_WanLatentCache", "widgets": {}},
+        {"id": "3", "class_type": "MusubiTuner_WanTextEncoderCache", "widgets": {}},
         {"id": "4", "class_type": "MusubiTuner_TrainingConfig", "widgets": {}},
         {"id": "5", "class_type": "MusubiTuner_OptimizerConfig", "widgets": {}},
         {"id": "6", "class_type": "MusubiTuner_SamplingConfig", "widgets": {"timestep_sampling": "shift", "discrete_flow_shift": 3.0}},
-        {"id": "7", "class_type": "MusubiTuner_MemoryOptimizer", "widgets": {"family": "wan", "task": "t2v-1.3B"}},
-        {"id": "8", "class_type": "MusubiTuner_WanTrainer", "widgets": {"task": "t2v-1.3B", "attention": "sdpa"}},
+        {"id": "7", "class_type": "MusubiTuner_MemoryOptimizer", "widgets": {}},
+        {"id": "8", "class_type": "MusubiTuner_WanTrainer", "widgets": {"attention": "sdpa"}},
     ]
     training_links = [("1", 0, "2", "pipeline"), ("2", 0, "3", "pipeline"), ("3", 0, "8", "pipeline"),
                       ("4", 0, "8", "training_config"), ("5", 0, "8", "optimizer_config"),

@@ -19,10 +19,11 @@ def test_examples_are_listed_as_templates(comfy):
     assert sorted(listed["musubi-pipe"]) == ["format_conversion", "inference_with_lora", "lora_training", "merge_loras"]
 
 
-def _fill(prompt: dict, models: Path, **widgets) -> dict:
-    """Point the pickers at this test's files, as a user would pick them."""
+def _fill(prompt: dict, models: Path, slots: tuple[str, ...] | None = None, **widgets) -> dict:
+    """Point the pickers (of `slots`, default all) at this test's files, as a user would pick them."""
     fake = {"dit": "musubi-test-dit_bf16.safetensors", "vae": "musubi-test-vae.safetensors", "t5": "musubi-test-t5.safetensors",
             "text_encoder1": "musubi-test-te1.safetensors", "text_encoder2": "musubi-test-te2.safetensors"}
+    fake = {slot: name for slot, name in fake.items() if slots is None or slot in slots}
     for node in prompt.values():
         inputs = node["inputs"]
         for slot, name in fake.items():
@@ -64,7 +65,13 @@ def test_the_four_examples_run(comfy, comfy_dir, clips, record, unique, test_roo
     names = [f"musubi-pipe/{unique}-style{i}.safetensors" for i in (1, 2)]
     for i, name in enumerate(names):
         _real_shaped_lora(comfy_dir / "models" / "loras" / name, seed=i)
+    # The merger serves every family: only the pipeline family's models may be set (HunyuanVideo merges need the DiT).
     merging = _fill(load("merge_loras"), comfy_dir, lora_name_1=names[0], lora_name_2=names[1],
+                    output_name=f"{unique}-merged.safetensors")
+    outcome = comfy.run(merging, timeout=120)
+    assert outcome.ended == "execution_error"
+    assert outcome.error()["exception_message"].startswith("vae: HunyuanVideo does not use it here (merge); set vae to (none)")
+    merging = _fill(load("merge_loras"), comfy_dir, slots=("dit",), lora_name_1=names[0], lora_name_2=names[1],
                     output_name=f"{unique}-merged.safetensors")
     outcome = comfy.run(merging, timeout=120)
     assert outcome.ended == "execution_success", outcome.error()
@@ -86,3 +93,26 @@ def _real_shaped_lora(path: Path, seed: int) -> None:
             tensors[f"{name}.lora_up.weight"] = rng.standard_normal((module.out_features, 2), dtype=np.float32) * 0.1
             tensors[f"{name}.alpha"] = np.array(1.0, dtype=np.float32)
     save_file(tensors, str(path), metadata={"modelspec.architecture": "wan2.1/lora"})
+
+
+def test_a_workflow_saved_before_the_registry_nodes_loads_and_names_what_to_change(comfy, clips, record, unique, test_root):
+    """The shipped training example as it was before family and task moved to Dataset Config (the
+    generic cache nodes, task widgets everywhere): it loads (widget values by position, as the editor
+    reads them); its cache nodes' task disagrees with the new Dataset Config default and the error
+    says which widget to set; set there, it runs."""
+    from musubi_pipe.comfy_adapter.export import ui_to_api
+
+    saved = json.loads((Path(__file__).parent / "saved" / "lora_training-before-registry.json").read_text())
+    prompt = _fill(ui_to_api(saved), None, slots=("dit", "vae", "t5"), media_folder=str(clips), name=unique, width=96, height=64, target_frames="1, 9",
+                   max_train_epochs=2, base_folder=str(test_root / "work" / unique))
+    assert "family" not in prompt["1"]["inputs"] and prompt["2"]["class_type"] == "MusubiTuner_VAELatentCache"
+    outcome = comfy.run(prompt, timeout=120)
+    assert outcome.ended == "execution_error"
+    message = outcome.error()["exception_message"]
+    assert message.startswith("task is t2v-1.3B here but the pipeline's task is t2v-14B (chosen on Dataset Config)"), message
+    assert record.read_text() == ""  # nothing ran
+    prompt["1"]["inputs"]["task"] = "t2v-1.3B"
+    outcome = comfy.run(prompt, timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert [json.loads(line)["script"] for line in record.read_text().splitlines()] == [
+        "wan_cache_latents", "wan_cache_text_encoder_outputs", "wan_train_network"]

@@ -87,8 +87,13 @@ def test_export_command_writes_both_formats(tmp_path):
     ui = json.loads((tmp_path / "ui.json").read_text())
     # one node per stage plus the pipeline start, each stage's node wired to what it uses
     assert [api[k]["class_type"] for k in sorted(api, key=int)] == [
-        "MusubiTuner_DatasetConfig", "MusubiTuner_VAELatentCache", "MusubiTuner_TextEncoderCache",
+        "MusubiTuner_DatasetConfig", "MusubiTuner_WanLatentCache", "MusubiTuner_WanTextEncoderCache",
         "MusubiTuner_WanTrainer", "MusubiTuner_PostHocEMA", "MusubiTuner_FormatConverter", "MusubiTuner_WanGenerator"]
+    # family and task are set once, on Dataset Config; the other nodes read them from the pipeline
+    assert (api["1"]["inputs"]["family"], api["1"]["inputs"]["task"]) == ("wan", "t2v-1.3B")
+    for node in list(api.values())[1:]:
+        assert node["inputs"].get("family", "(from pipeline)") == "(from pipeline)"
+        assert node["inputs"].get("task", "(from pipeline)") == "(from pipeline)"
     # the editor format says the same thing as the API format, and reads left to right
     assert {k: {n: v for n, v in node["inputs"].items()} for k, node in ui_to_api(ui).items()} == \
            {k: node["inputs"] for k, node in api.items()}

@@ -37,11 +37,12 @@ def colour_pixels(image, colour, tolerance: int = 2) -> int:
     return int((np.abs(image.astype(int) - np.array(colour)).max(axis=-1) <= tolerance).sum())
 
 
-def dataset_node(name: str, folder: str, base: Path, target_frames: str = "1, 9") -> dict:
+def dataset_node(name: str, folder: str, base: Path, target_frames: str = "1, 9", family: str = "wan",
+                 task: str = "(default)") -> dict:
     return {"class_type": "MusubiTuner_DatasetConfig", "inputs": {
         "name": name, "media_folder": folder, "width": 96, "height": 64, "target_frames": target_frames,
         "frame_extraction": "head", "caption_extension": ".txt", "batch_size": 1, "num_repeats": 1,
-        "enable_bucket": False, "cache_folder": str(base / "cache"), "base_folder": str(base)}}
+        "enable_bucket": False, "cache_folder": str(base / "cache"), "base_folder": str(base), "family": family, "task": task}}
 
 
 # ------------------------------------------------------------------------------- data and IO
@@ -58,7 +59,7 @@ def test_dataset_viewer_makes_a_contact_sheet_and_flags_missing_captions(comfy, 
     (media / "c_short.txt").write_text("a clip shorter than every target frame count")
     prompt = {
         "1": dataset_node(unique, str(media), test_root / "work" / unique, target_frames="9, 17"),
-        "2": {"class_type": "MusubiTuner_DatasetViewer", "inputs": {"pipeline": ["1", 0], "family": "wan", "max_items": 24, "columns": 3}},
+        "2": {"class_type": "MusubiTuner_DatasetViewer", "inputs": {"pipeline": ["1", 0], "family": "(from pipeline)", "max_items": 24, "columns": 3}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"musubi-test/{unique}-sheet"}},
         "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
     }
@@ -115,10 +116,10 @@ def test_video_input_to_video_output_round_trip(comfy, comfy_dir, test_root, uni
 
 def test_batch_processor_runs_many_prompts_in_one_generate_run(comfy, test_root, record, unique):
     prompt = {
-        "0": dataset_node(unique, "", test_root / "work" / unique),
+        "0": dataset_node(unique, "", test_root / "work" / unique, task="t2v-1.3B"),
         "1": {"class_type": "MusubiTuner_BatchProcessor", "inputs": {"prompts": "a red fox\n\n  a blue bird \na green frog", "seed": 41}},
         "2": {"class_type": "MusubiTuner_WanGenerator", "inputs": {
-            "pipeline": ["0", 0], "prompts": ["1", 0], "stage_name": "batch", "task": "t2v-1.3B", "prompt": "ignored",
+            "pipeline": ["0", 0], "prompts": ["1", 0], "stage_name": "batch", "task": "(from pipeline)", "prompt": "ignored",
             "width": 96, "height": 64, "video_length": 9, "infer_steps": 2, "guidance_scale": 0.0, "flow_shift": 0.0,
             "seed": -1, "lora_name": "(none)", "lora_strength": 1.0, "options": "",
             **model_widgets("dit", "dit_high_noise", "vae", "t5", "clip", dit="musubi-test-dit_bf16.safetensors",
@@ -224,7 +225,7 @@ def test_resource_monitor_reports_the_gpu_or_why_there_is_none(comfy):
 
 
 def _memory_node(pipeline: list | None, **widgets) -> dict:
-    inputs = {"family": "(from pipeline)", "task": "", "use_detected_gpu": False, "gpu_memory_gib": 24.0,
+    inputs = {"family": "(from pipeline)", "task": "(from pipeline)", "use_detected_gpu": False, "gpu_memory_gib": 24.0,
               "resolution": "", "frames": 0, "batch_size": 0, "network_dim": 4, "allow_fp8": True, **widgets}
     if pipeline:
         inputs["pipeline"] = pipeline
@@ -233,8 +234,7 @@ def _memory_node(pipeline: list | None, **widgets) -> dict:
 
 def _wan_with_memory(clips, unique, test_root, task: str, memory: dict) -> dict:
     prompt = wan_training(str(clips), unique, base_folder=str(test_root / "work" / unique))
-    for node in ("2", "3", "6"):
-        prompt[node]["inputs"]["task"] = task
+    prompt["1"]["inputs"]["task"] = task  # chosen once; the other nodes read it from the pipeline
     prompt["8"] = memory
     prompt["6"]["inputs"]["memory_config"] = ["8", 0]
     prompt["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 1]}}
@@ -317,14 +317,15 @@ def _family_workflow(family: str, name: str, clips: Path, base: Path) -> dict:
     title, slots, task = FAMILY[family]
     picked = {slot: MODELS[slot][1] for slot in slots}
     task_widget = {"task": task} if task else {}
+    latent_slots = ("vae", "image_encoder") if family == "framepack" else ("vae",)
     prompt = {
-        "1": dataset_node(name, str(clips), base),
-        "2": {"class_type": "MusubiTuner_VAELatentCache", "inputs": {
-            "pipeline": ["1", 0], "stage_name": "cache_latents", "family": family, "task": task or "", "batch_size": 0,
-            "vae_tiling": False, **model_widgets("vae", "clip", "image_encoder", **picked)}},
-        "3": {"class_type": "MusubiTuner_TextEncoderCache", "inputs": {
-            "pipeline": ["2", 0], "stage_name": "cache_text_encoder", "family": family, "task": task or "", "batch_size": 0,
-            "fp8_text_encoder": False, **model_widgets("text_encoder1", "text_encoder2", "t5", **picked)}},
+        "1": dataset_node(name, str(clips), base, family=family, task=task or "(default)"),
+        "2": {"class_type": f"MusubiTuner_{title}LatentCache", "inputs": {
+            "pipeline": ["1", 0], "stage_name": "cache_latents", "batch_size": 0, "vae_tiling": family == "hunyuan_video",
+            **model_widgets(*latent_slots, **picked)}},
+        "3": {"class_type": f"MusubiTuner_{title}TextEncoderCache", "inputs": {
+            "pipeline": ["2", 0], "stage_name": "cache_text_encoder", "batch_size": 0,
+            "fp8_text_encoder": False, **model_widgets("text_encoder1", "text_encoder2", **picked)}},
         "4": {"class_type": "MusubiTuner_TrainingConfig", "inputs": {
             "network_dim": 4, "network_alpha": 2.0, "learning_rate": 1e-4, "max_train_epochs": 2, "max_train_steps": 0,
             "save_every_n_epochs": 1, "save_every_n_steps": 0, "save_state": False, "seed": 1, "gradient_checkpointing": True}},
@@ -333,7 +334,8 @@ def _family_workflow(family: str, name: str, clips: Path, base: Path) -> dict:
             "lr_warmup_steps": 0, "max_grad_norm": 0.0}},
         "6": {"class_type": f"MusubiTuner_{title}Trainer", "inputs": {
             "pipeline": ["3", 0], "stage_name": "train", "output_name": "", "save_to": "pipeline workdir", "attention": "sdpa",
-            "training_config": ["4", 0], "optimizer_config": ["5", 0], **task_widget, **model_widgets(*slots, **picked)}},
+            "training_config": ["4", 0], "optimizer_config": ["5", 0], **({"task": "(from pipeline)"} if task else {}),
+            **model_widgets(*slots, **picked)}},
         "7": {"class_type": f"MusubiTuner_{title}Generator", "inputs": {
             "pipeline": ["6", 0], "lora": ["6", 1], "stage_name": "generate", "prompt": "a lighthouse at dusk",
             "width": 96, "height": 64, "video_length": 9 if family == "hunyuan_video" else 0, "infer_steps": 2,
@@ -392,7 +394,6 @@ save_state = false
 seed = 1
 gradient_checkpointing = true
 optimizer_type = "adamw8bit"
-lr_scheduler = "constant"
 attention = "sdpa"
 
 [stages.generate]

@@ -10,11 +10,11 @@ import pytest
 
 from workflows import model_widgets, wan_training
 
-PACK_NODES = {
+FAMILY_NODES = {f"MusubiTuner_{comfy}{suffix}" for comfy in ("Wan", "FramePack", "HunyuanVideo")
+                for suffix in ("LatentCache", "TextEncoderCache", "Trainer", "Generator")}
+PACK_NODES = FAMILY_NODES | {
     "MusubiTuner_DatasetConfig", "MusubiTuner_DatasetViewer", "MusubiTuner_DatasetCheck", "MusubiTuner_VAELatentCache", "MusubiTuner_TextEncoderCache",
     "MusubiTuner_TrainingConfig", "MusubiTuner_OptimizerConfig", "MusubiTuner_SamplingConfig",
-    "MusubiTuner_HunyuanVideoTrainer", "MusubiTuner_WanTrainer", "MusubiTuner_FramePackTrainer",
-    "MusubiTuner_HunyuanVideoGenerator", "MusubiTuner_WanGenerator", "MusubiTuner_FramePackGenerator",
     "MusubiTuner_FormatConverter", "MusubiTuner_LoRAMerger", "MusubiTuner_LoRAWeightedMerge", "MusubiTuner_PostHocEMA",
     "MusubiTuner_LoRAMergeStage",
     "MusubiTuner_VideoInput", "MusubiTuner_VideoOutput", "MusubiTuner_BatchProcessor",

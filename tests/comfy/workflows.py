@@ -15,19 +15,18 @@ def model_widgets(*slots: str, **picked: str) -> dict:
 
 
 def wan_training(clips: str, name: str, steps: int = 0, epochs: int = 2, base_folder: str = "", save_every: int = 1) -> dict:
-    """Dataset -> latent cache -> text cache -> Wan trainer (t2v-1.3B) with its config nodes."""
+    """Dataset (Wan, t2v-1.3B) -> latent cache -> text cache -> Wan trainer with its config nodes."""
     return {
         "1": {"class_type": "MusubiTuner_DatasetConfig", "inputs": {
             "name": name, "media_folder": clips, "width": 96, "height": 64, "target_frames": "1, 9",
             "frame_extraction": "head", "caption_extension": ".txt", "batch_size": 1, "num_repeats": 1,
-            "enable_bucket": False, "cache_folder": "", "base_folder": base_folder}},
-        "2": {"class_type": "MusubiTuner_VAELatentCache", "inputs": {
-            "pipeline": ["1", 0], "stage_name": "cache_latents", "family": "wan", "task": "t2v-1.3B",
-            "batch_size": 0, "vae_tiling": False, **model_widgets("vae", "clip", "image_encoder", vae="musubi-test-vae.safetensors")}},
-        "3": {"class_type": "MusubiTuner_TextEncoderCache", "inputs": {
-            "pipeline": ["2", 0], "stage_name": "cache_text_encoder", "family": "wan", "task": "t2v-1.3B",
-            "batch_size": 0, "fp8_text_encoder": False,
-            **model_widgets("text_encoder1", "text_encoder2", "t5", t5="musubi-test-t5.safetensors")}},
+            "enable_bucket": False, "cache_folder": "", "base_folder": base_folder, "family": "wan", "task": "t2v-1.3B"}},
+        "2": {"class_type": "MusubiTuner_WanLatentCache", "inputs": {
+            "pipeline": ["1", 0], "stage_name": "cache_latents", "batch_size": 0,
+            **model_widgets("vae", "clip", vae="musubi-test-vae.safetensors")}},
+        "3": {"class_type": "MusubiTuner_WanTextEncoderCache", "inputs": {
+            "pipeline": ["2", 0], "stage_name": "cache_text_encoder", "batch_size": 0, "fp8_text_encoder": False,
+            **model_widgets("t5", t5="musubi-test-t5.safetensors")}},
         "4": {"class_type": "MusubiTuner_TrainingConfig", "inputs": {
             "network_dim": 4, "network_alpha": 2.0, "learning_rate": 1e-4, "max_train_epochs": 0 if steps else epochs,
             "max_train_steps": steps, "save_every_n_epochs": 0 if steps else save_every, "save_every_n_steps": 0,
@@ -39,7 +38,7 @@ def wan_training(clips: str, name: str, steps: int = 0, epochs: int = 2, base_fo
             "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sample_prompts": "a fox\na cat",
             "sample_every_n_epochs": 1, "sample_every_n_steps": 0, "sample_at_first": False}},
         "6": {"class_type": "MusubiTuner_WanTrainer", "inputs": {"sampling_config": ["7", 0],
-            "pipeline": ["3", 0], "stage_name": "train", "task": "t2v-1.3B", "output_name": "", "save_to": "loras folder",
+            "pipeline": ["3", 0], "stage_name": "train", "task": "(from pipeline)", "output_name": "", "save_to": "loras folder",
             "attention": "sdpa", "expert": "none", "training_config": ["4", 0], "optimizer_config": ["5", 0],
             **model_widgets("dit", "dit_high_noise", "vae", "t5", "clip", dit="musubi-test-dit_bf16.safetensors",
                             vae="musubi-test-vae.safetensors", t5="musubi-test-t5.safetensors")}},

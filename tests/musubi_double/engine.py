@@ -12,6 +12,18 @@ bars (redrawn with ``\\r``) go to stderr, ``print`` output (``epoch N/M``, ``sav
 to stdout; no signal handlers (SIGINT -> KeyboardInterrupt traceback, then CPython exits by
 SIGINT: rc -2, 130 in a shell; nothing saved; SIGTERM kills at once).
 
+Training is a small numeric model of musubi's loop, so resume can be checked end to end: the
+learning-rate schedule is built from the args (``--lr_scheduler`` constant, constant_with_warmup,
+linear, cosine; ``--lr_warmup_steps`` int or fraction; length = ``--max_train_steps`` after the
+``--max_train_epochs`` override, as in ``get_lr_scheduler``); each epoch shuffles the batches with a
+seed of (dataset seed + epoch number), as musubi's ``shuffle_buckets`` does; each step moves one
+weight by ``lr * grad(batch)``. ``-state`` folders hold that weight, the optimizer's current lr and
+the scheduler's step counter and base lr. ``--resume`` restores them (as ``accelerator.load_state``
+does) while the loop's own step and epoch counters restart at 0 (as in musubi 30c658c), so a resumed
+run's epochs are shuffled as the first epochs were. With ``--logging_dir``, the
+scalars musubi logs (``loss/current``, ``loss/average``, ``lr/unet`` per step, ``loss/epoch`` per
+epoch) go to a TensorBoard event file under ``<logging_dir>/<log_prefix><time>/network_train/``.
+
 Environment variables read by the double:
   MUSUBI_DOUBLE_FAIL        ``<script>:<kind>[,<script>:<kind>...]``; ``<script>`` is a script
                             name with or without ``.py``, or ``*``. Kinds: oom, crash, hang,
@@ -52,10 +64,14 @@ ARCH_PREFIXES = [
     ("hidream_o1_", "ho1"), ("ideogram4_", "i4"), ("krea2_", "kr2"),
     ("cache_latents", "hv"), ("cache_text_encoder_outputs", "hv"),
 ]
-ARCH_FULL_NAME = {"hv": "hunyuan_video", "wan": "wan", "fp": "framepack", "hv15": "hunyuan_video_1_5", "k5": "kandinsky5"}
+# Qwen-Image's caches carry the --model_version's architecture (qwen_image_utils.resolve_model_version_args)
+QWEN_VERSION_ARCH = {"edit": "qie", "edit-2509": "qie", "edit-2511": "qie", "layered": "qil"}
+ARCH_FULL_NAME = {"hv": "hunyuan_video", "wan": "wan", "fp": "framepack", "qi": "qwen_image", "qie": "qwen_image",
+                  "qil": "qwen_image", "zi": "z_image", "hv15": "hunyuan_video_1_5", "k5": "kandinsky5"}
 NETWORK_MODULE = {
     "hv": "networks.lora", "wan": "networks.lora_wan", "fp": "networks.lora_framepack", "fk": "networks.lora_flux",
     "f2d": "networks.lora_flux_2", "qi": "networks.lora_qwen_image", "zi": "networks.lora_zimage",
+    "qie": "networks.lora_qwen_image", "qil": "networks.lora_qwen_image",
     "hv15": "networks.lora_hv_1_5", "k5": "networks.lora_kandinsky", "ho1": "networks.lora_hidream_o1",
     "i4": "networks.lora_ideogram4", "kr2": "networks.lora_krea2",
 }
@@ -64,12 +80,16 @@ LORA_MODULES = {
     "hv": ["double_blocks_0_img_attn_qkv", "double_blocks_0_txt_mlp_fc1", "single_blocks_0_linear1"],
     "wan": ["blocks_0_self_attn_q", "blocks_0_cross_attn_k", "blocks_1_ffn_0"],
     "fp": ["transformer_blocks_0_attn_to_q", "single_transformer_blocks_0_attn_to_k", "transformer_blocks_1_ff_net_0_proj"],
+    "qi": ["transformer_blocks_0_attn_to_q", "transformer_blocks_0_attn_add_k_proj", "transformer_blocks_1_img_mlp_net_0_proj"],
+    "zi": ["layers_0_attention_to_q", "layers_0_attention_to_out_0", "layers_1_feed_forward_w1"],
     "hv15": ["double_blocks_0_img_attn_q", "double_blocks_0_txt_mlp_fc1", "double_blocks_1_img_mod_linear"],
     "k5": ["visual_transformer_blocks_0_self_attention_to_query", "visual_transformer_blocks_0_feed_forward_in_layer",
            "text_transformer_blocks_0_self_attention_to_key"],
 }
-MODELSPEC_ARCH = {"hv": "hunyuan-video/lora", "wan": "wan2.1/lora", "fp": "framepack/lora", "hv15": "hunyuan-video-1.5/lora",
-                  "k5": "Kandinsky-5/lora"}
+LORA_MODULES["qie"] = LORA_MODULES["qil"] = LORA_MODULES["qi"]
+MODELSPEC_ARCH = {"hv": "hunyuan-video/lora", "wan": "wan2.1/lora", "fp": "framepack/lora", "qi": "Qwen-Image/lora",
+                  "qie": "Qwen-Image-Edit/lora", "qil": "Qwen-Image-Layered/lora", "zi": "Z-Image/lora",
+                  "hv15": "hunyuan-video-1.5/lora", "k5": "Kandinsky-5/lora"}
 TORCH_OPTIMIZERS = {"adamw", "adamw8bit", "adafactor", "adam", "sgd", "rmsprop", "adagrad", "lion", "radam", "nadam"}
 
 DATASET_GENERAL_KEYS = {"resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale"}
@@ -595,7 +615,8 @@ def read_caption(media: str, ext: str | None) -> str:
     return open(cap, encoding="utf-8").read().strip() if os.path.exists(cap) else ""
 
 
-def lora_tensors(arch: str, dim: int, alpha: float, step: int, precision: str | None) -> dict:
+def lora_tensors(arch: str, dim: int, alpha: float, step: int, precision: str | None, value: float | None = None) -> dict:
+    """`value` is the trained weight of the double's numeric model (lora_up); default step * 0.001."""
     import numpy as np
 
     dtype = np.float16 if precision == "fp16" else np.float32
@@ -604,7 +625,7 @@ def lora_tensors(arch: str, dim: int, alpha: float, step: int, precision: str | 
     for module in LORA_MODULES.get(arch, LORA_MODULES["wan"]):
         name = f"lora_unet_{module}"
         t[f"{name}.lora_down.weight"] = (rng.standard_normal((dim, 8)) * 0.01 + step * 0.001).astype(dtype)
-        t[f"{name}.lora_up.weight"] = (np.full((8, dim), step * 0.001)).astype(dtype)
+        t[f"{name}.lora_up.weight"] = (np.full((8, dim), step * 0.001 if value is None else value)).astype(dtype)
         t[f"{name}.alpha"] = np.array(alpha, dtype=np.float32)
     return t
 
@@ -631,7 +652,8 @@ TRAIN_FIELDS = ("dataset_config", "dit", "config_file", "mixed_precision", "resu
                 "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "network_dim", "network_alpha",
                 "output_name", "output_dir", "learning_rate", "save_precision", "save_state", "save_state_on_train_end",
                 "save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "sample_prompts",
-                "sample_at_first", "sample_every_n_steps", "sample_every_n_epochs")
+                "sample_at_first", "sample_every_n_steps", "sample_every_n_epochs", "lr_scheduler", "lr_warmup_steps",
+                "logging_dir", "log_prefix")
 
 
 def train(script: str, arch: str, args, fail: str | None) -> None:
@@ -690,8 +712,9 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
     bar.close()
     if args.resume:
         log(tb, f"resume training from local state: {args.resume}")
-        if not os.path.isdir(args.resume):
-            traceback_exit(MAIN_FRAMES(script), f"FileNotFoundError: [Errno 2] No such file or directory: '{args.resume}/model.safetensors'")
+        for f in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+            if not os.path.exists(os.path.join(args.resume, f)):  # accelerate.load_state reads each
+                traceback_exit(MAIN_FRAMES(script), f"FileNotFoundError: [Errno 2] No such file or directory: '{os.path.join(args.resume, f)}'")
     if not script.endswith("_train"):  # full finetune scripts have no network module
         out(f"import network module: {args.network_module}")
         if fail == "network_module" or args.network_module not in (NETWORK_MODULE.get(arch), "networks.loha", "networks.lokr"):
@@ -717,17 +740,31 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
     out(f"  batch size per device / バッチサイズ: {', '.join(str(d['batch_size']) for d in datasets)}")
     out(f"  gradient accumulation steps / 勾配を合計するステップ数 = {ga}")
     out(f"  total optimization steps / 学習ステップ数: {total}")
-    if args.resume:
-        log(tb, f"test double: resumed from {args.resume}; step counters restart at 0 as in musubi-tuner")
-
     dim = args.network_dim or 4
     alpha = float(args.network_alpha if args.network_alpha is not None else 1)
+    # the numeric model: schedule from the args, then what accelerator.load_state restores
+    base_lr = float(args.learning_rate if args.learning_rate is not None else 2e-6)
+    schedule = lr_schedule(args.lr_scheduler or "constant", args.lr_warmup_steps or 0, total)
+    weight, counter, lr = 0.0, 0, base_lr * schedule(0)
+    dataset_seed = 1000 + (args.seed or 0)
+    if args.resume:
+        tensors, _ = load_safetensors(os.path.join(args.resume, "model.safetensors"))
+        weight = float(tensors["double.weight"][0]) if "double.weight" in tensors else 0.0
+        with open(os.path.join(args.resume, "optimizer.bin"), "rb") as fh:
+            lr = json.loads(fh.read() or b"{}").get("lr", lr)
+        with open(os.path.join(args.resume, "scheduler.bin"), "rb") as fh:
+            sched = json.loads(fh.read() or b"{}")
+        counter, base_lr = sched.get("last_epoch", 0), sched.get("base_lrs", [base_lr])[0]
+        log(tb, f"test double: resumed from {args.resume} at scheduler step {counter}; loop counters restart at 0 as in musubi-tuner")
+
     meta_base = {"ss_network_module": args.network_module, "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
-                 "ss_output_name": str(args.output_name), "ss_max_train_steps": str(total),
+                 "ss_output_name": str(args.output_name), "ss_max_train_steps": str(total), "ss_num_epochs": str(epochs),
                  "ss_mixed_precision": str(args.mixed_precision), "ss_learning_rate": str(args.learning_rate),
-                 "modelspec.architecture": MODELSPEC_ARCH.get(arch, arch + "/lora"), "musubi_double": "1"}
+                 "modelspec.architecture": MODELSPEC_ARCH.get(arch, arch + "/lora"),
+                 "modelspec.title": str(args.output_name), "musubi_double": "1"}
     if args.resume:
         meta_base["musubi_double_resumed_from"] = os.path.abspath(args.resume)
+    tb_writer = TBWriter(args.logging_dir, args.log_prefix) if args.logging_dir else None
 
     def save(name_suffix: str, step: int, epoch: int, final: bool = False) -> None:
         if args.output_name is None:
@@ -739,17 +776,21 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
         out(f"\nsaving checkpoint: {ckpt}")
         meta = {**meta_base, "ss_steps": str(step), "ss_epoch": str(epoch), "ss_training_finished_at": str(time.time())}
         tmp_meta = dict(meta)
-        tensors = lora_tensors(arch, dim, alpha, step, args.save_precision)
+        tensors = lora_tensors(arch, dim, alpha, counter, args.save_precision, weight)
         meta["sshs_model_hash"] = str(abs(hash(tuple(sorted(tmp_meta.items())))))
         save_safetensors(tensors, ckpt, meta)
         if args.save_state or (final and args.save_state_on_train_end):
             state = os.path.join(args.output_dir, f"{args.output_name}{name_suffix}-state")
             log("accelerate.accelerator", f"Saving current state to {state}")
             os.makedirs(state, exist_ok=True)
-            save_safetensors(lora_tensors(arch, dim, alpha, step, None), os.path.join(state, "model.safetensors"))
-            for f in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+            import numpy as np
+
+            save_safetensors({**lora_tensors(arch, dim, alpha, counter, None, weight),
+                              "double.weight": np.array([weight], dtype=np.float64)}, os.path.join(state, "model.safetensors"))
+            for f, blob in (("optimizer.bin", {"lr": lr}), ("scheduler.bin", {"last_epoch": counter, "base_lrs": [base_lr]}),
+                            ("random_states_0.pkl", {})):
                 with open(os.path.join(state, f), "wb") as fh:
-                    fh.write(json.dumps({"step": step, "epoch": epoch}).encode())
+                    fh.write(json.dumps(blob).encode())
 
     def prune(kind: str, current: int, every: int | None, keep: int | None) -> None:
         if not every or not keep:
@@ -785,15 +826,28 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
     step, loss_sum = 0, 0.0
     for epoch in range(epochs):
         out(f"\nepoch {epoch + 1}/{epochs}")
-        for _ in range(steps_per_epoch):
+        import numpy as np
+
+        # musubi: random.seed(dataset seed + current epoch), and the epoch restarts at 1 on --resume
+        order = np.random.default_rng(dataset_seed + epoch + 1).permutation(steps_per_epoch)
+        epoch_loss = []
+        for pos in range(steps_per_epoch):
             if fail in ("oom", "crash", "hang", "killed") and step + 1 >= fail_at():
                 raise_injected(fail, script, args)
             if fail == "disk_full" and step + 1 >= fail_at():
                 os.environ["_MUSUBI_DOUBLE_DISK_FULL"] = script
             time.sleep(step_seconds())
+            grad = (1.0 + int(order[pos])) * (1 + pos)  # the batch and its place in the epoch: order matters
+            weight -= lr * grad  # optimizer.step() with the lr the optimizer holds
+            counter += 1  # lr_scheduler.step()
+            lr = base_lr * schedule(counter)
             step += 1
-            loss_sum += 0.1 + 1.0 / (step + 1)
+            loss = 0.1 + grad / 10
+            loss_sum += loss
+            epoch_loss.append(loss)
             bar.update(1, f"avr_loss={loss_sum / step:.3g}")
+            if tb_writer:
+                tb_writer.add(step, {"loss/current": loss, "loss/average": loss_sum / step, "lr/unet": lr})
             if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < total:
                 save(f"-step{step:08d}", step, epoch + 1)
                 prune("step", step, args.save_every_n_steps, args.save_last_n_steps)
@@ -801,6 +855,8 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
                 sample(step, epoch + 1, False)
             if step >= total:
                 break
+        if tb_writer:
+            tb_writer.add(epoch + 1, {"loss/epoch": sum(epoch_loss) / len(epoch_loss)})
         if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and epoch + 1 < epochs:
             save(f"-{epoch + 1:06d}", step, epoch + 1)
             prune("epoch", epoch + 1, args.save_every_n_epochs, args.save_last_n_epochs)
@@ -811,6 +867,73 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
     bar.close()
     save("", step, epochs, final=True)
     log(tb, "model saved.")
+
+
+def lr_schedule(name: str, warmup, total: int):
+    """transformers' schedule lambdas as musubi's get_lr_scheduler builds them (num_training_steps
+    = max_train_steps); unknown names train at a constant rate in the double."""
+    warm = int(warmup * total) if isinstance(warmup, float) else int(warmup)
+
+    def factor(s: int) -> float:
+        if name == "constant":
+            return 1.0
+        if s < warm:
+            return s / max(1, warm)
+        if name == "linear":
+            return max(0.0, (total - s) / max(1, total - warm))
+        if name == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        return 1.0
+    return factor
+
+
+class TBWriter:
+    """Scalars as TensorBoard events (simple_value), where accelerate's tracker puts musubi's."""
+
+    def __init__(self, logging_dir: str, prefix: str | None):
+        import socket
+
+        folder = os.path.join(logging_dir, (prefix or "") + time.strftime("%Y%m%d%H%M%S"), "network_train")
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0")
+        self.add(0, {}, b"brain.Event:2")
+
+    def add(self, step: int, scalars: dict, version: bytes = b"") -> None:
+        import struct
+
+        def key(n, wire):
+            return _varint_bytes(n << 3 | wire)
+        ev = key(1, 1) + struct.pack("<d", time.time()) + (key(2, 0) + _varint_bytes(step) if step else b"")
+        if version:
+            ev += key(3, 2) + _varint_bytes(len(version)) + version
+        summary = b""
+        for tag, value in scalars.items():
+            v = key(1, 2) + _varint_bytes(len(tag.encode())) + tag.encode() + key(2, 5) + struct.pack("<f", value)
+            summary += key(1, 2) + _varint_bytes(len(v)) + v
+        if summary:
+            ev += key(5, 2) + _varint_bytes(len(summary)) + summary
+        header = struct.pack("<Q", len(ev))
+        with open(self.path, "ab") as fh:  # TFRecord framing; readers here do not check the CRCs
+            fh.write(header + struct.pack("<I", _masked_crc(header)) + ev + struct.pack("<I", _masked_crc(ev)))
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 TINY_PNG = bytes.fromhex(
@@ -858,6 +981,8 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
     for flag in ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "text_encoder", "byt5", "image_encoder", "clip", "image_path", "image"):
         if a.get(flag):
             require_file(script, a[flag], flag)
+    for control in a.get("control_image_path") or []:
+        require_file(script, control, "control_image_path")
     for lora in a.get("lora_weight") or []:
         require_file(script, lora, "lora_weight")
     if fail in ("missing_file", "tokenizer_offline", "hub_download", "network_module", "dtype"):
@@ -919,6 +1044,18 @@ def save_generated(script: str, a: dict, save_path: str, seed: int, logger: str)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
     base = f"{stamp}_0_{seed}" if script == "hv_generate_video" else f"{stamp}_{seed}"
     output_type = a.get("output_type") or "video"
+    if script.endswith("generate_image"):
+        # save_output / save_images: <time>_<seed>_latent.safetensors, <time>_<seed>_000.png
+        if output_type in ("latent", "latent_images"):
+            p = os.path.join(save_path, f"{base}_latent.safetensors")
+            save_safetensors({"latent": np.zeros((16, 1, 2, 2), np.float32)}, p, {"seeds": str(seed)})
+            log(logger, f"Latent saved to: {p}")
+        if output_type in ("images", "latent_images"):
+            p = os.path.join(save_path, f"{base}_000.png")
+            with open(p, "wb") as fh:
+                fh.write(TINY_PNG)
+            log(logger, f"Sample images saved to: {save_path}/{base}")
+        return
     if output_type in ("latent", "both"):
         p = os.path.join(save_path, f"{base}_latent.safetensors")
         save_safetensors({"latent": np.zeros((16, 1, 2, 2), np.float32)}, p, {"seeds": str(seed)})
@@ -1113,6 +1250,8 @@ def main(script_file: str) -> int:
         while True:  # a non-zero rank of a multi-GPU run: alive until the launcher ends it
             time.sleep(1)
     arch = next((a for p, a in ARCH_PREFIXES if script.startswith(p)), "hv")
+    if arch == "qi":
+        arch = QWEN_VERSION_ARCH.get((getattr(args, "model_version", None) or "").lower(), arch)
     fail = injected(script)
     if fail and fail_at() == 0 and fail in ("oom", "crash", "hang", "killed"):
         raise_injected(fail, script, args)
