@@ -66,6 +66,7 @@ class _Compiler:
         self.reported = 0  # problems known before the current stage was built
         self.dataset_file = ""
         self.train_stages = sum(1 for s in pipeline.stages.values() if s.kind == "train")
+        self.hub_warned: set[str] = set()
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -112,7 +113,9 @@ class _Compiler:
         for name in order:
             stage = self.p.stages[name]
             if stage.kind not in self.fam.stages:
-                self.error(("stages", name, "kind"), f"{self.fam.title} has no {stage.kind} stage", "remove the stage")
+                why = self.fam.rule("missing_stages", {}).get(stage.kind)
+                self.error(("stages", name, "kind"), f"{self.fam.title} has no {stage.kind} stage" + (f": {why}" if why else ""),
+                           self.fam.rule("missing_stage_fix", {}).get(stage.kind, "remove the stage"))
                 continue
             build = getattr(self, f"build_{stage.kind}")
             self.reported = len(self.problems)
@@ -261,7 +264,13 @@ class _Compiler:
         values.update(stage.model_dump(exclude_none=True, exclude=set(LANGUAGE_FIELDS) - {"mixed_precision", "attention", "network_module"}))
         for alias, option in tpl.aliases.items():
             if alias in values:
-                values[option] = values.pop(alias)
+                value = values.pop(alias)
+                if alias in PATH_FIELDS and isinstance(value, str):
+                    value = self.path(value)
+                if isinstance(option, list):  # video_size [height, width] -> --height, --width
+                    values.update(zip(option, value))
+                else:
+                    values[option] = value
         return values
 
     def arg(self, script: str, role: str, value) -> list[str]:
@@ -281,7 +290,8 @@ class _Compiler:
             if key not in known:
                 fields_set = stage.model_fields_set
                 where = ("stages", name, key) if key in fields_set else ("stages", name)
-                self.error(where, f"{key} is not an option of {script} ({self.fam.title})", f"remove {key}; musubi-tuner {contract.CONTRACT} does not accept it for this family")
+                self.error(where, f"{key} is not an option of {script} ({self.fam.title})",
+                           self.fam.rule("option_hints", {}).get(key) or f"remove {key}; musubi-tuner {contract.CONTRACT} does not accept it for this family")
                 continue
             if key in PATH_FIELDS and isinstance(value, str):
                 value = self.path(value)
@@ -354,8 +364,19 @@ class _Compiler:
                 why = f"for task {self.task}" if cond else ("to make samples during training" if when == "sampling" else f"for {stage.kind}")
                 self.error(("models", slot), f"models.{slot} is required {why} (stage {name!r})", f"set models.{slot} to the model file")
                 continue
-            args += contract.render(script, slot, self.path(value))
+            args += contract.render(script, slot, self.model_path(slot, value))
         return args
+
+    def model_path(self, slot: str, value: str) -> str:
+        """A model file made absolute; for a slot that takes a Hugging Face model ID (registry: hub),
+        an 'owner/name' with no such path here stays as written, for musubi to download."""
+        if self.fam.models[slot].hub_id(value) and not os.path.exists(self.path(value)):
+            if slot not in self.hub_warned:
+                self.hub_warned.add(slot)
+                self.warn(("models", slot), f"{value!r} is not a file or folder here, so it is read as a Hugging Face model ID: musubi downloads it on first use",
+                          "set a local snapshot folder to run offline (write ./name for a folder beside the pipeline)")
+            return value
+        return self.path(value)
 
     def finish(self, name: str, stage, step: Step, needs: list[str]) -> Step:
         if step.launcher == LAUNCH_TOOL:
@@ -473,6 +494,11 @@ class _Compiler:
         if stage.output_name and (SHELL_META.search(output_name) or "/" in output_name or "\\" in output_name):
             self.error(where + ("output_name",), f"output_name {output_name!r} must be a plain file name", "use letters, digits, '-', '_' and '.'")
         if sampling:
+            if self.task_props.get("samples_need_image") and not isinstance(stage.sample_prompts, str):
+                for i, prompt in enumerate(stage.sample_prompts):
+                    if not prompt.image:
+                        self.error(where + ("sample_prompts", i, "image"), f"{self.fam.title} {self.task} samples start from an image (musubi asserts 'image_path should be set')",
+                                   "give each sample prompt an image")
             if self.fam.output == "image" and not isinstance(stage.sample_prompts, str):
                 for i, prompt in enumerate(stage.sample_prompts):
                     if prompt.frames is not None:
@@ -592,6 +618,14 @@ class _Compiler:
             self.error(where + ("optimizer_type",), "optimizer_type is empty, and musubi's default for it crashes", "set optimizer_type = \"adamw8bit\" (or AdamW, AdaFactor, a dotted class path)")
         elif optimizer.lower() not in self.fam.training["optimizers"] and "." not in optimizer:
             self.error(where + ("optimizer_type",), f"unknown optimizer {optimizer!r}", "use AdamW, AdamW8bit, AdaFactor, or a dotted class path such as prodigyopt.Prodigy")
+        self.check_swap(name, values)
+        option = self.fam.rule("dtype_option")  # the option naming the DiT's compute dtype (a stage value or extra_args)
+        wanted = values.get(option, stage.extra_args.get(option)) if option else None
+        dtype = self.p.models.dit_dtype or _guess_dtype(stage.dit or self.p.models.dit or "")
+        if dtype == "fp16" and str(wanted).lower() in ("bfloat16", "bf16", "float32", "fp32", "float"):
+            at = where + (option,) if option in values else where + ("extra_args", option)
+            self.error(at, f"the DiT's weights are float16, and musubi refuses {option} {wanted} for them (it cannot raise float16 weights)",
+                       f"remove {option} (musubi then keeps float16), or use a bf16 DiT file")
         if values.get("fp8_scaled") and not values.get("fp8_base"):
             self.error(where + ("fp8_scaled",), "fp8_scaled requires fp8_base (musubi stops with 'fp8_scaled requires fp8_base')", "set fp8_base = true")
         boundary = values.get("timestep_boundary")
@@ -729,14 +763,45 @@ class _Compiler:
         length = values.get(self.fam.flag("video_length"))
         if self.fam.rule("frame_rule") == "4n+1" and length is not None and (length - 1) % 4:
             self.error(where + ("video_length",), f"video_length must be 4*N+1, got {length}", f"use {(length - 1) // 4 * 4 + 1} or {((length - 1) // 4 + 1) * 4 + 1}")
+        self.check_video_rules(name, stage)
+        self.check_swap(name, values)
         args += self.options(name, stage, script, values)
-        args += self.arg(script, "save_path", save_path)
         # The outputs table's first type is the script's default --output_type.
         kind = tpl.outputs.get(values.get(self.fam.flag("output_type"), next(iter(tpl.outputs), "")), "*")
+        # A script that writes one file by name (rule save_file) gets <save_path>/<stage>.<type's suffix>.
+        target = str(Path(save_path) / f"{name}{Path(kind).suffix}") if self.fam.rule("save_file") else save_path
+        args += self.arg(script, "save_path", target)
         return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
                     outputs=[Output(f"{self.fam.output}s", "files", save_path, kind)],
                     meta={"save_path": save_path, "prompts": len(stage.prompts or []) or 1,
                           "batch_prompts": [p.model_dump(exclude_none=True) for p in stage.prompts or []]})
+
+    def check_video_rules(self, name: str, stage) -> None:
+        """Generation rules of the registry: sizes on the family's (or task's) grid, and an image that
+        makes musubi load another model than the task's (rule image_selects_model)."""
+        where = ("stages", name)
+        step = self.task_props.get("size_step") or self.fam.rule("size_step")
+        size = stage.video_size
+        if step and size and (size[0] % step or size[1] % step):
+            self.error(where + ("video_size",), f"video_size {list(size)}: {self.fam.title} {self.task or ''} needs height and width divisible by {step}".replace("  ", " "),
+                       f"use {[max(step, v // step * step) for v in size]}")
+        if self.fam.rule("image_selects_model") and stage.image_path is not None and not self.task_props.get("start_image"):
+            image_tasks = [t for t, task in self.fam.tasks.items() if task.get("start_image")]
+            self.error(where + ("image_path",), f"an image_path makes musubi load the image-to-video model, and task {self.task} is not one",
+                       f"remove image_path, or set task = {image_tasks[0]!r} with its DiT" if image_tasks else "remove image_path")
+
+    def check_swap(self, name: str, values: dict) -> None:
+        """blocks_to_swap above what the DiT's enable_block_swap accepts (clamped where the family's rule says so)."""
+        swap = values.get("blocks_to_swap")
+        if not isinstance(swap, int) or (self.fam.tasks and self.task not in self.fam.tasks):
+            return  # nothing to check, or a task already reported as unknown
+        top = self.fam.dit(self.task).max_blocks_to_swap
+        if swap > top:
+            where = ("stages", name, "blocks_to_swap")
+            if self.fam.rule("block_swap_clamped"):
+                self.warn(where, f"{self.fam.title} swaps at most {top} blocks; musubi clamps {swap} to that", f"set blocks_to_swap = {top}")
+            else:
+                self.error(where, f"{self.fam.title} swaps at most {top} blocks, got {swap} (musubi's enable_block_swap refuses more)", f"set blocks_to_swap = {top} or less")
 
     def check_image_generation(self, name: str, stage, values: dict) -> list[Input]:
         """An image family's generation rules: the control image an edit task needs (and how many it
@@ -783,6 +848,7 @@ class _Compiler:
             # (upstream PR #594); a Wan merge also encodes a prompt before it loads the DiT.
             args = (self.arg(script, "task", self.task) if self.has(script, "task") else []) + self.models(name, stage, tpl, script) + lora_args
             args += self.arg(script, "lycoris", True) + self.arg(script, "merged_model", output) + self.arg(script, "prompt", "merge")
+            args += self.options(name, stage, script, dict(tpl.defaults))  # what the script needs before it loads the DiT
             args += self.arg(script, "save_path", str(Path(self.workdir) / name))
             self.warn(where, f"merging {self.fam.title} LoRAs needs the lycoris-lora package in musubi-tuner's venv", "pip install lycoris-lora there (musubi-pipe doctor checks it)")
         return Step(name, stage.kind, self.p.family, script, args, inputs=inputs,
@@ -841,9 +907,10 @@ class _Compiler:
             except PipelineError as exc:
                 self.problems.extend(Problem(p.message, path=format_path(where + ("input",)), file=self.src.file,
                                              line=self.src.line_of(where + ("input",)), fix=p.fix) for p in exc.problems)
-        if self.fam.rule("convert_comfyui_warning") and stage.to == "comfyui":
-            self.warn(where + ("to",), f"musubi-tuner {contract.CONTRACT}'s convert_lora.py writes wrong key names for most FramePack modules",
-                      "check the result with `musubi-pipe lora inspect --family framepack`, or keep the musubi-format LoRA")
+        warning = self.fam.rule("convert_comfyui_warning")
+        if warning and stage.to == "comfyui":
+            self.warn(where + ("to",), warning if isinstance(warning, str) else f"musubi-tuner {contract.CONTRACT}'s convert_lora.py writes wrong key names for most FramePack modules",
+                      f"check the result with `musubi-pipe lora inspect --family {self.fam.name}`, or keep the musubi-format LoRA")
         stem = Path(source).stem
         output = self.path(stage.output) if stage.output else str(Path(self.workdir) / name / f"{stem}-{stage.to}.safetensors")
         values = self.settings(stage, tpl)

@@ -34,10 +34,13 @@ def input_problems(pipeline: Pipeline, source, severity: str = "error", produced
     fix = ("correct the path, or ignore this if the pipeline runs on another machine" if severity == "warning"
            else "correct the path (relative paths are from the pipeline's folder)")
     problems: list[Problem] = []
+    slots = _family_slots(pipeline.family)
     for where, value, prompt_file in _declared_inputs(pipeline):
         if value.startswith("@"):
             continue  # made by another stage
         path = _resolve(value, base)
+        if where[0] == "models" and where[1] in slots and slots[where[1]].hub_id(value) and not os.path.exists(path):
+            continue  # a Hugging Face model ID, which musubi downloads
         if produced_under and _is_under(path, produced_under):
             continue
         try:
@@ -50,6 +53,15 @@ def input_problems(pipeline: Pipeline, source, severity: str = "error", produced
                                            "give the path of a text or JSON prompt file", severity))
     problems += _dataset_problems(pipeline, source, severity, here, fix)
     return problems
+
+
+def _family_slots(family: str) -> dict:
+    from ..pipelines import registry
+
+    try:
+        return registry.family(family).models
+    except registry.UnknownFamily:
+        return {}
 
 
 def _declared_inputs(pipeline: Pipeline) -> Iterator[tuple[tuple, str, bool]]:

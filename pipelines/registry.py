@@ -6,6 +6,7 @@ This loader is the only code that knows the files' layout; everything else asks 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,11 @@ class ModelSlot:
     name: str  # the pipeline's [models] key, which is also musubi's flag
     folder: str  # ComfyUI's model folder
     help: str
+    hub: bool = False  # a Hugging Face model ID is accepted too (kept as written when no such path exists)
+
+    def hub_id(self, value: str) -> bool:
+        """Whether `value` reads as a Hugging Face model ID (owner/name) that this slot accepts."""
+        return self.hub and bool(re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", value))
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ def _load(name: str) -> Family:
         name=ident["name"], title=ident["title"], short=ident["short"], full=ident["full"],
         aliases=tuple(ident.get("aliases", ())), modelspec=tuple(ident.get("modelspec", ())),
         comfy_name=ident["comfy_name"], order=ident.get("order", 99), rules=data["rules"],
-        models={slot: ModelSlot(slot, m["folder"], m["help"]) for slot, m in data["models"].items()},
+        models={slot: ModelSlot(slot, m["folder"], m["help"], m.get("hub", False)) for slot, m in data["models"].items()},
         tasks=tasks, default_task=default_task, model=model or tasks[default_task],
         experts=data.get("experts", {}), stages=stages, dits=dits, lora=data["lora"],
         memory={k: v for k, v in data["memory"].items() if k != "dits"}, flags=flags,

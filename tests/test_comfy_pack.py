@@ -222,7 +222,7 @@ def test_task_is_a_dropdown_everywhere_and_family_defaults_come_from_the_registr
     from musubi_pipe.comfy_adapter.nodes import NODE_CLASS_MAPPINGS
     from musubi_pipe.pipelines import registry
 
-    every_task = [t for fam in registry.families() for t in fam.task_names()]
+    every_task = list(dict.fromkeys(t for fam in registry.families() for t in fam.task_names()))  # families share names (i2v)
     for name, cls in NODE_CLASS_MAPPINGS.items():
         types = cls.INPUT_TYPES()
         for section in ("required", "optional"):

@@ -116,15 +116,16 @@ def test_every_family_file_is_complete(name):
             assert slot in fam.models, f"{name}.{kind}: model slot {slot} is not in [models]"
             assert fam.models[slot].name in options, f"{name}.{kind}: {stage.script} has no --{slot}"
         for alias, option in stage.aliases.items():
-            assert option in options, f"{name}.{kind}: alias {alias} -> {option} is not an option of {stage.script}"
+            for one in option if isinstance(option, list) else [option]:  # a list spreads one value over options
+                assert one in options, f"{name}.{kind}: alias {alias} -> {one} is not an option of {stage.script}"
         for rung in stage.ladder:
             for option in rung.settings:
                 assert option in options, f"{name}.{kind}: ladder option {option} is not an option of {stage.script}"
         for weights, multipliers in stage.loras.values() if kind in ("generate", "merge") else ():
             if weights in options:
                 assert multipliers in options
-        if "task" in options:
-            choices = set(options["task"].choices or ())
+        if "task" in options and options["task"].choices is not None:  # a --task without choices is checked in the script
+            choices = set(options["task"].choices)
             assert set(fam.tasks) <= choices, f"{name}.{kind}: tasks not accepted by {stage.script}: {set(fam.tasks) - choices}"
 
 

@@ -67,7 +67,7 @@ ARCH_PREFIXES = [
 # Qwen-Image's caches carry the --model_version's architecture (qwen_image_utils.resolve_model_version_args)
 QWEN_VERSION_ARCH = {"edit": "qie", "edit-2509": "qie", "edit-2511": "qie", "layered": "qil"}
 ARCH_FULL_NAME = {"hv": "hunyuan_video", "wan": "wan", "fp": "framepack", "qi": "qwen_image", "qie": "qwen_image",
-                  "qil": "qwen_image", "zi": "z_image"}
+                  "qil": "qwen_image", "zi": "z_image", "hv15": "hunyuan_video_1_5", "k5": "kandinsky5"}
 NETWORK_MODULE = {
     "hv": "networks.lora", "wan": "networks.lora_wan", "fp": "networks.lora_framepack", "fk": "networks.lora_flux",
     "f2d": "networks.lora_flux_2", "qi": "networks.lora_qwen_image", "zi": "networks.lora_zimage",
@@ -82,10 +82,14 @@ LORA_MODULES = {
     "fp": ["transformer_blocks_0_attn_to_q", "single_transformer_blocks_0_attn_to_k", "transformer_blocks_1_ff_net_0_proj"],
     "qi": ["transformer_blocks_0_attn_to_q", "transformer_blocks_0_attn_add_k_proj", "transformer_blocks_1_img_mlp_net_0_proj"],
     "zi": ["layers_0_attention_to_q", "layers_0_attention_to_out_0", "layers_1_feed_forward_w1"],
+    "hv15": ["double_blocks_0_img_attn_q", "double_blocks_0_txt_mlp_fc1", "double_blocks_1_img_mod_linear"],
+    "k5": ["visual_transformer_blocks_0_self_attention_to_query", "visual_transformer_blocks_0_feed_forward_in_layer",
+           "text_transformer_blocks_0_self_attention_to_key"],
 }
 LORA_MODULES["qie"] = LORA_MODULES["qil"] = LORA_MODULES["qi"]
 MODELSPEC_ARCH = {"hv": "hunyuan-video/lora", "wan": "wan2.1/lora", "fp": "framepack/lora", "qi": "Qwen-Image/lora",
-                  "qie": "Qwen-Image-Edit/lora", "qil": "Qwen-Image-Layered/lora", "zi": "Z-Image/lora"}
+                  "qie": "Qwen-Image-Edit/lora", "qil": "Qwen-Image-Layered/lora", "zi": "Z-Image/lora",
+                  "hv15": "hunyuan-video-1.5/lora", "k5": "Kandinsky-5/lora"}
 TORCH_OPTIMIZERS = {"adamw", "adamw8bit", "adafactor", "adam", "sgd", "rmsprop", "adagrad", "lion", "radam", "nadam"}
 
 DATASET_GENERAL_KEYS = {"resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale"}
@@ -573,7 +577,7 @@ def cache_text_encoder(script: str, arch: str, args, fail: str | None) -> None:
 
     logger = "__main__"
     datasets, all_items = read_dataset(script, args, logger, fail)
-    for flag in ("t5", "text_encoder1", "text_encoder2", "text_encoder"):
+    for flag in ("t5", "text_encoder1", "text_encoder2", "text_encoder", "byt5"):
         if flag in vars(args):
             require_file(script, getattr(args, flag), flag)
             if getattr(args, flag):
@@ -974,7 +978,7 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
 
     logger = "__main__"
     a = vars(args)
-    for flag in ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "text_encoder", "image_encoder", "clip", "image_path"):
+    for flag in ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "text_encoder", "byt5", "image_encoder", "clip", "image_path", "image"):
         if a.get(flag):
             require_file(script, a[flag], flag)
     for control in a.get("control_image_path") or []:
@@ -998,12 +1002,19 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
         return
     if fail in ("oom", "crash", "hang", "killed", "disk_full"):
         raise_injected(fail, script, args)
-    steps = a.get("infer_steps") or 25
+    steps = a.get("infer_steps") or a.get("steps") or 25
     bar = Bar(steps)
     for _ in range(steps):
         time.sleep(step_seconds())
         bar.update(1)
     bar.close()
+    if a.get("output"):  # kandinsky5_generate_video.py: one file by name (and its first frame as .png)
+        os.makedirs(os.path.dirname(os.path.abspath(a["output"])), exist_ok=True)
+        write_video(a["output"])
+        with open(os.path.splitext(a["output"])[0] + ".png", "wb") as fh:
+            fh.write(TINY_PNG)
+        log(logger, f"Saved video to {a['output']}")
+        return
     save_path = a.get("save_path") or "."
     os.makedirs(save_path, exist_ok=True)
     seeds = [a.get("seed") if a.get("seed") is not None else 42]
