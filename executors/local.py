@@ -162,6 +162,23 @@ def redact(words: list[str]) -> list[str]:
     return out
 
 
+# What a run summary names: the artifacts people look for, not checkpoints, states or caches.
+RESULT_OUTPUTS = ("lora", "model", "videos", "images")
+
+
+def final_files(plan: Plan, state: StateFile) -> dict[str, list[str]]:
+    """Step -> the result files its last successful run made (up-to-date steps too)."""
+    found = {}
+    for step in plan.steps:
+        record = state.record(step.id) or {}
+        if record.get("status") != SUCCEEDED:
+            continue
+        paths = [o["path"] for o in record.get("outputs", []) if o.get("output") in RESULT_OUTPUTS]
+        if paths:
+            found[step.id] = paths
+    return found
+
+
 def redacted(plan: Plan) -> Plan:
     """The plan as run records keep it: secret option values replaced."""
     steps = [replace(s, args=redact(s.args), fallbacks=[replace(f, args=redact(f.args)) for f in s.fallbacks]) for s in plan.steps]
@@ -307,7 +324,8 @@ class LocalExecutor:
                     result.status = status
                     stopped = f"{step.id} {status}"
             result.run_dir = self.run_dir
-            self._emit(ev.Event(ev.RUN_END, data={"status": result.status, "run_dir": str(self.run_dir or "")}))
+            self._emit(ev.Event(ev.RUN_END, data={"status": result.status, "run_dir": str(self.run_dir or ""),
+                                                  "files": final_files(plan, self.state)}))
         finally:
             if self._events_file is not None:
                 self._events_file.close()
