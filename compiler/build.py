@@ -316,6 +316,9 @@ class _Compiler:
                 tasks = self.tasks_with(switch)
                 self.error(where(option), f"{option} is only for {', '.join(tasks)}, not {self.task or self.fam.title}",
                            f"remove {option}, or set task to {tasks[0]}" if tasks else f"remove {option}")
+        for option, why in self.fam.rule("refused_options", {}).get(stage.kind, {}).items():  # options a script has but stops on
+            if values.get(option) not in (None, False):
+                self.error(where(option), f"{option}: {why}", f"remove {option}")
         for group in self.fam.rule("exclusive_options", []):
             chosen = [o for o in group if values.get(o) not in (None, False)]
             if len(chosen) > 1:
