@@ -211,7 +211,8 @@ class _Compiler:
                                                     "use image_directory or image_jsonl_file instead of video_directory / video_jsonl_file"))
                 continue
             has_control = d.control_directory is not None or (d.image_jsonl_file is not None and _jsonl_has(base, d.image_jsonl_file, "control_path"))
-            if self.task_props.get("control_dataset") and not has_control:
+            # A switch set to "optional" (FLUX.2) takes control images and trains without them too.
+            if self.task_props.get("control_dataset") is True and not has_control:
                 fix = ("give each line of image_jsonl_file a control_path (control_path_0, control_path_1, ... for several)" if d.image_jsonl_file
                        else "set control_directory to a folder with a control image per target image (same file name)")
                 self.problems.append(source.problem(at, f"{title} trains on pairs of control and target images, and this dataset has no control images", fix))
@@ -315,6 +316,9 @@ class _Compiler:
                 tasks = self.tasks_with(switch)
                 self.error(where(option), f"{option} is only for {', '.join(tasks)}, not {self.task or self.fam.title}",
                            f"remove {option}, or set task to {tasks[0]}" if tasks else f"remove {option}")
+        for option, why in self.fam.rule("refused_options", {}).get(stage.kind, {}).items():  # options a script has but stops on
+            if values.get(option) not in (None, False):
+                self.error(where(option), f"{option}: {why}", f"remove {option}")
         for group in self.fam.rule("exclusive_options", []):
             chosen = [o for o in group if values.get(o) not in (None, False)]
             if len(chosen) > 1:
@@ -810,7 +814,7 @@ class _Compiler:
         flag = self.fam.flag("control_images")
         controls = values.get(flag) or []
         title = f"{self.fam.title} {self.task or ''}".strip()
-        if self.task_props.get("control_generate") and not controls and stage.prompts is None:
+        if self.task_props.get("control_generate") is True and not controls and stage.prompts is None:
             self.error(where + (flag,), f"{title} generates from a control image", f"set {flag} = [\"path/to/image.png\"]")
         if controls and not self.task_props.get("control_generate"):
             tasks = self.tasks_with("control_generate")
