@@ -255,3 +255,40 @@ def test_a_two_gpu_training_runs_through_the_double_with_the_configured_gpus(che
     assert argv[argv.index("--gpu_ids") + 1] == "0,1" and "--multi_gpu" in argv
     bars = [e for e in rec.kinds("progress") if e.step == "train" and e.phase == "training" and e.current]
     assert [e.current for e in bars] == sorted(e.current for e in bars) and bars[-1].current == 4
+
+
+ACCELERATE_PARSE = r"""
+import json, sys
+from accelerate.commands.launch import launch_command_parser
+args = launch_command_parser().parse_args(json.loads(sys.argv[1]))
+print("PARSED " + json.dumps({k: getattr(args, k) for k in ("multi_gpu", "num_processes", "num_machines", "machine_rank",
+                                                               "main_process_ip", "main_process_port", "gpu_ids")}))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MUSUBI_TUNER_DIR"), reason="set MUSUBI_TUNER_DIR to a musubi-tuner checkout to run")
+def test_real_accelerate_and_musubi_parsers_accept_the_multi_machine_argv(tmp_path):
+    import os
+    import subprocess
+
+    from test_compiler import DRIVER
+
+    real = Path(os.environ["MUSUBI_TUNER_DIR"])
+    python = str(real / ".venv/bin/python")
+    plan = compile_file(project(tmp_path, "num_processes = 4\nnum_machines = 2\nddp_timeout = 30\nddp_gradient_as_bucket_view = true"))
+    train = plan.step("train")
+    config = MusubiConfig(gpus="0,1", machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29500)
+    launch = [*train.launch_args, *config.launch_args(train.launch_args), "script.py"]
+    run = subprocess.run([python, "-c", ACCELERATE_PARSE, json.dumps(launch)], capture_output=True, text=True, timeout=300)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("PARSED ")), None)
+    assert line, run.stderr[-3000:]
+    assert json.loads(line[7:]) == {"multi_gpu": True, "num_processes": 4, "num_machines": 2, "machine_rank": 1,
+                                    "main_process_ip": "10.0.0.1", "main_process_port": 29500, "gpu_ids": "0,1"}
+    item = {"script": train.script, "args": train.args, "path": str(real / "src/musubi_tuner" / train.script)}
+    (tmp_path / "items.json").write_text(json.dumps([item]))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    run = subprocess.run([python, str(tmp_path / "driver.py"), str(tmp_path / "items.json")], capture_output=True, text=True,
+                         cwd=real, timeout=900)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULTS ")), None)
+    assert line, run.stderr[-3000:]
+    assert json.loads(line[len("RESULTS "):]) == [[train.script, "ok"]]
