@@ -254,7 +254,9 @@ def test_a_two_gpu_training_runs_through_the_double_with_the_configured_gpus(che
     argv = start.data["argv"]
     assert argv[argv.index("--gpu_ids") + 1] == "0,1" and "--multi_gpu" in argv
     bars = [e for e in rec.kinds("progress") if e.step == "train" and e.phase == "training" and e.current]
-    assert [e.current for e in bars] == sorted(e.current for e in bars) and bars[-1].current == 4
+    # one bar, of this run's 4 steps (stdout and stderr are read by two threads, so two events
+    # may arrive out of order)
+    assert max(e.current for e in bars) == 4 and {e.total for e in bars} == {4}
 
 
 ACCELERATE_PARSE = r"""
