@@ -20,7 +20,7 @@ from ..pipelines.registry import Family, StageSpec
 # Fields of the language that are not musubi options of the same name: the compiler turns
 # them into flags (or files) itself.
 LANGUAGE_FIELDS = {
-    "kind", "needs", "extra_args", "description",
+    "kind", "needs", "extra_args", "description", "sweep",
     "output_name", "output_dir", "dit", "expert", "attention", "network_module", "mixed_precision",
     "sample_prompts", "num_processes", "num_machines", "latents", "text_encoder_cache",
     "prompt", "section_prompts", "section_images", "prompts", "loras", "loras_high_noise", "save_path",
@@ -136,6 +136,7 @@ class _Compiler:
             files=self.files,
             warnings=[str(p) for p in self.problems],
             musubi_contract=contract.CONTRACT,
+            sweeps=self.src.sweeps,
         )
 
     def check_task(self) -> None:
@@ -510,6 +511,9 @@ class _Compiler:
             args += self.arg(script, "sample_prompts", self.prompt_file(name, stage.sample_prompts, "sample"))
         args += self.arg(script, "output_dir", output_dir) + self.arg(script, "output_name", output_name)
         launch = launch_args(stage.num_processes or 1, mixed, stage.num_machines or 1)
+        if (stage.num_processes or 1) % (stage.num_machines or 1):  # accelerate starts num_processes / num_machines per machine
+            self.error(where + ("num_processes",), f"num_processes {stage.num_processes or 1} (all machines together) is not a "
+                       f"multiple of num_machines {stage.num_machines}", "give every machine the same number of GPUs")
         checkpoints = self.checkpoint_names(values, output_dir, output_name)
         save_state = bool(values.get("save_state") or values.get("save_state_on_train_end"))
         outputs = [
