@@ -453,3 +453,20 @@ def test_training_config_left_at_its_defaults_trains_what_the_cli_pipeline_train
     train = ours.step("train").args
     for key in ("network_alpha", "save_every_n_epochs"):  # the values ComfyUI and the CLI used to disagree on
         assert train[train.index(f"--{key}") + 1] == str(defaults[key])
+
+
+def test_export_links_a_stage_after_a_generator_to_its_pipeline_output(tmp_path):
+    """A generator's first output is its picture or video: a later stage takes the pipeline output."""
+    from musubi_pipe.comfy_adapter.export import pipeline_nodes, to_api
+    from musubi_pipe.pipelines import registry
+
+    fam = next(f for f in registry.families() if f.output == "image" and not f.tasks)
+    models = "\n".join(f'{slot} = "{slot}.safetensors"' for slot in fam.slots("generate"))
+    for slot in fam.slots("generate"):
+        (tmp_path / f"{slot}.safetensors").write_bytes(b"\0")
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "x"\nfamily = "{fam.name}"\n[models]\n{models}\n[stages.a]\nkind = "generate"\nprompt = "one"\n'
+                    '[stages.b]\nkind = "generate"\nprompt = "two"\nneeds = ["a"]\n')
+    nodes, links = pipeline_nodes(path, "")
+    assert links == [("1", 0, "2", "pipeline"), ("2", 1, "3", "pipeline")]
+    assert to_api(nodes, links)["3"]["inputs"]["pipeline"] == ["2", 1]
