@@ -950,6 +950,20 @@ TINY_PNG = bytes.fromhex(
 )
 
 
+def png_bytes(width: int, height: int, rgb: tuple[int, int, int], alpha: int | None = None) -> bytes:
+    """A PNG of one colour (RGBA when alpha is given), without PIL."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    pixel = bytes(rgb) + (bytes([alpha]) if alpha is not None else b"")
+    raw = (b"\x00" + pixel * width) * height
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if alpha is None else 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
 def write_video(path: str, frames: int = 4, size: int = 64) -> None:
     try:
         import av
@@ -1061,10 +1075,16 @@ def save_generated(script: str, a: dict, save_path: str, seed: int, logger: str)
             save_safetensors({"latent": np.zeros((16, 1, 2, 2), np.float32)}, p, {"seeds": str(seed)})
             log(logger, f"Latent saved to: {p}")
         if output_type in ("images", "latent_images"):
-            p = os.path.join(save_path, f"{base}_000.png")
-            with open(p, "wb") as fh:
-                fh.write(TINY_PNG)
-            log(logger, f"Sample images saved to: {save_path}/{base}")
+            # save_images: a picture of --image_size ([height, width]) in a colour of the seed;
+            # Layered: the composite and --output_layers layers, <time>_layer<i>_<seed>_000.png, with alpha.
+            height, width = a.get("image_size") or (256, 256)
+            colour = (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)
+            layered = (a.get("model_version") or "").lower() == "layered"
+            names = [f"{stamp}_layer{i}_{seed}" for i in range((a.get("output_layers") or 4) + 1)] if layered else [base]
+            for i, name in enumerate(names):
+                with open(os.path.join(save_path, f"{name}_000.png"), "wb") as fh:
+                    fh.write(png_bytes(width, height, colour, 255 - 40 * i if layered else None))
+            log(logger, f"Sample images saved to: {save_path}/{names[-1]}")
         return
     if output_type in ("latent", "both"):
         p = os.path.join(save_path, f"{base}_latent.safetensors")
