@@ -6,7 +6,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from workflows import model_widgets, wan_training
 
