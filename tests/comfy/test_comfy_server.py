@@ -6,7 +6,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from workflows import model_widgets, wan_training
 
 from musubi_pipe.pipelines import registry
