@@ -285,6 +285,8 @@ def _minimal_pipeline(fam: registry.Family) -> str:
     stages = {"cache_latents": "", "cache_text_encoder": "", "train": "", "ema": 'checkpoints = "@train.checkpoints"',
               "convert": 'input = "@train.lora"', "generate": 'prompt = "a"\nimage_path = "/i/a.png"' if fam.task(None).get("start_image") else 'prompt = "a"',
               "merge": 'loras = ["@train.lora"]', "lora_merge": 'loras = ["@train.lora", "@ema.lora"]'}
+    if fam.rule("json_prompt"):  # a plain prompt, verified by musubi only as a warning
+        stages["generate"] += f'\nextra_args = {{ {fam.rule("json_prompt")["unless"]} = true }}'
     for kind, body in stages.items():
         if kind in fam.stages:
             lines.append(f'[stages.{kind}]\nkind = "{kind}"\n{body}')
