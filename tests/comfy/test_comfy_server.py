@@ -10,7 +10,10 @@ import pytest
 
 from workflows import model_widgets, wan_training
 
-FAMILY_NODES = {f"MusubiTuner_{comfy}{suffix}" for comfy in ("Wan", "FramePack", "HunyuanVideo")
+from musubi_pipe.pipelines import registry
+
+# One cache pair, trainer and generator per registry family: a new family file adds its nodes.
+FAMILY_NODES = {f"MusubiTuner_{fam.comfy_name}{suffix}" for fam in registry.families()
                 for suffix in ("LatentCache", "TextEncoderCache", "Trainer", "Generator")}
 PACK_NODES = FAMILY_NODES | {
     "MusubiTuner_DatasetConfig", "MusubiTuner_DatasetViewer", "MusubiTuner_DatasetCheck", "MusubiTuner_VAELatentCache", "MusubiTuner_TextEncoderCache",
