@@ -57,6 +57,8 @@ class _Compiler:
         self.task_props = self.fam.task(self.task) if self.task in self.fam.tasks or not self.fam.tasks else self.fam.model
         # The architecture name musubi's caches carry: per task where versions differ (Qwen-Image-Edit).
         self.cache_arch = self.task_props.get("cache_arch") or self.fam.short
+        # The value musubi's --task gets, where the registry's task names more than it (HiDream-O1's dev-t2i).
+        self.task_arg = self.task_props.get("task_value") or self.task
         self.base = source.folder
         self.workdir = self.path(pipeline.workdir) if pipeline.workdir else str(self.base / "musubi-out" / pipeline.name)
         self.files: list[GeneratedFile] = []
@@ -219,10 +221,11 @@ class _Compiler:
                 self.problems.append(source.problem(at, f"{title} trains on pairs of control and target images, and this dataset has no control images", fix))
             elif has_control and not self.task_props.get("control_dataset"):
                 why = "the family uses no control images" if self.fam.rule("no_control_images") else f"only the edit tasks ({', '.join(self.control_tasks())}) use them"
+                refused = self.fam.rule("control_dataset_refused")  # musubi stops instead of ignoring them
                 self.problems.append(source.problem(at + (("control_directory",) if d.control_directory else ()),
-                                                    f"{title} ignores control images: {why}",
+                                                    f"{title} " + (f"refuses a dataset with control images (musubi raises): {why}" if refused else f"ignores control images: {why}"),
                                                     "remove control_directory" + (f", or set task to one of {', '.join(self.control_tasks())}" if self.control_tasks() else ""),
-                                                    severity="warning"))
+                                                    severity="error" if refused else "warning"))
             if self.task_props.get("multiple_target") and not d.multiple_target:
                 self.problems.append(source.problem(at, f"{title} trains on several target images per item (the layers)",
                                                     "set multiple_target = true and name the targets <name>_0, <name>_1, ... (docs/dataset_config.md)"))
@@ -269,6 +272,8 @@ class _Compiler:
                 value = values.pop(alias)
                 if alias in PATH_FIELDS and isinstance(value, str):
                     value = self.path(value)
+                elif alias in PATH_FIELDS and isinstance(value, list):
+                    value = [self.path(v) for v in value]
                 if isinstance(option, list):  # video_size [height, width] -> --height, --width
                     values.update(zip(option, value))
                 else:
@@ -317,11 +322,20 @@ class _Compiler:
                 tasks = self.tasks_with(switch)
                 self.error(where(option), f"{option} is only for {', '.join(tasks)}, not {self.task or self.fam.title}",
                            f"remove {option}, or set task to {tasks[0]}" if tasks else f"remove {option}")
+        kind = self.p.stages[name].kind
+        slots = {slot for slot in self.fam.stages[kind].models if getattr(self.p.models, slot, None) is not None}
+        given = lambda o: values.get(o) not in (None, False) or o in slots  # an option, or a model slot this stage passes
+        for option, needed in self.fam.rule("option_requires", {}).items():
+            if given(option) and not given(needed) and (needed in contract.options(self.fam.stages[kind].script) or needed in slots):
+                self.error(where(option), f"{option} requires {needed} (musubi stops otherwise)", f"set {needed}" + (f" (models.{needed})" if needed in self.fam.models else " = true" if isinstance(values.get(option), bool) else ""))
+        for option, allowed in self.fam.rule("option_values", {}).items():
+            if option in values and str(values[option]) not in allowed:
+                self.error(where(option), f"{self.fam.title} refuses {option} {values[option]!r} (musubi-tuner's docs and scripts)", f"use {' or '.join(allowed)}")
         for option, why in self.fam.rule("refused_options", {}).get(stage.kind, {}).items():  # options a script has but stops on
             if values.get(option) not in (None, False):
                 self.error(where(option), f"{option}: {why}", f"remove {option}")
         for group in self.fam.rule("exclusive_options", []):
-            chosen = [o for o in group if values.get(o) not in (None, False)]
+            chosen = [o for o in group if given(o)]
             if len(chosen) > 1:
                 self.error(where(chosen[-1]), f"{' and '.join(chosen)} cannot be used together (musubi-tuner's docs)", f"keep one of {', '.join(chosen)}")
 
@@ -362,7 +376,8 @@ class _Compiler:
             value = getattr(self.p.models, slot)
             when, _, cond = mode.partition(":")  # required | sampling | if_task:<prop> | sampling_if_task:<prop>
             for_task = bool(self.task_props.get(cond))
-            wanted = {"required": True, "sampling": sampling, "if_task": for_task, "sampling_if_task": sampling and for_task}[when]
+            wanted = {"required": True, "sampling": sampling, "if_task": for_task, "sampling_if_task": sampling and for_task,
+                      "optional": value is not None}[when]
             if not wanted:
                 continue
             if value is None:
@@ -443,7 +458,7 @@ class _Compiler:
             values.pop("skip_existing", None)
         args = self.arg(tpl.script, "dataset_config", dataset) + self.models(name, stage, tpl, tpl.script)
         if self.task and self.has(tpl.script, "task"):  # Qwen-Image caches per --model_version
-            args += self.arg(tpl.script, "task", self.task)
+            args += self.arg(tpl.script, "task", self.task_arg)
         args += self.options(name, stage, tpl.script, values)
         assert self.dataset is not None
         outputs = [Output(artifact, "files", self.dataset.cache_directory(i) or "", pattern) for i in range(len(self.dataset.datasets))]
@@ -469,7 +484,7 @@ class _Compiler:
         sampling = stage.sample_prompts is not None
         args: list[str] = []
         if self.has(script, "task"):
-            args += self.arg(script, "task", self.task)
+            args += self.arg(script, "task", self.task_arg)
         dit, dit_from = self.train_dit(name, stage, tpl, values, refs)
         if dit:
             args += self.arg(script, "dit", dit)
@@ -627,6 +642,13 @@ class _Compiler:
         elif optimizer.lower() not in self.fam.training["optimizers"] and "." not in optimizer:
             self.error(where + ("optimizer_type",), f"unknown optimizer {optimizer!r}", "use AdamW, AdamW8bit, AdaFactor, or a dotted class path such as prodigyopt.Prodigy")
         self.check_swap(name, values)
+        rule = self.fam.rule("swap_batch_one")  # block swap works only one sample per step on these paths
+        if rule and values.get("blocks_to_swap") and self.dataset is not None:
+            path = self.task_props.get(rule["task"]) and f"task {self.task}" or (stage.attention in rule["attention"] and f"attention {stage.attention}")
+            sizes = [d.batch_size or self.dataset.general.batch_size or 1 for d in self.dataset.datasets]
+            if path and max(sizes, default=1) > 1:
+                self.error(where + ("blocks_to_swap",), f"{self.fam.title} with {path} swaps blocks only with a dataset batch_size of 1, got {max(sizes)} (musubi raises)",
+                           "set batch_size = 1 in the dataset, or remove blocks_to_swap")
         option = self.fam.rule("dtype_option")  # the option naming the DiT's compute dtype (a stage value or extra_args)
         wanted = values.get(option, stage.extra_args.get(option)) if option else None
         dtype = self.p.models.dit_dtype or _guess_dtype(stage.dit or self.p.models.dit or "")
@@ -718,7 +740,7 @@ class _Compiler:
         chosen = stage.model_fields_set
         args: list[str] = []
         if self.has(script, "task"):
-            args += self.arg(script, "task", self.task)
+            args += self.arg(script, "task", self.task_arg)
         inputs: list[Input] = []
         if stage.dit:  # a merged model or another DiT file instead of models.dit
             dit, producer = self.value_or_ref(refs, where + ("dit",), stage.dit)
@@ -733,7 +755,10 @@ class _Compiler:
         if sum(texts) != 1:
             self.error(where, "a generate stage needs exactly one of prompt, prompts or section_prompts", "set prompt = \"...\" (or prompts = [...] for a batch)")
         if stage.prompt is not None:
-            args += self.arg(script, "prompt", stage.prompt)
+            words = self.arg(script, "prompt", stage.prompt)
+            # A positional prompt goes first: after a list option (--lora_multiplier) argparse would take it as a value.
+            positional = contract.options(script)[self.fam.flag("prompt")].action == "positional"
+            args = words + args if positional else args + words
         sections = self.fam.rule("section_prompts")
         if stage.section_prompts is not None:
             if not sections:
@@ -820,7 +845,7 @@ class _Compiler:
         title = f"{self.fam.title} {self.task or ''}".strip()
         if self.task_props.get("control_generate") is True and not controls and stage.prompts is None:
             self.error(where + (flag,), f"{title} generates from a control image", f"set {flag} = [\"path/to/image.png\"]")
-        if controls and not self.task_props.get("control_generate"):
+        if controls and not self.task_props.get("control_generate") and not self.task_props.get("control_optional"):
             tasks = self.tasks_with("control_generate")
             self.error(where + (flag,), f"{title} takes no control image", f"remove {flag}" + (f", or set task to one of {', '.join(tasks)}" if tasks else ""))
         most = self.task_props.get("max_control_images")
@@ -834,6 +859,18 @@ class _Compiler:
         if step and size and (size[0] % step or size[1] % step):
             self.error(where + ("image_size",), f"image_size {list(size)} is not a multiple of {step} (musubi stops: 'height and width have to be divisible by {step}')",
                        f"use [{size[0] // step * step}, {size[1] // step * step}]")
+        rule = self.fam.rule("json_prompt")  # the script verifies the prompt as a structured JSON caption
+        if rule and stage.prompt is not None and not values.get(rule["unless"]) and not stage.extra_args.get(rule["unless"]):
+            import json
+
+            try:
+                caption = json.loads(stage.prompt)
+            except ValueError:
+                caption = None
+            missing = [k for k in rule["keys"] if not isinstance(caption, dict) or k not in caption]
+            if missing:
+                self.error(where + ("prompt",), f"{self.fam.title} takes a structured JSON prompt, and this one " + ("is not a JSON object" if not isinstance(caption, dict) else f"has no {', '.join(missing)}") + " (musubi stops: 'caption verifier flagged prompt')",
+                           f"write the prompt as JSON with {', '.join(rule['keys'])}, or set extra_args {rule['unless']} = true to only warn")
         return [Input(f"control_image{i}", self.path(p)) for i, p in enumerate(controls)]
 
     def build_merge(self, name, stage, tpl, refs) -> Step:
@@ -854,7 +891,7 @@ class _Compiler:
         else:
             # Through the generate script. Without --lycoris, Wan and FramePack exit 0 and save nothing
             # (upstream PR #594); a Wan merge also encodes a prompt before it loads the DiT.
-            args = (self.arg(script, "task", self.task) if self.has(script, "task") else []) + self.models(name, stage, tpl, script) + lora_args
+            args = (self.arg(script, "task", self.task_arg) if self.has(script, "task") else []) + self.models(name, stage, tpl, script) + lora_args
             args += self.arg(script, "lycoris", True) + self.arg(script, "merged_model", output) + self.arg(script, "prompt", "merge")
             args += self.options(name, stage, script, dict(tpl.defaults))  # what the script needs before it loads the DiT
             args += self.arg(script, "save_path", str(Path(self.workdir) / name))

@@ -160,7 +160,7 @@ def _plain_rules(script: str):
     placement of positionals is not simple: more than one, or one that may be empty."""
     opts = options(script).values()
     positionals = [o for o in opts if o.action == "positional"]
-    if len(positionals) > 1 or (positionals and positionals[0].nargs != "+"):
+    if len(positionals) > 1 or (positionals and positionals[0].nargs not in ("+", "?")):
         return None
     flags = {f: o for o in opts if o.action != "positional" for f in _all_flags(script, o.dest)}
     return flags, {o.dest for o in opts if o.required}, positionals[0] if positionals else None
@@ -168,7 +168,7 @@ def _plain_rules(script: str):
 
 def _plainly_accepted(script: str, args: list[str]) -> bool:
     """True only where argparse surely accepts: a run of words for a '+' positional first (if the
-    script has one), then known full option strings (or --flag=value for a one-value option), each
+    script has one; at most one word for a '?' one), then known full option strings (or --flag=value for a one-value option), each
     followed by exactly as many values as its nargs takes; no value starts with '-'; every value
     converts to the option's type and is among its choices; every required option is there."""
     rules = _plain_rules(script)
@@ -180,9 +180,15 @@ def _plainly_accepted(script: str, args: list[str]) -> bool:
     if positional is not None:
         while i < n and not args[i].startswith("-"):
             i += 1
-        if i == 0:  # parser() gives a positional no type or choices: any words do
+        if positional.nargs == "?":  # one optional word first (Krea 2's prompt), or none
+            if i > 1:
+                return False
+            if i == 1:
+                seen.add(positional.dest)
+        elif i == 0:  # parser() gives a positional no type or choices: any words do
             return False
-        seen.add(positional.dest)
+        else:
+            seen.add(positional.dest)
     while i < n:
         opt = flags.get(args[i])
         if opt is None:  # --flag=value

@@ -74,6 +74,11 @@ def test_the_compilers_argv_is_answered_without_argparse(tmp_path):
         assert contract._plainly_accepted(step.script, step.args), (step.script, step.args)
     assert not contract._plainly_accepted("wan_generate_video.py", ["--prompt", "-a"])
     assert not contract._plainly_accepted("wan_generate_video.py", ["--prompt", "a"])  # --save_path is required
+    krea = ["--dit", "d", "--vae", "v", "--text_encoder", "t", "--save_path", "s"]
+    assert contract._plainly_accepted("krea2_generate_image.py", ["a fox"] + krea)  # a '?' positional: one word first
+    assert contract._plainly_accepted("krea2_generate_image.py", krea) and contract.check("krea2_generate_image.py", krea) is None
+    assert not contract._plainly_accepted("krea2_generate_image.py", ["a", "fox"] + krea)
+    assert contract.check("krea2_generate_image.py", ["a", "fox"] + krea) is not None
 
 
 def value(opt) -> list[str]:

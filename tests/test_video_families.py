@@ -289,6 +289,8 @@ def _minimal_pipeline(fam: registry.Family) -> str:
               "convert": 'input = "@train.lora"', "generate": 'prompt = "a"\nimage_path = "/i/a.png"' if model.get("start_image") else
               'prompt = "a"\ncontrol_image_path = ["/i/a.png"]' if model.get("control_generate") is True else 'prompt = "a"',
               "merge": 'loras = ["@train.lora"]', "lora_merge": 'loras = ["@train.lora", "@ema.lora"]'}
+    if fam.rule("json_prompt"):  # a plain prompt, verified by musubi only as a warning
+        stages["generate"] += f'\nextra_args = {{ {fam.rule("json_prompt")["unless"]} = true }}'
     for kind, body in stages.items():
         if kind in fam.stages:
             lines.append(f'[stages.{kind}]\nkind = "{kind}"\n{body}')

@@ -268,6 +268,9 @@ def target_modules(family: str, variant: str | None = None) -> dict[str, TargetM
             for sub, (din, dout) in spec["module_sets"][set_name].items():
                 m = TargetModule(f"{prefix}.{i}.{sub}", dims[din], dims[dout])
                 out[m.lora_name] = m
+    for module, (din, dout) in v.get("modules", {}).items():  # modules outside the repeated blocks
+        m = TargetModule(module, dims[din], dims[dout])
+        out[m.lora_name] = m
     return out
 
 

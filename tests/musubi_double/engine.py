@@ -534,16 +534,19 @@ def read_dataset(script: str, args, logger: str, fail: str | None) -> tuple[list
 def cache_latents(script: str, arch: str, args, fail: str | None) -> None:
     logger = "__main__"
     datasets, all_items = read_dataset(script, args, logger, fail)
-    if getattr(args, "vae", None) is None:
+    pixels = script == "hidream_o1_cache_pixel"  # HiDream-O1 caches pixel patch tokens: no VAE
+    if getattr(args, "vae", None) is None and not pixels:
         traceback_exit(MAIN_FRAMES(script), "AssertionError: vae checkpoint is required")
-    require_file(script, args.vae, "vae")
+    if not pixels:
+        require_file(script, args.vae, "vae")
     if arch == "fk" and getattr(args, "vae_dtype", None) is not None:
         traceback_exit(MAIN_FRAMES(script), "ValueError: VAE dtype is not supported in FLUX.1 Kontext.")
     for extra in ("image_encoder", "clip"):
         require_file(script, getattr(args, extra, None), extra)
     if fail in ("missing_file", "tokenizer_offline", "hub_download", "network_module", "dtype"):
         raise_injected(fail, script, args)
-    log(logger, f"Loading VAE model from {args.vae}")
+    if not pixels:
+        log(logger, f"Loading VAE model from {args.vae}")
     for i, (ds, items) in enumerate(zip(datasets, all_items)):
         log(logger, f"Encoding dataset [{i}]")
         os.makedirs(ds["cache_directory"], exist_ok=True)
@@ -1040,6 +1043,13 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
         log(logger, f"Saved video to {a['output']}")
         return
     save_path = a.get("save_path") or "."
+    if script.endswith("generate_image") and "output_type" not in a and os.path.splitext(save_path)[1]:
+        # HiDream-O1 (and Ideogram 4 given a file name) write one image to the file --save_path names
+        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
+        with open(save_path, "wb") as fh:
+            fh.write(TINY_PNG)
+        log(logger, f"Saved image to {save_path}")
+        return
     os.makedirs(save_path, exist_ok=True)
     seeds = [a.get("seed") if a.get("seed") is not None else 42]
     if a.get("from_file"):
@@ -1068,6 +1078,13 @@ def save_generated(script: str, a: dict, save_path: str, seed: int, logger: str)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
     base = f"{stamp}_0_{seed}" if script == "hv_generate_video" else f"{stamp}_{seed}"
     output_type = a.get("output_type") or "video"
+    if script.endswith("generate_image") and "output_type" not in a:
+        # scripts without --output_type (Krea 2: <time>_<seed>.png; Ideogram 4: ideogram4_00.png) save PNGs only
+        p = os.path.join(save_path, f"{base}.png" if script.startswith("krea2") else "ideogram4_00.png")
+        with open(p, "wb") as fh:
+            fh.write(TINY_PNG)
+        log(logger, f"Saved image: {p}")
+        return
     if script.endswith("generate_image"):
         # save_output / save_images: <time>_<seed>_latent.safetensors, <time>_<seed>_000.png
         if output_type in ("latent", "latent_images"):
