@@ -282,7 +282,7 @@ def _minimal_pipeline(fam: registry.Family) -> str:
     lines += [f'{slot} = "/m/{slot}.safetensors"' for slot in fam.models if slot != "dit_high_noise"]
     media = ('image_directory = "/images"' if fam.output == "image" else 'video_directory = "/clips", target_frames = [1, 25]')
     lines.append(f'[dataset]\ndatasets = [{{ {media}, cache_directory = "/cache" }}]')
-    stages = {"cache_latents": "", "cache_text_encoder": "", "train": "", "ema": 'checkpoints = "@train.checkpoints"',
+    stages = {"cache_latents": "", "cache_text_encoder": "", "train": "", "finetune": "", "ema": 'checkpoints = "@train.checkpoints"',
               "convert": 'input = "@train.lora"', "generate": 'prompt = "a"\nimage_path = "/i/a.png"' if fam.task(None).get("start_image") else 'prompt = "a"',
               "merge": 'loras = ["@train.lora"]', "lora_merge": 'loras = ["@train.lora", "@ema.lora"]'}
     for kind, body in stages.items():
