@@ -99,6 +99,26 @@ def task_widget(tasks: list[str], tooltip: str) -> tuple:
              "pipeline's task (chosen on Dataset Config), else the family's default; another value must agree with it"})
 
 
+def accepts(fam, kind: str, field: str) -> bool:
+    """Whether the family's script for `kind` takes this pipeline-language field (under the name
+    the family's [stages.<kind>] aliases give it), by the recorded command-line contract: a node
+    shows a widget only where it does something."""
+    from ..compiler import contract
+
+    spec = fam.stages[kind]
+    option = spec.aliases.get(field, field)
+    known = contract.options(spec.script)
+    return all(o in known for o in (option if isinstance(option, list) else [option]))
+
+
+def has_role(fam, kind: str, role: str) -> bool:
+    """Whether the family's script for `kind` has the option the compiler fills for `role` (the
+    registry's [flags]), by the recorded contract."""
+    from ..compiler import contract
+
+    return fam.flag(role) in contract.options(fam.stages[kind].script)
+
+
 def slot_folder(slot: str) -> str:
     """ComfyUI's model folder of a model slot (the registry's [models.<slot>] folder)."""
     for fam in registry().families():
@@ -407,6 +427,26 @@ def comfy_config():
     roots = list(config.allowed_output_roots) + [Path(folder_paths.get_output_directory()), Path(folder_paths.get_temp_directory())]
     roots += [Path(p) for p in folder_paths.get_folder_paths("loras") + folder_paths.get_folder_paths("diffusion_models")]
     return dataclasses.replace(config, allowed_output_roots=roots)
+
+
+def image_batch(paths: list[str]):
+    """Picture files as a ComfyUI IMAGE batch [B, H, W, 3] in 0..1 and its MASK [B, H, W] (1 where
+    transparent, as core Load Image gives it). A batch has one size: pictures of another size than
+    the first are left out. Returns (image, mask, the files in the batch)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    pictures, kept, size = [], [], None
+    for path in paths:
+        with Image.open(path) as im:
+            if size is not None and im.size != size:
+                continue
+            size = im.size
+            pictures.append(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0)
+        kept.append(path)
+    stack = torch.from_numpy(np.stack(pictures))
+    return stack[..., :3].contiguous(), 1.0 - stack[..., 3], kept
 
 
 def image_tensor(image):

@@ -22,7 +22,7 @@ KIND_NODES = {
 FAMILY_NODES = {(kind, fam.name): family_node_id(fam, kind)
                 for fam in registry().families() for kind in FAMILY_NODE_SUFFIX if kind in fam.stages}
 SOCKET_TYPES = {"MUSUBI_PIPELINE", "MUSUBI_LORA", "MUSUBI_PROMPTS", "MUSUBI_TRAIN_CONFIG", "MUSUBI_OPTIMIZER_CONFIG",
-                "MUSUBI_SAMPLING_CONFIG", "MUSUBI_MEMORY_CONFIG", "IMAGE", "VIDEO"}
+                "MUSUBI_SAMPLING_CONFIG", "MUSUBI_MEMORY_CONFIG", "IMAGE", "VIDEO", "MASK"}
 
 
 class _SaveVideo:
@@ -127,14 +127,14 @@ def pipeline_nodes(path: str | Path, base_folder: str | None = None) -> tuple[li
         covered: set[str] = set()
         primary = max(preds, key=lambda p: len(nx.ancestors(graph, p)), default=None)
         if primary:
-            links.append((node_of[primary], 0, node_id, "pipeline"))
+            links.append((node_of[primary], _pipeline_slot(nodes, node_of[primary]), node_id, "pipeline"))
             covered = nx.ancestors(graph, primary) | {primary}
         else:
             links.append(("1", 0, node_id, "pipeline"))
         rest = [p for p in preds if p not in covered]
         if rest:
             other = max(rest, key=lambda p: len(nx.ancestors(graph, p)))
-            links.append((node_of[other], 0, node_id, "more"))
+            links.append((node_of[other], _pipeline_slot(nodes, node_of[other]), node_id, "more"))
             covered |= nx.ancestors(graph, other) | {other}
             if any(p not in covered for p in rest):
                 raise PipelineError([_problem(source.file, name, "this stage joins more than two independent branches, "
@@ -144,6 +144,12 @@ def pipeline_nodes(path: str | Path, base_folder: str | None = None) -> tuple[li
         raise PipelineError([_problem(source.file, "models", f"no stage node takes models {', '.join(missing)}",
                                       "remove them from [models]")])
     return nodes, links
+
+
+def _pipeline_slot(nodes: list[dict], node_id: str) -> int:
+    """The output of a node that carries the pipeline (a generator's first output is its video or image)."""
+    class_type = next(n["class_type"] for n in nodes if n["id"] == node_id)
+    return _classes()[class_type].RETURN_TYPES.index("MUSUBI_PIPELINE")
 
 
 def _problem(file: str, where: str, message: str, fix: str):

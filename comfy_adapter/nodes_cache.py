@@ -7,16 +7,9 @@ more that do nothing for yours). Per family, the node shows exactly what to pick
 says what it is for, as the trainers and generators do."""
 from __future__ import annotations
 
-from .base import (FROM_PIPELINE, PIPELINE, StageNode, all_task_choices, build_stage, family_classes, family_widget,
+from .base import (FROM_PIPELINE, PIPELINE, StageNode, accepts, all_task_choices, build_stage, family_classes, family_widget,
                    finish_stage, model_inputs, node_slots, pipeline_family, registry, set_if, stage_inputs, tip)
 from .nodes_train import MEMORY_CONFIG
-
-
-def _accepts(fam, kind: str, option: str) -> bool:
-    """Whether the family's script for `kind` has this option (the recorded command-line contract)."""
-    from ..compiler import contract
-
-    return option in contract.options(fam.stages[kind].script)
 
 
 def _cache(node, kw: dict, family: str, fields: dict, unique_id, task: str | None = None) -> tuple:
@@ -45,9 +38,10 @@ def _latent_fields(batch_size, vae_tiling, memory_config, tiling_default: bool =
     return fields
 
 
-def _text_widgets(required: dict) -> None:
+def _text_widgets(required: dict, fp8: bool = True) -> None:
     required["batch_size"] = tip("INT", "captions encoded at once; 0 = the family template's default", default=0, min=0, max=256)
-    required["fp8_text_encoder"] = tip("BOOLEAN", "load the text encoder in fp8 to save VRAM", default=False)
+    if fp8:
+        required["fp8_text_encoder"] = tip("BOOLEAN", "load the text encoder in fp8 to save VRAM", default=False)
 
 
 def _text_fields(batch_size, fp8_text_encoder) -> dict:
@@ -84,7 +78,7 @@ class _LatentCache(_Cache):
     def INPUT_TYPES(cls):
         fam = registry().family(cls.FAMILY)
         required, optional, hidden = cls._inputs()
-        _latent_widgets(required, optional, _accepts(fam, cls.KIND, "vae_tiling"), _tiling_default(fam))
+        _latent_widgets(required, optional, accepts(fam, cls.KIND, "vae_tiling"), _tiling_default(fam))
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, batch_size, vae_tiling=None, unique_id=None, memory_config=None, **kw):
@@ -100,10 +94,10 @@ class _TextEncoderCache(_Cache):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = cls._inputs()
-        _text_widgets(required)
+        _text_widgets(required, accepts(registry().family(cls.FAMILY), cls.KIND, "fp8_text_encoder"))
         return {"required": required, "optional": optional, "hidden": hidden}
 
-    def run(self, batch_size, fp8_text_encoder, unique_id=None, **kw):
+    def run(self, batch_size, fp8_text_encoder=False, unique_id=None, **kw):
         return _cache(self, kw, self.FAMILY, _text_fields(batch_size, fp8_text_encoder), unique_id)
 
 

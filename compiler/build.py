@@ -20,7 +20,7 @@ from ..pipelines.registry import Family, StageSpec
 # Fields of the language that are not musubi options of the same name: the compiler turns
 # them into flags (or files) itself.
 LANGUAGE_FIELDS = {
-    "kind", "needs", "extra_args", "description",
+    "kind", "needs", "extra_args", "description", "sweep",
     "output_name", "output_dir", "dit", "expert", "attention", "network_module", "mixed_precision",
     "sample_prompts", "num_processes", "num_machines", "latents", "text_encoder_cache",
     "prompt", "section_prompts", "section_images", "prompts", "loras", "loras_high_noise", "save_path",
@@ -136,6 +136,7 @@ class _Compiler:
             files=self.files,
             warnings=[str(p) for p in self.problems],
             musubi_contract=contract.CONTRACT,
+            sweeps=self.src.sweeps,
         )
 
     def check_task(self) -> None:
@@ -211,7 +212,8 @@ class _Compiler:
                                                     "use image_directory or image_jsonl_file instead of video_directory / video_jsonl_file"))
                 continue
             has_control = d.control_directory is not None or (d.image_jsonl_file is not None and _jsonl_has(base, d.image_jsonl_file, "control_path"))
-            if self.task_props.get("control_dataset") and not has_control:
+            # A switch set to "optional" (FLUX.2) takes control images and trains without them too.
+            if self.task_props.get("control_dataset") is True and not has_control:
                 fix = ("give each line of image_jsonl_file a control_path (control_path_0, control_path_1, ... for several)" if d.image_jsonl_file
                        else "set control_directory to a folder with a control image per target image (same file name)")
                 self.problems.append(source.problem(at, f"{title} trains on pairs of control and target images, and this dataset has no control images", fix))
@@ -315,6 +317,9 @@ class _Compiler:
                 tasks = self.tasks_with(switch)
                 self.error(where(option), f"{option} is only for {', '.join(tasks)}, not {self.task or self.fam.title}",
                            f"remove {option}, or set task to {tasks[0]}" if tasks else f"remove {option}")
+        for option, why in self.fam.rule("refused_options", {}).get(stage.kind, {}).items():  # options a script has but stops on
+            if values.get(option) not in (None, False):
+                self.error(where(option), f"{option}: {why}", f"remove {option}")
         for group in self.fam.rule("exclusive_options", []):
             chosen = [o for o in group if values.get(o) not in (None, False)]
             if len(chosen) > 1:
@@ -510,6 +515,9 @@ class _Compiler:
             args += self.arg(script, "sample_prompts", self.prompt_file(name, stage.sample_prompts, "sample"))
         args += self.arg(script, "output_dir", output_dir) + self.arg(script, "output_name", output_name)
         launch = launch_args(stage.num_processes or 1, mixed, stage.num_machines or 1)
+        if (stage.num_processes or 1) % (stage.num_machines or 1):  # accelerate starts num_processes / num_machines per machine
+            self.error(where + ("num_processes",), f"num_processes {stage.num_processes or 1} (all machines together) is not a "
+                       f"multiple of num_machines {stage.num_machines}", "give every machine the same number of GPUs")
         checkpoints = self.checkpoint_names(values, output_dir, output_name)
         save_state = bool(values.get("save_state") or values.get("save_state_on_train_end"))
         outputs = [
@@ -881,7 +889,7 @@ class _Compiler:
         flag = self.fam.flag("control_images")
         controls = values.get(flag) or []
         title = f"{self.fam.title} {self.task or ''}".strip()
-        if self.task_props.get("control_generate") and not controls and stage.prompts is None:
+        if self.task_props.get("control_generate") is True and not controls and stage.prompts is None:
             self.error(where + (flag,), f"{title} generates from a control image", f"set {flag} = [\"path/to/image.png\"]")
         if controls and not self.task_props.get("control_generate"):
             tasks = self.tasks_with("control_generate")

@@ -55,9 +55,16 @@ def render_plan(plan: Plan) -> str:
         lines.append("files written before the steps run:")
         lines += [f"  {f.path}" for f in plan.files]
         lines.append("")
+    labels = branch_labels(plan)
+    for stage, sweep in plan.sweeps.items():
+        legend = ", ".join(f"{short} = {setting}" for short, setting in sweep["settings"].items())
+        lines.append(f"sweep of {stage}: {len(sweep['branches'])} branches ({legend}); the stages before it are shared")
+        lines += [f"  {b['label']}" for b in sweep["branches"].values()]
+        lines.append("")
     for number, step in enumerate(plan.steps, 1):
         after = f"  (after {', '.join(step.needs)})" if step.needs else ""
-        lines.append(f"{number}. {step.id}: {step.kind}{after}")
+        label = f" {labels[step.id]}" if step.id in labels else ""
+        lines.append(f"{number}. {step.id}{label}: {step.kind}{after}")
         lines.append("   " + _wrapped(step.display_argv()))
         for out in step.outputs:
             where = f"{out.path}/{out.pattern}" if out.pattern else out.path
@@ -67,6 +74,16 @@ def render_plan(plan: Plan) -> str:
             lines += [f"     {i}. {fb.why}" for i, fb in enumerate(step.fallbacks, 1)]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def branch_labels(plan: Plan) -> dict[str, str]:
+    """Step id -> its branch's label, e.g. train-lr1e-4-nd16 -> train[lr=1e-4,nd=16]."""
+    labels = {}
+    for sweep in plan.sweeps.values():
+        for branch in sweep["branches"].values():
+            values = branch["label"][branch["label"].index("["):]
+            labels.update({new: old + values for old, new in branch["stages"].items()})
+    return labels
 
 
 def _wrapped(argv: list[str]) -> str:

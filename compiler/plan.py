@@ -132,6 +132,8 @@ class Plan:
     files: list[GeneratedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     musubi_contract: str = ""  # musubi-tuner commit whose recorded parsers checked the argv
+    # The document's sweeps (dsl/sweep.py): stage -> {settings, branches: {name: {label, values, stages}}}
+    sweeps: dict[str, Any] = field(default_factory=dict)
 
     def step(self, step_id: str) -> Step:
         for s in self.steps:

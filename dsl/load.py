@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from ..errors import PipelineError, Problem
 from ..files import tomllib
 from . import limits
+from .sweep import expand as expand_sweeps
 from .model import STAGE_KINDS, STAGE_MODELS, Pipeline
 
 
@@ -26,6 +27,7 @@ class Source:
     text: str
     format: str  # "toml" or "yaml"
     yaml_lines: dict[tuple, int] = field(default_factory=dict)
+    sweeps: dict = field(default_factory=dict)  # what dsl/sweep.py expanded, for plan and the run's comparison
 
     @property
     def folder(self) -> Path:
@@ -71,6 +73,7 @@ def validate_pipeline(data: Any, source: Source) -> Pipeline:
     limits.check_shape(data, source)
     problems: list[Problem] = []
     data = _interpolate(data, source, problems)
+    data, source.sweeps = expand_sweeps(data, source, problems)
     data = _apply_defaults(data, source, problems)
     try:
         pipeline = Pipeline.model_validate(data)

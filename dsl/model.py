@@ -107,6 +107,9 @@ class _Stage(_Strict):
         description="musubi options the language does not model, by argument name (checked against musubi's parser)",
     )
     description: StrictStr | None = None
+    sweep: dict[StrictStr, list[Scalar]] | None = Field(
+        None, description="try several values of settings: one branch per combination, sharing the upstream stages "
+                          "(expanded before the graph is built; at most 64 branches)")
 
 
 class CacheLatentsStage(_Stage):
@@ -203,8 +206,13 @@ class TrainStage(_Stage):
     sample_at_first: StrictBool | None = None
     one_frame: StrictBool | None = None
     latent_window_size: Count | None = None
-    num_processes: Count | None = Field(None, description="GPUs to train on (accelerate --num_processes)")
-    num_machines: Count | None = None
+    num_processes: Count | None = Field(None, description="GPUs to train on, all machines together (accelerate --num_processes); "
+                                        "the batch size is per GPU")
+    num_machines: Count | None = Field(None, description="machines to train on; each machine's own configuration "
+                                       "gives its machine_rank and the main process's address")
+    ddp_timeout: Count | None = Field(None, description="several GPUs: minutes a rank waits for the others")
+    ddp_gradient_as_bucket_view: StrictBool | None = None
+    ddp_static_graph: StrictBool | None = None
     gpu_memory_gib: GiB | None = Field(
         None, description="plan gradient checkpointing, fp8 and block swap for a GPU of this size (the fastest setting that fits); options set explicitly win")
     latents: StrictStr | None = Field(None, description="latent cache to train on (default: the pipeline's cache_latents stage)")

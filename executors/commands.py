@@ -121,6 +121,12 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         display.close()
         for s, handler in old.items():
             signal.signal(s, handler)
+    comparison = Path(result.run_dir or ".") / "sweep.txt"
+    if executor == "local" and plan.sweeps and result.run_dir and comparison.is_file():
+        try:
+            click.echo(comparison.read_text(encoding="utf-8"), nl=False)
+        except (OSError, ValueError):
+            pass
     _silence_dead_output()
     cancelled = 128 + got[0] if got else 130  # as a shell reports the signal that stopped it
     sys.exit({"succeeded": 0, "dry-run": 0, "cancelled": cancelled}.get(result.status, 1))

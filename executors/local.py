@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..compiler.plan import LAUNCH_TOOL, TOOL_COMMANDS, Plan, Step
+from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, TOOL_COMMANDS, Plan, Step
 from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
@@ -34,7 +34,12 @@ def launch_flags() -> set[str]:
     --no_python, a config file) could change what runs, and that is the configuration's choice only."""
     from ..pipelines import registry
 
-    return {"--" + option for option in registry.launch_flags().values()}
+    return {"--" + option for role, option in registry.launch_flags().items() if role not in MACHINE_ROLES}
+
+
+# accelerate launch roles only this machine's configuration fills (MusubiConfig.launch_args): its
+# GPUs, its rank and the main process's address. A shared plan naming them is refused.
+MACHINE_ROLES = ("gpu_ids", "machine_rank", "main_process_ip", "main_process_port")
 
 
 # Environment a plan must not set: it would choose another program or inject code.
@@ -87,6 +92,11 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
     for step in plan.steps:
         if step.launcher != LAUNCH_TOOL and SCRIPT_NAME.match(step.script):
             problems += _option_problems(plan, step, config)
+        if step.launcher == LAUNCH_ACCELERATE:
+            try:
+                config.launch_args(step.launch_args)
+            except PipelineError as err:
+                problems += err.problems
     if config.allowed_output_roots:
         # Run records go to the workdir and the state file beside the pipeline: a shared document
         # (a ComfyUI workflow names its own base folder) must not put them elsewhere either.
@@ -160,6 +170,23 @@ def redact(words: list[str]) -> list[str]:
         out.append("***" if hide else f"{flag}=***" if eq and flag in secrets else word)
         hide = word in secrets
     return out
+
+
+# What a run summary names: the artifacts people look for, not checkpoints, states or caches.
+RESULT_OUTPUTS = ("lora", "model", "videos", "images")
+
+
+def final_files(plan: Plan, state: StateFile) -> dict[str, list[str]]:
+    """Step -> the result files its last successful run made (up-to-date steps too)."""
+    found = {}
+    for step in plan.steps:
+        record = state.record(step.id) or {}
+        if record.get("status") != SUCCEEDED:
+            continue
+        paths = [o["path"] for o in record.get("outputs", []) if o.get("output") in RESULT_OUTPUTS]
+        if paths:
+            found[step.id] = paths
+    return found
 
 
 def redacted(plan: Plan) -> Plan:
@@ -307,12 +334,27 @@ class LocalExecutor:
                     result.status = status
                     stopped = f"{step.id} {status}"
             result.run_dir = self.run_dir
-            self._emit(ev.Event(ev.RUN_END, data={"status": result.status, "run_dir": str(self.run_dir or "")}))
+            end = {"status": result.status, "run_dir": str(self.run_dir or ""), "files": final_files(plan, self.state)}
+            if plan.sweeps and self.run_dir is not None:
+                end["comparison"] = self._compare(plan)
+            self._emit(ev.Event(ev.RUN_END, data=end))
         finally:
             if self._events_file is not None:
                 self._events_file.close()
                 self._events_file = None
         return result
+
+    def _compare(self, plan: Plan) -> str:
+        """The sweep's comparison in the run folder (sweep.txt, .json, .png); its path, or "" when
+        it could not be made: the steps' results stand either way."""
+        from .sweep_report import compare
+
+        try:
+            compare(plan, self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - a report must not turn a finished run into a crash
+            print(f"musubi-pipe: could not compare the sweep's branches: {exc!r}", file=sys.stderr)
+            return ""
+        return str(self.run_dir / "sweep.txt")
 
     def _write_generated(self, plan: Plan) -> None:
         """Write the plan's generated files atomically. An existing file with other content is
@@ -485,7 +527,7 @@ class LocalExecutor:
         """One subprocess: start, pump output into log/parser/listeners, wait or cancel."""
         from .progress import ProgressParser
 
-        run_step = replace(step, args=args)
+        run_step = replace(step, args=args, launch_args=[*step.launch_args, *self.config.launch_args(step.launch_args)])
         argv = run_step.command(str(self.config.python), str(self.config.musubi_dir))
         env = step_environment({**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         cwd = step.cwd or str(Path(self.run_dir).parent.parent)

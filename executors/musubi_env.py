@@ -4,6 +4,7 @@ pipeline file; and `doctor`, which checks what the configuration points at."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ PYTHON_ENV = "MUSUBI_PIPE_PYTHON"
 GPUS_ENV = "MUSUBI_PIPE_GPUS"
 APP = "musubi-pipe"
 KEYS = ("musubi_tuner_dir", "python", "gpus", "allowed_output_roots", "cancel_grace_s", "allow_code", "allow_upload",
-        "allowed_imports")
+        "allowed_imports", "machine_rank", "main_process_ip", "main_process_port")
 
 
 def config_path(environ: dict | None = None) -> Path:
@@ -63,6 +64,12 @@ class MusubiConfig:
     allow_code: bool = False
     allow_upload: bool = False
     allowed_imports: list[str] = field(default_factory=list)
+    # This machine's part in a training spread over several machines (a plan's --num_machines > 1):
+    # each machine's own configuration, never the shared pipeline, says which rank it is and where
+    # the main process listens.
+    machine_rank: int | None = None
+    main_process_ip: str = ""
+    main_process_port: int | None = None
     file: Path | None = None
     origin: dict[str, str] = field(default_factory=dict)
 
@@ -100,6 +107,33 @@ class MusubiConfig:
     def step_env(self) -> dict[str, str]:
         """Environment entries the configuration adds to every step."""
         return {"CUDA_VISIBLE_DEVICES": self.gpus} if self.gpus else {}
+
+    def launch_args(self, planned: list[str]) -> list[str]:
+        """The accelerate flags this machine adds to a plan's: its GPUs for a multi-GPU step, and its
+        rank and the main process's address for a step on several machines. Raises PipelineError
+        (with the fix) when a multi-machine step meets a configuration without them."""
+        from ..pipelines import registry
+
+        flag = {role: "--" + option for role, option in registry.launch_flags().items()}
+        out: list[str] = []
+        if flag["multi_gpu"] in planned and self.gpus:
+            out += [flag["gpu_ids"], self.gpus]
+        machines = _value_after(planned, flag["machines"])
+        if machines is not None and machines != "1":
+            where = str(self.file or config_path())
+            missing = [k for k in ("machine_rank", "main_process_ip", "main_process_port") if getattr(self, k) in (None, "")]
+            if missing:
+                raise PipelineError([Problem(
+                    f"this step trains on {machines} machines, and this machine's configuration does not say "
+                    f"{', '.join(missing)}", path=missing[0], file=where,
+                    fix='on every machine: machine_rank = 0 (1, 2, ...), main_process_ip = "10.0.0.1" and '
+                        'main_process_port = 29500 (the rank-0 machine\'s address)')])
+            if self.machine_rank >= int(machines):
+                raise PipelineError([Problem(f"machine_rank {self.machine_rank} is not below the plan's {machines} machines",
+                                             path="machine_rank", file=where, fix=f"use 0 to {int(machines) - 1}")])
+            out += [flag["machine_rank"], str(self.machine_rank), flag["main_process_ip"], self.main_process_ip,
+                    flag["main_process_port"], str(self.main_process_port)]
+        return out
 
     def output_roots(self, extra: list[str | Path] = ()) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in [*self.allowed_output_roots, *extra]]
@@ -179,6 +213,17 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
         raise PipelineError([Problem("expected a list of module or class paths", path="allowed_imports", file=str(path),
                                      fix='allowed_imports = ["prodigyopt.Prodigy"]')])
     cfg.allowed_imports = imports
+    if "machine_rank" in data:
+        cfg.machine_rank = _whole(data["machine_rank"], "machine_rank", path, 0, 65535, "machine_rank = 0")
+    if "main_process_port" in data:
+        cfg.main_process_port = _whole(data["main_process_port"], "main_process_port", path, 1, 65535, "main_process_port = 29500")
+    if "main_process_ip" in data:
+        ip = data["main_process_ip"]
+        # a host name or address only: it becomes one argv word of accelerate's
+        if not isinstance(ip, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}", ip):
+            raise PipelineError([Problem(f"expected a host name or IP address, got {ip!r}", path="main_process_ip",
+                                         file=str(path), fix='main_process_ip = "10.0.0.1"')])
+        cfg.main_process_ip = ip
     if "cancel_grace_s" in data:
         grace = data["cancel_grace_s"]
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
@@ -186,6 +231,22 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
                                          file=str(path), fix="cancel_grace_s = 5.0")])
         cfg.cancel_grace_s = float(grace)
     return cfg
+
+
+def _whole(value, key: str, path: Path, low: int, high: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise PipelineError([Problem(f"expected a whole number from {low} to {high}, got {value!r}", path=key,
+                                     file=str(path), fix=fix)])
+    return value
+
+
+def _value_after(argv: list[str], flag: str) -> str | None:
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
 
 
 # ---------------------------------------------------------------------------------- init

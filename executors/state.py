@@ -111,8 +111,9 @@ def _setting_changes(step: Step, old_args: list[str] | None) -> str:
         return "" if old_args == step.args else ": the command changed"
 
     def shown(value) -> str:
-        return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if not isinstance(value, (int, float)) or \
-            isinstance(value, bool) else str(value)
+        if value is None or isinstance(value, bool):
+            return {True: "on", False: "off", None: "unset"}[value]
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)  # nargs options parse to lists
 
     changes = [f"{k} {shown(old.get(k))} -> {shown(new.get(k))}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if not changes:

@@ -63,6 +63,15 @@ def end_text(e: ev.Event) -> list[str]:
     return [line for line in lines if line.strip()]
 
 
+def run_end_text(e: ev.Event) -> list[str]:
+    """The run's last lines: how it ended, its record folder, and where its results are."""
+    lines = [f"run {e.data.get('status')}" + (f": {e.data['run_dir']}" if e.data.get("run_dir") else "")]
+    for step, paths in (e.data.get("files") or {}).items():
+        shown = paths if len(paths) <= 3 else paths[:2] + [f"... and {len(paths) - 2} more in {os.path.dirname(paths[-1])}"]
+        lines += [f"  {step}: {p}" for p in shown]
+    return lines
+
+
 class TerminalDisplay:
     """A listener. `mode` is rich (bars), plain (lines) or quiet (failures and the summary)."""
 
@@ -103,7 +112,8 @@ class TerminalDisplay:
             for line in end_text(e):
                 self._print(line)
         elif e.kind == ev.RUN_END:
-            self._print(f"run {e.data.get('status')}" + (f": {e.data['run_dir']}" if e.data.get("run_dir") else ""))
+            for line in run_end_text(e):
+                self._print(line)
 
     # -- plain
     def _plain(self, e: ev.Event) -> None:
@@ -132,7 +142,8 @@ class TerminalDisplay:
             for line in end_text(e):
                 self._print(line)
         elif e.kind == ev.RUN_END:
-            self._print(f"run {e.data.get('status')}" + (f": {e.data['run_dir']}" if e.data.get("run_dir") else ""))
+            for line in run_end_text(e):
+                self._print(line)
 
     # -- rich
     def _rich(self, e: ev.Event) -> None:
@@ -172,4 +183,5 @@ class TerminalDisplay:
         elif e.kind == ev.RUN_END:
             p.stop()
             self._progress = None
-            p.console.print(Text(f"run {e.data.get('status')}" + (f": {e.data['run_dir']}" if e.data.get("run_dir") else "")))
+            for line in run_end_text(e):
+                p.console.print(Text(line))

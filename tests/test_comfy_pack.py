@@ -303,9 +303,81 @@ def test_an_image_family_gets_an_image_generator_from_the_same_code():
     fam = registry.family(registry.default_family())
     image = dataclasses.replace(fam, rules={**fam.rules, "output": "image"})
     attrs = _generator_attrs(image)
-    assert attrs["RETURN_TYPES"][0] == "IMAGE" and attrs["RETURN_NAMES"] == ("image", "pipeline", "image_paths")
+    assert attrs["RETURN_TYPES"] == ("IMAGE", "MUSUBI_PIPELINE", "STRING", "MASK")
+    assert attrs["RETURN_NAMES"] == ("image", "pipeline", "image_paths", "mask")
     assert attrs["OUTPUT"] is OUTPUTS["image"] and ".png" in attrs["OUTPUT"].suffixes
-    assert _generator_attrs(fam)["RETURN_TYPES"][0] == "VIDEO"
+    assert _generator_attrs(fam)["RETURN_TYPES"] == ("VIDEO", "MUSUBI_PIPELINE", "STRING")
+
+
+def _generate_options(fam) -> set[str]:
+    from musubi_pipe.compiler import contract
+
+    return set(contract.options(fam.stages["generate"].script))
+
+
+@pytest.mark.parametrize("family", __import__("musubi_pipe.pipelines.registry", fromlist=["x"]).family_names())
+def test_a_generator_shows_only_the_settings_its_familys_script_takes(family):
+    """Widgets follow the recorded contract of the family's generate script (under the family's
+    aliases): size as video_size or image_size, length in frames or seconds, no widget that the
+    compiler would refuse; image inputs from the tasks' switches."""
+    from musubi_pipe.comfy_adapter.nodes_generate import CONTROL_INPUTS
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(family)
+    spec = fam.stages["generate"]
+    known = _generate_options(fam)
+
+    def takes(field):
+        option = spec.aliases.get(field, field)
+        return all(o in known for o in (option if isinstance(option, list) else [option]))
+
+    cls = _node("generate", fam)
+    types = cls.INPUT_TYPES()
+    required, optional = types["required"], types["optional"]
+    for widget in ("video_length", "video_seconds", "infer_steps", "guidance_scale", "flow_shift", "seed"):
+        assert (widget in required) == takes(widget), widget
+    assert ("width" in required) == ("height" in required) == (takes("video_size") or takes("image_size"))
+    assert cls.SIZE == ("image_size" if fam.output == "image" else "video_size")
+    assert ("prompts" in optional) == (fam.flag("batch_file") in known)
+    tasks = list(fam.tasks.values()) or [fam.model]
+    starts = any(t.get("start_image") for t in tasks)
+    assert ("image" in optional) == (starts and takes("image_path"))
+    assert ("end_image" in optional) == (starts and takes("end_image_path"))
+    edits = [t for t in tasks if t.get("control_generate")]
+    controls = [n for n in optional if n.startswith("control_image")]
+    if not edits:
+        assert controls == []
+    else:  # one input per control image a task takes, or the docs' 3 where a task takes any number
+        limits = [t.get("max_control_images") for t in edits]
+        assert len(controls) == (max(limits) if all(limits) else CONTROL_INPUTS)
+        assert all(optional[n][0] == "IMAGE" for n in controls)
+
+
+def test_image_generator_widgets_become_image_size_and_control_images(tmp_path, monkeypatch):
+    """An image family's generator writes image_size [height, width], never video fields; each
+    picture of each control IMAGE input becomes one control image, in input order."""
+    from musubi_pipe.comfy_adapter import base, nodes_generate
+    from musubi_pipe.pipelines import registry
+
+    fam = next(f for f in registry.families() if f.output == "image" and any(t.get("control_generate") for t in f.tasks.values()))
+    task = next(t for t, spec in fam.tasks.items() if spec.get("control_generate") and not spec.get("max_control_images"))
+    cls = _node("generate", fam)
+    class Built(Exception):
+        pass
+
+    def finish_stage(pipe, stage, node):  # stop before running: the document is what is checked
+        raise Built(pipe)
+
+    monkeypatch.setattr(nodes_generate, "save_images", lambda batch: [f"/in/{name}.png" for name in batch])
+    monkeypatch.setattr(nodes_generate, "finish_stage", finish_stage)
+    pipe = base.new_pipeline("p", base=str(tmp_path), family=fam.name, task=task)
+    with pytest.raises(Built) as stop:
+        cls().run(prompt="a cat", lora_name=base.NONE, lora_strength=1.0, pipeline=pipe, stage_name="g", options="",
+                  width=512, height=256, infer_steps=3, video_length=9, seed=7,
+                  control_image=["a", "b"], control_image_3=["c"])
+    stage = stop.value.args[0]["document"]["stages"]["g"]
+    assert stage["image_size"] == [256, 512] and stage["control_image_path"] == ["/in/a.png", "/in/b.png", "/in/c.png"]
+    assert "video_size" not in stage and "video_length" not in stage and stage["seed"] == 7 and stage["infer_steps"] == 3
 
 
 CLI_PIPELINE = """
@@ -381,3 +453,20 @@ def test_training_config_left_at_its_defaults_trains_what_the_cli_pipeline_train
     train = ours.step("train").args
     for key in ("network_alpha", "save_every_n_epochs"):  # the values ComfyUI and the CLI used to disagree on
         assert train[train.index(f"--{key}") + 1] == str(defaults[key])
+
+
+def test_export_links_a_stage_after_a_generator_to_its_pipeline_output(tmp_path):
+    """A generator's first output is its picture or video: a later stage takes the pipeline output."""
+    from musubi_pipe.comfy_adapter.export import pipeline_nodes, to_api
+    from musubi_pipe.pipelines import registry
+
+    fam = next(f for f in registry.families() if f.output == "image" and not f.tasks)
+    models = "\n".join(f'{slot} = "{slot}.safetensors"' for slot in fam.slots("generate"))
+    for slot in fam.slots("generate"):
+        (tmp_path / f"{slot}.safetensors").write_bytes(b"\0")
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "x"\nfamily = "{fam.name}"\n[models]\n{models}\n[stages.a]\nkind = "generate"\nprompt = "one"\n'
+                    '[stages.b]\nkind = "generate"\nprompt = "two"\nneeds = ["a"]\n')
+    nodes, links = pipeline_nodes(path, "")
+    assert links == [("1", 0, "2", "pipeline"), ("2", 1, "3", "pipeline")]
+    assert to_api(nodes, links)["3"]["inputs"]["pipeline"] == ["2", 1]

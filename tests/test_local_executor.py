@@ -469,3 +469,18 @@ def test_terminal_display_shows_progress_failures_and_the_log(mode):
         assert "cache skipped: up to date" in text
     if mode == "plain":
         assert "training  5/10  epoch 1/2  loss 0.1234  2.50 it/s  ETA 0:02" in text
+
+
+def test_the_run_summary_names_the_result_files(double, tmp_path):
+    from io import StringIO
+
+    from musubi_pipe.executors.terminal import TerminalDisplay
+
+    out = StringIO()
+    plan = wan_plan(tmp_path)
+    LocalExecutor(config_for(double.path)).run(plan, [TerminalDisplay("plain", out)])
+    lora = plan.step("train").output("lora").path
+    assert f"  train: {lora}" in out.getvalue().splitlines()
+    again = StringIO()  # everything up to date: the summary still says where the results are
+    LocalExecutor(config_for(double.path)).run(plan, [TerminalDisplay("quiet", again)])
+    assert f"  train: {lora}" in again.getvalue().splitlines()

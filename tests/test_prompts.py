@@ -131,3 +131,18 @@ def test_outputs_of_an_earlier_run_are_ignored(tmp_path):
     _touch(tmp_path, stamp, 5)
     m = P.match_outputs([P.Prompt("a", seed=5)], tmp_path, since=now)
     assert Path(m[0].output).name == f"{stamp}_5.mp4"
+
+
+def test_a_picture_saved_as_layers_is_one_output_of_its_prompt(tmp_path):
+    """Layered image generation saves <time>_layer<i>_<seed>_000.png per layer: the prompt is
+    matched once (layer 0), and output_group gives every layer in layer order (10 after 9)."""
+    layers = [_touch(tmp_path, f"20260101-100000-100_layer{i}", 5, "_000.png") for i in (0, 1, 2, 10, 9)]
+    _touch(tmp_path, "20260101-100001-000_layer0", 6, "_000.png")
+    _touch(tmp_path, "20260101-100001-000_layer1", 6, "_000.png")
+    _touch(tmp_path, "20260101-100002-000", 7, "_000.png")  # an ordinary picture
+    matched = P.match_outputs([P.Prompt("a", seed=5), P.Prompt("b"), P.Prompt("c", seed=7)], tmp_path)
+    assert [Path(m.output).name for m in matched] == ["20260101-100000-100_layer0_5_000.png",
+                                                      "20260101-100001-000_layer0_6_000.png", "20260101-100002-000_7_000.png"]
+    group = P.output_group(layers[3])  # from any layer
+    assert [Path(p).name.split("_")[1] for p in group] == ["layer0", "layer1", "layer2", "layer9", "layer10"]
+    assert P.output_group(matched[2].output) == [matched[2].output]

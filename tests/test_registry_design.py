@@ -131,15 +131,32 @@ def test_every_family_file_is_complete(name):
 
 def test_block_swap_maxima_follow_musubis_rule():
     """enable_block_swap: one block kind -> blocks - 1 (Z-Image: blocks - 2, its [memory]
-    block_swap_keeps); double/single -> n//2 double and (n - n//2)*2+1 single, each below its count."""
+    block_swap_keeps); double/single -> n//2 double and (n - n//2)*2+1 single, each below its count
+    (FLUX: at most count - 2; FLUX.2 splits by the blocks' ratio, [memory] block_swap_split)."""
     for fam in registry.families():
         for dit in fam.dits.values():
             if len(dit.blocks) == 1:
                 assert dit.max_blocks_to_swap == dit.blocks[0].count - fam.memory.get("block_swap_keeps", 1)
             else:
                 double, single = dit.blocks[0].count, dit.blocks[1].count
-                fits = [n for n in range(1, 200) if n // 2 <= double - 1 and (n - n // 2) * 2 + 1 <= single - 1]
-                assert dit.max_blocks_to_swap == max(fits)
+                keep = fam.memory.get("block_swap_keeps", 1)  # FLUX: each kind keeps 2
+                split = _ratio_split if fam.memory.get("block_swap_split") == "ratio" else lambda n, d, s: (n // 2, (n - n // 2) * 2 + 1)
+                fits = [n for n in range(1, 200) if all(a <= b - keep for a, b in zip(split(n, double, single), (double, single)))]
+                assert dit.max_blocks_to_swap == max(fits), (fam.name, dit.task)
+
+
+def _ratio_split(n: int, double: int, single: int) -> tuple[int, int]:
+    """FLUX.2's Flux2.enable_block_swap: blocks_to_swap split by the single/double ratio, then moved to fit."""
+    ratio = single / double
+    d = int(round(n / (1.0 + ratio / 2.0)))
+    s = int(round(d * ratio))
+    if double * 2 < single:
+        while d >= 1 and d > double - 2:
+            d, s = d - 1, s + 2
+    else:
+        while s >= 2 and s > single - 2:
+            s, d = s - 2, d + 1
+    return d, s
 
 
 def test_aliases_resolve_to_one_family():

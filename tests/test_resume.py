@@ -450,3 +450,37 @@ def test_real_scripts_interrupted_and_run_again_train_as_the_uninterrupted_run(t
 def lora_meta(path: Path) -> dict:
     with safe_open(str(path), framework="numpy") as f:
         return f.metadata()
+
+
+@pytest.mark.skipif(not REAL, reason="set MUSUBI_TUNER_DIR to a musubi-tuner checkout with .venv")
+def test_real_scripts_cancelled_mid_training_leave_no_process_and_the_next_run_finishes(tmp_path):
+    """Ctrl-C (the executor's cancel) while the real trainer runs: accelerate and the trainer are
+    gone, the state says cancelled, and the next run resumes from the state saved before it."""
+    import threading
+
+    from musubi_pipe.executors.musubi_env import MusubiConfig
+
+    checkout = tmp_path / "musubi-tuner"
+    (checkout / "src/musubi_tuner").mkdir(parents=True)
+    (checkout / "src/musubi_tuner/wan_train_network.py").write_text(TINY_TRAIN.format(config=TINY_CONFIG))
+    config = MusubiConfig(musubi_dir=checkout, python=Path(REAL) / ".venv/bin/python", cancel_grace_s=3.0)
+    project = tmp_path / "p"
+    schedule = ["--lr_scheduler", "constant"]
+    plan = real_plan(project, checkout, schedule, 1)
+    executor, box = LocalExecutor(config), {}
+    worker = threading.Thread(target=lambda: box.setdefault("result", executor.run(plan, [Recorder()])))
+    worker.start()
+    deadline = time.monotonic() + 600
+    while not (project / "out" / "lora-step00000002-state").is_dir():  # a state saved: training is under way
+        assert time.monotonic() < deadline and worker.is_alive(), "training never saved its step-2 state"
+        time.sleep(0.2)
+    executor.cancel()
+    worker.join(120)
+    assert not worker.is_alive() and box["result"].status == "cancelled"
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(checkout) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], [p.info["cmdline"] for p in left]
+    assert StateFile(state_path(plan)).record("train")["status"] == "cancelled"
+    rec = Recorder()
+    assert LocalExecutor(config).run(real_plan(project, checkout, schedule, 1), [rec]).status == "succeeded", rec.ended()
+    assert rec.ended()["train"]["changes"][0].startswith("resumed from lora-step0000000")
+    assert (project / "out" / "lora.safetensors").exists()

@@ -112,3 +112,15 @@ def test_unreadable_state_means_everything_reruns(tmp_path):
     path = tmp_path / "p.musubi-lock.json"
     path.write_text("{not json")
     assert StateFile(path).steps == {}
+
+
+def test_a_changed_option_that_takes_several_values_is_shown_not_a_crash(tmp_path):
+    """nargs options (LoRA lists, sizes) parse to lists: the 'settings changed' reason names them."""
+    from musubi_pipe.executors.state import _setting_changes
+    from musubi_pipe.pipelines import registry
+
+    fam = next(f for f in registry.families() if f.output == "image")
+    script = fam.stages["generate"].script
+    args = ["--dit", "d", "--vae", "v", "--text_encoder", "t", "--save_path", "o", "--image_size", "64", "96"]
+    step = _step(tmp_path, script=script, args=args[:-2] + ["128", "96"])
+    assert _setting_changes(step, args) == ": image_size 64 96 -> 128 96"

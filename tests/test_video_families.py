@@ -281,9 +281,13 @@ def _minimal_pipeline(fam: registry.Family) -> str:
     lines.append("[models]")
     lines += [f'{slot} = "/m/{slot}.safetensors"' for slot in fam.models if slot != "dit_high_noise"]
     media = ('image_directory = "/images"' if fam.output == "image" else 'video_directory = "/clips", target_frames = [1, 25]')
+    model = fam.task(None)
+    if model.get("control_dataset") is True:  # an edit model trains on control/target pairs
+        media += ', control_directory = "/control"'
     lines.append(f'[dataset]\ndatasets = [{{ {media}, cache_directory = "/cache" }}]')
     stages = {"cache_latents": "", "cache_text_encoder": "", "train": "", "finetune": "", "ema": 'checkpoints = "@train.checkpoints"',
-              "convert": 'input = "@train.lora"', "generate": 'prompt = "a"\nimage_path = "/i/a.png"' if fam.task(None).get("start_image") else 'prompt = "a"',
+              "convert": 'input = "@train.lora"', "generate": 'prompt = "a"\nimage_path = "/i/a.png"' if model.get("start_image") else
+              'prompt = "a"\ncontrol_image_path = ["/i/a.png"]' if model.get("control_generate") is True else 'prompt = "a"',
               "merge": 'loras = ["@train.lora"]', "lora_merge": 'loras = ["@train.lora", "@ema.lora"]'}
     for kind, body in stages.items():
         if kind in fam.stages:

@@ -569,14 +569,16 @@ def _guess_family(modules: dict[str, LoraModule]) -> tuple[str | None, str | Non
                 votes[fam] = votes.get(fam, 0) + 1
     if not votes:
         return None, None
-    fam = max(votes, key=votes.get)
-    best, best_score = None, -1
-    for var in variants(fam):
-        cov = coverage(modules, fam, var)
-        score = cov.matched - 2 * len(cov.wrong_shape) - 2 * len(cov.unknown)
-        if score > best_score:
-            best, best_score = var, score
-    return fam, best
+    # Families can share module names (FLUX.1 Kontext, FLUX.2 and HunyuanVideo): every family with a
+    # vote competes on names and shapes, and votes only break a tie.
+    best, best_score = (None, None), None
+    for fam in sorted(votes, key=votes.get, reverse=True):
+        for var in variants(fam):
+            cov = coverage(modules, fam, var)
+            score = cov.matched - 2 * len(cov.wrong_shape) - 2 * len(cov.unknown)
+            if best_score is None or score > best_score:
+                best, best_score = (fam, var), score
+    return best
 
 
 def coverage(modules: dict[str, LoraModule], family: str, variant: str) -> Coverage:

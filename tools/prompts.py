@@ -229,8 +229,9 @@ def write_sample_prompts(prompts: Sequence[Prompt | dict], path: str | os.PathLi
 
 # ---- outputs back to prompts ---------------------------------------------------------------
 
-# generate scripts save "{YYYYmmdd-HHMMSS-mmm}_{seed}[_{extra}].mp4" (or a .png / a folder of images)
-OUTPUT_NAME = re.compile(r"^(?P<time>\d{8}-\d{6}-\d{3})_(?P<seed>\d+)(?:_(?P<extra>.+))?$")
+# generate scripts save "{YYYYmmdd-HHMMSS-mmm}_{seed}[_{extra}].mp4" (or a .png / a folder of images);
+# an image script that splits a picture into layers saves "{time}_layer{i}_{seed}_000.png" per layer.
+OUTPUT_NAME = re.compile(r"^(?P<time>\d{8}-\d{6}-\d{3})(?:_layer(?P<layer>\d+))?_(?P<seed>\d+)(?:_(?P<extra>.+))?$")
 MEDIA_SUFFIXES = {".mp4", ".webm", ".png", ".jpg", ".webp", ".gif", ""}
 
 
@@ -239,6 +240,7 @@ class Output:
     path: str
     time: datetime
     seed: int
+    layer: int | None = None  # the layer of a picture saved as layers
 
 
 @dataclass
@@ -263,9 +265,20 @@ def list_outputs(folder: str | os.PathLike, since: float | None = None) -> list[
         when = datetime.strptime(m["time"] + "000", "%Y%m%d-%H%M%S-%f")
         if since is not None and when.timestamp() < since - 1:
             continue
-        found.append(Output(str(p), when, int(m["seed"])))
-    found.sort(key=lambda o: (o.time, o.path))
+        found.append(Output(str(p), when, int(m["seed"]), int(m["layer"]) if m["layer"] else None))
+    found.sort(key=lambda o: (o.time, o.layer or 0, o.path))
     return found
+
+
+def output_group(path: str | os.PathLike) -> list[str]:
+    """The files one output of a generate run is made of: a picture saved as layers gives every
+    layer (in layer order), any other output just itself."""
+    path = Path(path)
+    m = OUTPUT_NAME.match(path.stem)
+    if not m or m["layer"] is None:
+        return [str(path)]
+    return [o.path for o in list_outputs(path.parent) if o.layer is not None and
+            OUTPUT_NAME.match(Path(o.path).stem)["time"] == m["time"] and o.seed == int(m["seed"]) and Path(o.path).suffix == path.suffix]
 
 
 def match_outputs(prompts: Sequence[Prompt | dict], folder: str | os.PathLike, since: float | None = None) -> list[PromptOutput]:
@@ -276,7 +289,7 @@ def match_outputs(prompts: Sequence[Prompt | dict], folder: str | os.PathLike, s
     prompt gets the first remaining output (after the previous match) whose seed equals its own.
     A prompt with no seed takes the next output in order. A prompt whose output is missing (a
     failed prompt) gets None and does not consume another prompt's file."""
-    outputs = list_outputs(folder, since)
+    outputs = [o for o in list_outputs(folder, since) if not o.layer]  # a layered picture counts once (its layer 0)
     result, cursor = [], 0
     for i, p in enumerate(_as_prompts(prompts)):
         chosen = None

@@ -338,9 +338,10 @@ def _family_workflow(family: str, name: str, clips: Path, base: Path) -> dict:
             **model_widgets(*slots, **picked)}},
         "7": {"class_type": f"MusubiTuner_{title}Generator", "inputs": {
             "pipeline": ["6", 0], "lora": ["6", 1], "stage_name": "generate", "prompt": "a lighthouse at dusk",
-            "width": 96, "height": 64, "video_length": 9 if family == "hunyuan_video" else 0, "infer_steps": 2,
-            "guidance_scale": 0.0, "flow_shift": 0.0, "seed": 5, "lora_name": "(none)", "lora_strength": 0.8,
-            "options": "video_seconds = 1.0" if family == "framepack" else "", **task_widget, **model_widgets(*slots)}},
+            "width": 96, "height": 64, "infer_steps": 2, "guidance_scale": 0.0, "flow_shift": 0.0, "seed": 5,
+            "lora_name": "(none)", "lora_strength": 0.8, "options": "", **task_widget, **model_widgets(*slots),
+            # the length widget the family's script takes: FramePack's is in seconds
+            **({"video_seconds": 1.0} if family == "framepack" else {"video_length": 9})}},
         "8": {"class_type": "SaveVideo", "inputs": {"video": ["7", 0], "filename_prefix": f"musubi-test/{name}",
                                                     "format": "auto", "codec": "auto"}},
     }
@@ -434,3 +435,68 @@ def test_trainer_and_generator_run_the_plans_commands(family, comfy, comfy_dir, 
 
     saved = outcome.outputs("8")["images"][0]  # the generated video reached Save Video
     assert probe(comfy_dir / "output" / saved["subfolder"] / saved["filename"]).frames >= 1
+
+
+# ----------------------------------------------------------- image families: an IMAGE batch
+
+IMAGE_MODELS = {"dit": "musubi-test-dit_bf16.safetensors", "vae": "musubi-test-vae.safetensors",
+                "text_encoder": "musubi-test-te1.safetensors"}
+
+
+@pytest.mark.parametrize("family, task, pictures", [("zimage", None, 1), ("qwen_image", "layered", 5)])
+def test_image_generator_returns_an_image_batch_to_save_and_preview(family, task, pictures, comfy, comfy_dir, test_root,
+                                                                     record, unique):
+    """An image family's generator: image_size from width and height, a control IMAGE saved as a
+    PNG for musubi (Layered splits it into layers), and every picture the run made as one IMAGE
+    batch into core Save Image and Preview Image, with the layers' transparency as the MASK."""
+    from PIL import Image
+
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(family)
+    generator = {"class_type": f"MusubiTuner_{fam.comfy_name}Generator", "inputs": {
+        "pipeline": ["0", 0], "stage_name": "generate", "prompt": "a red apple on a table", "width": 96, "height": 64,
+        "infer_steps": 2, "guidance_scale": 0.0, "flow_shift": 0.0, "seed": 5, "lora_name": "(none)", "lora_strength": 1.0,
+        "options": "", **({"task": "(from pipeline)"} if task else {}), **model_widgets("dit", "vae", "text_encoder", **IMAGE_MODELS)}}
+    prompt = {
+        "0": dataset_node(unique, "", test_root / "work" / unique, family=family, task=task or "(default)"),
+        "1": generator,
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"musubi-test/{unique}"}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}},
+        "5": {"class_type": "MaskToImage", "inputs": {"mask": ["1", 3]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": f"musubi-test/{unique}-mask"}},
+    }
+    if task:  # the picture to split: a control image from core Empty Image
+        prompt["7"] = {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 32, "batch_size": 1, "color": 0x3366CC}}
+        generator["inputs"]["control_image"] = ["7", 0]
+    outcome = comfy.run(prompt, timeout=120)
+    assert outcome.ended == "execution_success", outcome.error()
+
+    runs = records(record)
+    assert [r["script"] for r in runs] == [fam.stages["generate"].script.removesuffix(".py")]
+    argv = runs[0]["argv"]
+    assert argv[argv.index("--image_size") + 1:argv.index("--image_size") + 3] == ["64", "96"]
+    assert "--video_size" not in argv and "--video_length" not in argv
+    if task:
+        control = argv[argv.index("--control_image_path") + 1]
+        with Image.open(control) as im:
+            assert im.size == (48, 32) and im.convert("RGB").getpixel((5, 5)) == (0x33, 0x66, 0xCC)
+
+    saved = outcome.outputs("2")["images"]
+    shown = outcome.outputs("3")["images"]
+    assert len(saved) == len(shown) == pictures
+    colour = (5 * 37 % 256, 5 * 91 % 256, 5 * 13 % 256)  # the double paints the seed's colour
+    for entry in saved:
+        with Image.open(comfy_dir / "output" / entry["subfolder"] / entry["filename"]) as im:
+            assert im.size == (96, 64) and im.convert("RGB").getpixel((3, 3)) == colour
+    paths = "".join(outcome.outputs("4")["text"]).split("\n")
+    assert len(paths) == pictures and all(p.endswith("_5_000.png") and Path(p).is_file() for p in paths)
+    if task:  # one file per layer, in layer order
+        assert [Path(p).name.split("_")[1] for p in paths] == [f"layer{i}" for i in range(pictures)]
+    masks = outcome.outputs("6")["images"]  # 1 - alpha: the double's layers get more transparent
+    alpha = [255 - 40 * i for i in range(pictures)] if task else [255]
+    assert len(masks) == pictures
+    for entry, a in zip(masks, alpha):
+        with Image.open(comfy_dir / "output" / entry["subfolder"] / entry["filename"]) as im:
+            assert abs(im.convert("L").getpixel((3, 3)) - (255 - a)) <= 1

@@ -6,11 +6,12 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from workflows import model_widgets, wan_training
 
-FAMILY_NODES = {f"MusubiTuner_{comfy}{suffix}" for comfy in ("Wan", "FramePack", "HunyuanVideo")
+from musubi_pipe.pipelines import registry
+
+# One cache pair, trainer and generator per registry family: a new family file adds its nodes.
+FAMILY_NODES = {f"MusubiTuner_{fam.comfy_name}{suffix}" for fam in registry.families()
                 for suffix in ("LatentCache", "TextEncoderCache", "Trainer", "Generator")}
 PACK_NODES = FAMILY_NODES | {
     "MusubiTuner_DatasetConfig", "MusubiTuner_DatasetViewer", "MusubiTuner_DatasetCheck", "MusubiTuner_VAELatentCache", "MusubiTuner_TextEncoderCache",
@@ -36,6 +37,12 @@ def test_every_node_is_registered_with_descriptions_and_tooltips(comfy):
         for section in ("required", "optional"):
             for input_name, value in spec["input"].get(section, {}).items():
                 assert value[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    for fam in registry.families():  # a generator gives what its family makes
+        generator = ours[f"MusubiTuner_{fam.comfy_name}Generator"]
+        assert generator["output"][0] == {"video": "VIDEO", "image": "IMAGE"}[fam.output], fam.name
+        if fam.output == "image":  # a picture's size, no video length
+            assert {"width", "height"} <= set(generator["input"]["required"]), fam.name
+            assert not {"video_length", "video_seconds"} & set(generator["input"]["required"]), fam.name
 
 
 def test_training_workflow_runs_reports_progress_and_lands_in_loras(comfy, comfy_dir, clips, record, unique, test_root):

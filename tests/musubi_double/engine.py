@@ -66,11 +66,14 @@ ARCH_PREFIXES = [
 ]
 # Qwen-Image's caches carry the --model_version's architecture (qwen_image_utils.resolve_model_version_args)
 QWEN_VERSION_ARCH = {"edit": "qie", "edit-2509": "qie", "edit-2511": "qie", "layered": "qil"}
+# FLUX.2's caches and LoRAs carry the --model_version's architecture (flux2_utils.FLUX2_MODEL_INFO)
+FLUX2_VERSION_ARCH = {"dev": "f2d", "klein-4b": "f2k4b", "klein-base-4b": "f2k4b", "klein-9b": "f2k9b", "klein-base-9b": "f2k9b"}
 ARCH_FULL_NAME = {"hv": "hunyuan_video", "wan": "wan", "fp": "framepack", "qi": "qwen_image", "qie": "qwen_image",
-                  "qil": "qwen_image", "zi": "z_image", "hv15": "hunyuan_video_1_5", "k5": "kandinsky5"}
+                  "qil": "qwen_image", "zi": "z_image", "hv15": "hunyuan_video_1_5", "k5": "kandinsky5",
+                  "fk": "flux_kontext", "f2d": "flux_2_dev", "f2k4b": "flux_2_klein_4b", "f2k9b": "flux_2_klein_9b"}
 NETWORK_MODULE = {
     "hv": "networks.lora", "wan": "networks.lora_wan", "fp": "networks.lora_framepack", "fk": "networks.lora_flux",
-    "f2d": "networks.lora_flux_2", "qi": "networks.lora_qwen_image", "zi": "networks.lora_zimage",
+    "f2d": "networks.lora_flux_2", "f2k4b": "networks.lora_flux_2", "f2k9b": "networks.lora_flux_2", "qi": "networks.lora_qwen_image", "zi": "networks.lora_zimage",
     "qie": "networks.lora_qwen_image", "qil": "networks.lora_qwen_image",
     "hv15": "networks.lora_hv_1_5", "k5": "networks.lora_kandinsky", "ho1": "networks.lora_hidream_o1",
     "i4": "networks.lora_ideogram4", "kr2": "networks.lora_krea2",
@@ -87,9 +90,12 @@ LORA_MODULES = {
            "text_transformer_blocks_0_self_attention_to_key"],
 }
 LORA_MODULES["qie"] = LORA_MODULES["qil"] = LORA_MODULES["qi"]
+LORA_MODULES["fk"] = LORA_MODULES["f2d"] = LORA_MODULES["f2k4b"] = LORA_MODULES["f2k9b"] = [
+    "double_blocks_0_img_attn_qkv", "double_blocks_0_txt_mlp_0", "single_blocks_1_linear2"]
 MODELSPEC_ARCH = {"hv": "hunyuan-video/lora", "wan": "wan2.1/lora", "fp": "framepack/lora", "qi": "Qwen-Image/lora",
                   "qie": "Qwen-Image-Edit/lora", "qil": "Qwen-Image-Layered/lora", "zi": "Z-Image/lora",
-                  "hv15": "hunyuan-video-1.5/lora", "k5": "Kandinsky-5/lora"}
+                  "hv15": "hunyuan-video-1.5/lora", "k5": "Kandinsky-5/lora", "fk": "Flux.1-dev/lora",
+                  "f2d": "Flux.2-dev/lora", "f2k4b": "Flux.2-klein-4b/lora", "f2k9b": "Flux.2-klein-9b/lora"}
 TORCH_OPTIMIZERS = {"adamw", "adamw8bit", "adafactor", "adam", "sgd", "rmsprop", "adagrad", "lion", "radam", "nadam"}
 
 DATASET_GENERAL_KEYS = {"resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale"}
@@ -531,6 +537,8 @@ def cache_latents(script: str, arch: str, args, fail: str | None) -> None:
     if getattr(args, "vae", None) is None:
         traceback_exit(MAIN_FRAMES(script), "AssertionError: vae checkpoint is required")
     require_file(script, args.vae, "vae")
+    if arch == "fk" and getattr(args, "vae_dtype", None) is not None:
+        traceback_exit(MAIN_FRAMES(script), "ValueError: VAE dtype is not supported in FLUX.1 Kontext.")
     for extra in ("image_encoder", "clip"):
         require_file(script, getattr(args, extra, None), extra)
     if fail in ("missing_file", "tokenizer_offline", "hub_download", "network_module", "dtype"):
@@ -963,6 +971,20 @@ TINY_PNG = bytes.fromhex(
 )
 
 
+def png_bytes(width: int, height: int, rgb: tuple[int, int, int], alpha: int | None = None) -> bytes:
+    """A PNG of one colour (RGBA when alpha is given), without PIL."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    pixel = bytes(rgb) + (bytes([alpha]) if alpha is not None else b"")
+    raw = (b"\x00" + pixel * width) * height
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if alpha is None else 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
 def write_video(path: str, frames: int = 4, size: int = 64) -> None:
     try:
         import av
@@ -1002,7 +1024,8 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
     for flag in ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "text_encoder", "byt5", "image_encoder", "clip", "image_path", "image"):
         if a.get(flag):
             require_file(script, a[flag], flag)
-    for control in a.get("control_image_path") or []:
+    controls = a.get("control_image_path") or []
+    for control in [controls] if isinstance(controls, str) else controls:  # FLUX.1 Kontext: one path
         require_file(script, control, "control_image_path")
     for lora in a.get("lora_weight") or []:
         require_file(script, lora, "lora_weight")
@@ -1013,8 +1036,9 @@ def generate(script: str, arch: str, args, fail: str | None) -> None:
     for lora in a.get("lora_weight") or []:
         log(logger, f"Loading LoRA weights from {lora}")
     if a.get("save_merged_model"):
-        if arch in ("wan", "fp") and not a.get("lycoris"):
-            # musubi-facts §8: without --lycoris the real script exits 0 and writes nothing
+        if arch in ("wan", "fp", "f2d", "f2k4b", "f2k9b") and not a.get("lycoris"):
+            # musubi-facts §8: without --lycoris the real script exits 0 and writes nothing (FLUX.2 too:
+            # generate() returns after load_dit_model, which merged the LoRA while loading)
             log(logger, "LoRA weights loaded")
             return
         log(logger, f"Saving merged model to {a['save_merged_model']}")
@@ -1072,10 +1096,16 @@ def save_generated(script: str, a: dict, save_path: str, seed: int, logger: str)
             save_safetensors({"latent": np.zeros((16, 1, 2, 2), np.float32)}, p, {"seeds": str(seed)})
             log(logger, f"Latent saved to: {p}")
         if output_type in ("images", "latent_images"):
-            p = os.path.join(save_path, f"{base}_000.png")
-            with open(p, "wb") as fh:
-                fh.write(TINY_PNG)
-            log(logger, f"Sample images saved to: {save_path}/{base}")
+            # save_images: a picture of --image_size ([height, width]) in a colour of the seed;
+            # Layered: the composite and --output_layers layers, <time>_layer<i>_<seed>_000.png, with alpha.
+            height, width = a.get("image_size") or (256, 256)
+            colour = (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)
+            layered = (a.get("model_version") or "").lower() == "layered"
+            names = [f"{stamp}_layer{i}_{seed}" for i in range((a.get("output_layers") or 4) + 1)] if layered else [base]
+            for i, name in enumerate(names):
+                with open(os.path.join(save_path, f"{name}_000.png"), "wb") as fh:
+                    fh.write(png_bytes(width, height, colour, 255 - 40 * i if layered else None))
+            log(logger, f"Sample images saved to: {save_path}/{names[-1]}")
         return
     if output_type in ("latent", "both"):
         p = os.path.join(save_path, f"{base}_latent.safetensors")
@@ -1273,6 +1303,8 @@ def main(script_file: str) -> int:
     arch = next((a for p, a in ARCH_PREFIXES if script.startswith(p)), "hv")
     if arch == "qi":
         arch = QWEN_VERSION_ARCH.get((getattr(args, "model_version", None) or "").lower(), arch)
+    elif arch == "f2d":
+        arch = FLUX2_VERSION_ARCH.get(getattr(args, "model_version", None) or "dev", arch)
     fail = injected(script)
     if fail and fail_at() == 0 and fail in ("oom", "crash", "hang", "killed"):
         raise_injected(fail, script, args)
