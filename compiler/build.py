@@ -67,7 +67,7 @@ class _Compiler:
         self.dataset: DatasetConfig | None = None
         self.reported = 0  # problems known before the current stage was built
         self.dataset_file = ""
-        self.train_stages = sum(1 for s in pipeline.stages.values() if s.kind == "train")
+        self.train_stages = sum(1 for s in pipeline.stages.values() if s.kind in registry.TRAINING_KINDS)
         self.hub_warned: set[str] = set()
 
     # --- helpers -------------------------------------------------------------------------
@@ -496,18 +496,22 @@ class _Compiler:
             self.error(where + ("attention",), f"musubi's training scripts reject {attention} (it is for inference)", f"use {', '.join(self.fam.training['attention'])}")
         else:
             args += contract.render(script, attention, True)
-        module = values.pop("network_module", None) or self.fam.network_module
-        lycoris = self.fam.training["lycoris_modules"]
-        if module != self.fam.network_module and module not in lycoris:
-            self.error(where + ("network_module",), f"{module} is not the {self.fam.title} LoRA module (musubi fails with 'No LoRA modules found')", f"use {self.fam.network_module} (or {' / '.join(lycoris[:2])}), or leave it unset")
-        args += self.arg(script, "network_module", module)
+        full = stage.kind == "finetune"  # the whole DiT: no network module, a model file as the artifact
+        if not full:
+            module = values.pop("network_module", None) or self.fam.network_module
+            lycoris = self.fam.training["lycoris_modules"]
+            if module != self.fam.network_module and module not in lycoris:
+                self.error(where + ("network_module",), f"{module} is not the {self.fam.title} LoRA module (musubi fails with 'No LoRA modules found')", f"use {self.fam.network_module} (or {' / '.join(lycoris[:2])}), or leave it unset")
+            args += self.arg(script, "network_module", module)
         mixed = self.mixed_precision(name, stage, values.pop("mixed_precision", None))
         args += self.arg(script, "mixed_precision", mixed)
-        if stage.network_weights is not None:
+        if getattr(stage, "network_weights", None) is not None:
             values["network_weights"] = self.value_or_ref(refs, where + ("network_weights",), stage.network_weights)[0]
-        memory_why = self.plan_memory(name, stage, values) if stage.gpu_memory_gib is not None else {}
+        memory_why = self.plan_memory(name, stage, values) if getattr(stage, "gpu_memory_gib", None) is not None else {}
         self.training_length(stage, values)
         self.check_train_rules(name, stage, values)
+        if full:
+            self.check_finetune_rules(name, stage, values, mixed)
         args += self.options(name, stage, script, values)
         output_dir = self.path(stage.output_dir) if stage.output_dir else str(Path(self.workdir) / name)
         output_name = stage.output_name or (self.p.name if self.train_stages == 1 else f"{self.p.name}-{name}")
@@ -532,7 +536,7 @@ class _Compiler:
         checkpoints = self.checkpoint_names(values, output_dir, output_name)
         save_state = bool(values.get("save_state") or values.get("save_state_on_train_end"))
         outputs = [
-            Output("lora", "file", str(Path(output_dir) / f"{output_name}.safetensors")),
+            Output("model" if full else "lora", "file", str(Path(output_dir) / f"{output_name}.safetensors")),
             Output("checkpoints", "files", output_dir, f"{output_name}*.safetensors", required=False),
         ]
         if save_state:
@@ -558,7 +562,7 @@ class _Compiler:
         if stage.dit:
             path, producer = self.value_or_ref(refs, where + ("dit",), stage.dit)
         if self.task_props.get("experts"):
-            if stage.expert is None:
+            if getattr(stage, "expert", None) is None:
                 self.error(where + ("expert",), f"{self.fam.title} {self.task} trains one expert per run", "set expert = \"high\" or \"low\" (one train stage each)")
                 return None, ""
             low_high = self.task_props.expert_timesteps[stage.expert]
@@ -573,7 +577,7 @@ class _Compiler:
                 self.error(("models", slot), f"models.{slot} is required to train the {stage.expert}-noise expert", f"set models.{slot}")
                 return None, ""
             return self.path(getattr(self.p.models, slot)), ""
-        if stage.expert is not None:
+        if getattr(stage, "expert", None) is not None:
             self.error(where + ("expert",), f"expert applies to two-expert tasks ({', '.join(self.expert_tasks()) or 'none here'}), not {self.task or self.fam.title}", "remove expert")
         if stage.dit:
             return path, producer
@@ -581,6 +585,73 @@ class _Compiler:
             self.error(("models", "dit"), f"models.dit is required to train (stage {name!r})", "set models.dit to the DiT checkpoint")
             return None, ""
         return self.path(self.p.models.dit), ""
+
+    def build_finetune(self, name, stage, tpl, refs) -> Step:
+        return self.build_train(name, stage, tpl, refs)
+
+    def check_finetune_rules(self, name: str, stage, values: dict, mixed: str) -> None:
+        """What musubi's full fine-tuning scripts assert, crash on or silently ignore (common.toml [finetune])."""
+        where = ("stages", name)
+        rules = registry.finetune_rules()
+        extra = {k.lstrip("-").replace("-", "_"): k for k in stage.extra_args}
+
+        def at(option: str) -> tuple:
+            if option in extra:
+                return where + ("extra_args", extra[option])
+            return where + (option,) if option in stage.model_fields_set else where
+
+        chosen = {**values, **{dest: stage.extra_args[k] for dest, k in extra.items()}}
+        for option in extra:
+            why = rules["ignored"].get(option) or (rules["ignored_prefix_why"] if option.startswith(rules["ignored_prefix"]) else None)
+            if why:
+                self.error(at(option), f"{option} does nothing in a full fine-tune: {why}", f"remove {option}" + ("; for a LoRA use kind = \"train\"" if option.startswith(rules["ignored_prefix"]) else ""))
+        for option, precision in rules["precision"].items():
+            if chosen.get(option) and mixed != precision:
+                self.error(at(option), f"{option} needs mixed_precision {precision} (musubi asserts it), got {mixed}", f"set mixed_precision = \"{precision}\", or remove {option}")
+        optimizer = str(chosen.get(self.fam.flag("optimizer_type"), "")).lower()
+        fused = chosen.get(rules["fused"])
+        if fused and optimizer not in rules["fused_optimizers"]:
+            self.error(at(rules["fused"]), f"{rules['fused']} works only with {', '.join(rules['fused_optimizers'])} (musubi patches the optimizer with Adafactor's step), and the optimizer is {optimizer or 'not set'}",
+                       f"set optimizer_type = \"{rules['fused_optimizers'][0]}\", or {rules['fused']} = false")
+        if fused and int(chosen.get("gradient_accumulation_steps") or 1) > 1:
+            self.error(at("gradient_accumulation_steps"), f"{rules['fused']} does not support gradient accumulation (musubi's docs): each micro-batch would take an optimizer step",
+                       f"remove gradient_accumulation_steps, or set {rules['fused']} = false")
+        if fused and chosen.get("max_grad_norm") not in (None, 0, 0.0):
+            self.warn(at("max_grad_norm"), f"with {rules['fused']}, max_grad_norm clips each weight's gradient on its own, not their norm together (musubi's docs recommend 0)", "set max_grad_norm = 0")
+        patch = rules["swap_patch"]
+        if int(chosen.get("blocks_to_swap") or 0) > 0 and not fused:
+            if not self.has_option(stage, patch):
+                self.error(at("blocks_to_swap"), f"{self.fam.title} fine-tuning swaps blocks only with {rules['fused']} ({self.fam.stages[stage.kind].script} has no {patch})",
+                           f"set {rules['fused']} = true with optimizer_type = \"{rules['fused_optimizers'][0]}\", or remove blocks_to_swap")
+            elif not chosen.get(patch):
+                self.error(at("blocks_to_swap"), f"block swap without {rules['fused']} leaves gradients on another device than their swapped weights, and the optimizer step fails (musubi's docs)",
+                           f"set {patch} = true (AdamW, Adafactor), or {rules['fused']} = true with Adafactor")
+            elif optimizer in rules["swap_patch_refuses"]:
+                self.error(at(patch), f"{patch} does not work with {optimizer} (musubi's docs)", "use optimizer_type = \"adamw\" or \"adafactor\"")
+        self.check_model_files(name, stage, chosen, rules)
+
+    def has_option(self, stage, option: str) -> bool:
+        return option in contract.options(self.fam.stages[stage.kind].script)
+
+    def check_model_files(self, name: str, stage, values: dict, rules: dict) -> None:
+        """A fine-tune saves the whole DiT each time (float32 unless its weights are bfloat16): say how much
+        disk the kept files take when that is a lot."""
+        if self.fam.tasks and self.task not in self.fam.tasks:
+            return
+        size = self.fam.dit(self.task).params * (2 if values.get(rules["half_weights"]) else 4)
+        epochs, every = values.get("max_train_epochs"), values.get("save_every_n_epochs")
+        steps, every_steps = values.get("max_train_steps"), values.get("save_every_n_steps")
+        if every_steps and steps:
+            count, keep = -(-steps // every_steps), values.get("save_last_n_steps")
+        elif every and epochs:
+            count, keep = -(-epochs // every), values.get("save_last_n_epochs")
+        else:
+            count, keep = 1, None
+        count = min(count, keep + 1) if keep else count
+        total = count * size / 2**30
+        if count > 2 and total > 100:
+            self.warn(("stages", name), f"this fine-tune keeps {count} model files of {size / 2**30:.0f} GiB each ({total:.0f} GiB of disk)",
+                      "keep fewer with save_last_n_epochs (or save_last_n_steps), or save less often")
 
     def expert_tasks(self) -> list[str]:
         return [t for t, task in self.fam.tasks.items() if task.get("experts")]
@@ -909,6 +980,9 @@ class _Compiler:
                 raise _Skip
             if not producer:
                 self.error(where + ("checkpoints",), "a single file is not a series of checkpoints", "refer to '@<train stage>.checkpoints' or list the files oldest first")
+                raise _Skip
+            if self.p.stages[producer].kind == "finetune":
+                self.error(where + ("checkpoints",), f"post-hoc EMA here averages LoRA checkpoints, and {producer!r} saves whole models", "average the checkpoints of a LoRA train stage, or use the fine-tuned model as it is")
                 raise _Skip
             inputs = [Input("checkpoints", p, producer) for p in paths]
         else:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ..dsl.load import Source
 from ..dsl.model import Pipeline
 from ..errors import Problem
+from ..pipelines.registry import TRAINING_KINDS
 
 if TYPE_CHECKING:  # networkx is imported when a graph is built, not with this module
     import networkx as nx
@@ -19,6 +20,7 @@ ARTIFACTS = {
     "cache_latents": ("latent_cache",),
     "cache_text_encoder": ("text_encoder_cache",),
     "train": ("lora", "checkpoints", "state"),
+    "finetune": ("model", "checkpoints", "state"),
     "ema": ("lora",),
     "convert": ("lora",),
     "merge": ("model",),
@@ -157,7 +159,7 @@ def _link_caches_to_training(pipeline: Pipeline, graph: nx.DiGraph, resolved: di
         for cache in by_kind.get("cache_latents", []) + by_kind.get("cache_text_encoder", []):
             graph.add_edge(check, cache, why="report")
     for name, stage in pipeline.stages.items():
-        if stage.kind != "train":
+        if stage.kind not in TRAINING_KINDS:
             continue
         for field, kind in (("latents", "cache_latents"), ("text_encoder_cache", "cache_text_encoder")):
             if getattr(stage, field) is None:

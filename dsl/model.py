@@ -14,7 +14,7 @@ from ..pipelines import registry
 from .dataset import Count, DatasetConfig
 
 FAMILIES = registry.family_names()
-STAGE_KINDS = ("check_dataset", "cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "lora_merge", "generate")
+STAGE_KINDS = ("check_dataset", "cache_latents", "cache_text_encoder", "train", "finetune", "ema", "convert", "merge", "lora_merge", "generate")
 ATTENTION = ("sdpa", "flash_attn", "flash3", "xformers", "sage_attn")
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]  # nan and inf reach musubi as text it cannot use
@@ -219,6 +219,65 @@ class TrainStage(_Stage):
     text_encoder_cache: StrictStr | None = Field(None, description="text-encoder cache (default: the pipeline's cache_text_encoder stage)")
 
 
+class FinetuneStage(_Stage):
+    """Full fine-tuning of the whole DiT (musubi's *_train.py scripts), where a family has it: no LoRA
+    network; its artifact is a model file ('@stage.model') for generate's or a train stage's dit."""
+
+    kind: Literal["finetune"]
+    output_name: StrictStr | None = Field(None, max_length=200, description="file name of the model, without extension")
+    output_dir: StrictStr | None = None
+    dit: StrictStr | None = Field(None, description="fine-tune this DiT instead of models.dit")
+    learning_rate: Positive | None = None
+    optimizer_type: StrictStr | None = None
+    optimizer_args: list[StrictStr] | None = None
+    lr_scheduler: StrictStr | None = None
+    lr_warmup_steps: NonNegative | None = None
+    lr_scheduler_args: list[StrictStr] | None = None
+    max_grad_norm: NonNegative | None = None
+    max_train_epochs: Count | None = None
+    max_train_steps: Count | None = None
+    gradient_accumulation_steps: Count | None = None
+    save_every_n_epochs: Count | None = None
+    save_every_n_steps: Count | None = None
+    save_last_n_epochs: Count | None = None
+    save_last_n_steps: Count | None = None
+    save_state: StrictBool | None = Field(None, description="save optimizer state with each checkpoint, so an interrupted run can resume")
+    save_state_on_train_end: StrictBool | None = None
+    save_last_n_epochs_state: Count | None = None
+    save_last_n_steps_state: Count | None = None
+    seed: TrainSeed | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    attention: Literal["sdpa", "flash_attn", "flash3", "xformers", "sage_attn"] | None = None
+    split_attn: StrictBool | None = None
+    gradient_checkpointing: StrictBool | None = None
+    gradient_checkpointing_cpu_offload: StrictBool | None = None
+    full_bf16: StrictBool | None = Field(None, description="keep the DiT's weights (and the saved model) in bfloat16: much less VRAM, slightly less accurate")
+    fused_backward_pass: StrictBool | None = Field(None, description="Adafactor's step inside the backward pass: less VRAM (no gradient accumulation)")
+    mem_eff_save: StrictBool | None = Field(None, description="save checkpoints with less system RAM")
+    blocks_to_swap: Amount | None = None
+    block_swap_optimizer_patch_params: StrictBool | None = Field(None, description="block swap without fused_backward_pass (AdamW, Adafactor)")
+    use_pinned_memory_for_block_swap: StrictBool | None = None
+    timestep_sampling: StrictStr | None = None
+    discrete_flow_shift: Positive | None = None
+    weighting_scheme: StrictStr | None = None
+    sigmoid_scale: Positive | None = None
+    min_timestep: Timestep | None = None
+    max_timestep: Timestep | None = None
+    max_data_loader_n_workers: Amount | None = None
+    persistent_data_loader_workers: StrictBool | None = None
+    logging_dir: StrictStr | None = None
+    log_with: Literal["tensorboard", "wandb", "all"] | None = None
+    log_prefix: StrictStr | None = None
+    sample_prompts: list[Prompt] | StrictStr | None = Field(None, description="prompts for samples during training, or a prompt file")
+    sample_every_n_epochs: Count | None = None
+    sample_every_n_steps: Count | None = None
+    sample_at_first: StrictBool | None = None
+    num_processes: Count | None = Field(None, description="GPUs to train on (accelerate --num_processes)")
+    num_machines: Count | None = None
+    latents: StrictStr | None = Field(None, description="latent cache to train on (default: the pipeline's cache_latents stage)")
+    text_encoder_cache: StrictStr | None = Field(None, description="text-encoder cache (default: the pipeline's cache_text_encoder stage)")
+
+
 class GenerateStage(_Stage):
     kind: Literal["generate"]
     dit: StrictStr | None = Field(None, description="generate with this DiT instead of models.dit, e.g. '@merge.model'")
@@ -303,7 +362,7 @@ class CheckDatasetStage(_Stage):
 
 
 Stage = Annotated[
-    Union[CacheLatentsStage, CacheTextEncoderStage, TrainStage, GenerateStage, EmaStage, ConvertStage, MergeStage,
+    Union[CacheLatentsStage, CacheTextEncoderStage, TrainStage, FinetuneStage, GenerateStage, EmaStage, ConvertStage, MergeStage,
           LoraMergeStage, CheckDatasetStage],
     Field(discriminator="kind"),
 ]
@@ -311,6 +370,7 @@ STAGE_MODELS = {
     "cache_latents": CacheLatentsStage,
     "cache_text_encoder": CacheTextEncoderStage,
     "train": TrainStage,
+    "finetune": FinetuneStage,
     "generate": GenerateStage,
     "ema": EmaStage,
     "convert": ConvertStage,
@@ -337,7 +397,7 @@ class Pipeline(_Strict):
     vars: dict[str, Scalar] = Field(default_factory=dict, description="values for {{ name }} interpolation")
     models: Models = Models()
     dataset: DatasetConfig | StrictStr | None = Field(None, description="musubi's [general] and [[datasets]], or a dataset TOML path")
-    defaults: dict[Literal["check_dataset", "cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge", "lora_merge", "generate"], dict[str, Any]] = Field(
+    defaults: dict[Literal["check_dataset", "cache_latents", "cache_text_encoder", "train", "finetune", "ema", "convert", "merge", "lora_merge", "generate"], dict[str, Any]] = Field(
         default_factory=dict, description="option values for every stage of a kind"
     )
     stages: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")], Stage] = Field(default_factory=dict)

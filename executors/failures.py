@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..pipelines.registry import TRAINING_KINDS
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -129,7 +131,7 @@ def classify(log_tail: str, returncode: int, step_kind: str, meta: dict | None =
         fix = f"use network_module = \"{registry.family(fam).network_module}\" for this model family" if fam else \
             "use the family's network module: " + ", ".join(f"{f.title} {f.network_module}" for f in registry.families())
         return Failure("the network module does not match the model: no LoRA modules found", fix, "network_module")
-    if "unsupported operand type(s) for +: 'NoneType' and 'str'" in text and step_kind == "train":
+    if "unsupported operand type(s) for +: 'NoneType' and 'str'" in text and step_kind in TRAINING_KINDS:
         return Failure("training crashed at saving: output_name is not set", "set output_name for the training stage", "config")
     if rc < 0 or rc in (130, 137, 143):
         sig = -rc if rc < 0 else rc - 128
@@ -175,9 +177,9 @@ def _oom(text: str, kind: str, meta: dict) -> Failure:
     nxt = meta.get("next_memory")  # the plan's next memory-saving setting (compiler.ladder)
     if nxt:
         fix = f"run with --retry, or set {nxt}"
-        if kind == "train":
+        if kind in TRAINING_KINDS:
             fix += "; or lower the resolution / target_frames of the dataset"
-    elif kind in ("train", "cache_latents"):
+    elif kind in (*TRAINING_KINDS, "cache_latents"):
         fix = "the memory switches are all on: lower the dataset's resolution or target_frames (fewer frames)"
     elif kind == "generate":
         fix = "lower the video size (video_size) or length (video_length / video_seconds)"

@@ -690,7 +690,7 @@ class LocalExecutor:
 def _state_folders(step: Step) -> tuple[Path, str] | None:
     """Where a training step that saves state puts its `-state` folders, and under which name."""
     meta = step.meta or {}
-    if step.kind != "train" or not meta.get("save_state") or not meta.get("output_dir") or not meta.get("output_name"):
+    if step.kind not in registry.TRAINING_KINDS or not meta.get("save_state") or not meta.get("output_dir") or not meta.get("output_name"):
         return None
     return Path(meta["output_dir"]), meta["output_name"]
 

@@ -5,6 +5,7 @@ import math
 import re
 
 from . import events as ev
+from ..pipelines.registry import TRAINING_KINDS
 
 # tqdm's non-tty meter: "[desc: ]NN%|bar| n/total [elapsed<remaining, rate[, postfix]]" or,
 # with no total, "[desc: ]n it [elapsed, rate[, postfix]]". Numbers may carry unit prefixes (4.50G).
@@ -49,7 +50,7 @@ _PHASE_LINES = [
 ]
 # the phase a bar with no description means, per step kind
 _BAR_PHASE = {"cache_latents": "caching", "cache_text_encoder": "caching", "generate": "generating",
-              "train": "training", "merge": "converting", "convert": "converting", "ema": "converting"}
+              "train": "training", "finetune": "training", "merge": "converting", "convert": "converting", "ema": "converting"}
 
 
 def _number(text: str) -> float:
@@ -162,7 +163,7 @@ class ProgressParser:
             if lm:
                 loss = float(lm["v"])
         values = {"current": current, "total": total, "loss": loss, "rate": rate, "eta_s": eta}
-        if desc == "steps" or (not desc and self.kind == "train" and self.phase == "training"):
+        if desc == "steps" or (not desc and self.kind in TRAINING_KINDS and self.phase == "training"):
             self.phase = "training"
             self.train = values
         else:
@@ -236,11 +237,11 @@ class ProgressParser:
     # ---------------------------------------------------------------- output
 
     def _progress(self, found: list[ev.Event]) -> None:
-        numbers = self.train if self.phase in ("training", "saving", "done") and self.kind == "train" else self.bar
+        numbers = self.train if self.phase in ("training", "saving", "done") and self.kind in TRAINING_KINDS else self.bar
         data = {}
         if self.bar_what and numbers is self.bar:
             data["what"] = self.bar_what
-        if self.kind == "train" and self._batches:
+        if self.kind in TRAINING_KINDS and self._batches:
             data["steps_per_epoch"] = math.ceil(self._batches / (self._accum or 1))
         key = (self.phase, numbers["current"], numbers["total"], self.epoch, self.epochs, numbers["loss"],
                tuple(sorted(data.items())))

@@ -192,7 +192,7 @@ def plan_resume(step: Step, record: dict, previous: dict | None) -> tuple[Resume
     """For a training step that saves state: the exact resume from the newest usable state, or
     None; with a note saying what was resumed, or why an existing state was not."""
     meta = step.meta or {}
-    if step.kind != "train" or not meta.get("save_state") or flag_value(step.args, option("resume")):
+    if step.kind not in registry.TRAINING_KINDS or not meta.get("save_state") or flag_value(step.args, option("resume")):
         return None, None
     out_dir = Path(meta.get("output_dir") or flag_value(step.args, option("output_dir")) or "")
     name = meta.get("output_name") or flag_value(step.args, option("output_name"))

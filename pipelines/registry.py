@@ -16,8 +16,11 @@ from ..files import tomllib
 
 ROOT = Path(__file__).resolve().parent
 FAMILY_DIR = ROOT / "families"
-STAGE_KINDS = ("check_dataset", "cache_latents", "cache_text_encoder", "train", "ema", "convert", "merge",
+STAGE_KINDS = ("check_dataset", "cache_latents", "cache_text_encoder", "train", "finetune", "ema", "convert", "merge",
                "lora_merge", "generate")
+# Stage kinds that run one of musubi's training loops (LoRA or full fine-tuning): the same progress,
+# checkpoints, state folders and resume.
+TRAINING_KINDS = ("train", "finetune")
 
 
 class UnknownFamily(KeyError):
@@ -307,6 +310,11 @@ def all_task_names() -> set[str]:
 def training() -> dict[str, Any]:
     """What musubi's training does the same for every family (common.toml [training])."""
     return dict(_common()["training"])
+
+
+def finetune_rules() -> dict[str, Any]:
+    """The rules musubi's full fine-tuning scripts enforce (common.toml [finetune])."""
+    return dict(_common()["finetune"])
 
 
 def policy() -> dict[str, list[str]]:

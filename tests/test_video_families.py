@@ -285,7 +285,7 @@ def _minimal_pipeline(fam: registry.Family) -> str:
     if model.get("control_dataset") is True:  # an edit model trains on control/target pairs
         media += ', control_directory = "/control"'
     lines.append(f'[dataset]\ndatasets = [{{ {media}, cache_directory = "/cache" }}]')
-    stages = {"cache_latents": "", "cache_text_encoder": "", "train": "", "ema": 'checkpoints = "@train.checkpoints"',
+    stages = {"cache_latents": "", "cache_text_encoder": "", "train": "", "finetune": "", "ema": 'checkpoints = "@train.checkpoints"',
               "convert": 'input = "@train.lora"', "generate": 'prompt = "a"\nimage_path = "/i/a.png"' if model.get("start_image") else
               'prompt = "a"\ncontrol_image_path = ["/i/a.png"]' if model.get("control_generate") is True else 'prompt = "a"',
               "merge": 'loras = ["@train.lora"]', "lora_merge": 'loras = ["@train.lora", "@ema.lora"]'}

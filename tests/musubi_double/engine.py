@@ -641,6 +641,13 @@ def lora_tensors(arch: str, dim: int, alpha: float, step: int, precision: str | 
     return t
 
 
+def model_tensors(step: int, value: float) -> dict:
+    """A full fine-tune's saved DiT: the model's own weight names (no lora_ prefix), the trained value in them."""
+    import numpy as np
+
+    return {"blocks.0.attn.qkv.weight": np.full((8, 8), value, np.float32), "blocks.0.attn.qkv.bias": np.full((8,), step * 0.001, np.float32)}
+
+
 def training_items(datasets: list[dict], arch: str) -> list[tuple[int, int]]:
     """(items, batches) per dataset, counted from cache files that have a text-encoder partner, as musubi does."""
     result = []
@@ -695,6 +702,10 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
         if "bf16" in name and args.mixed_precision not in ("bf16", "no"):
             traceback_exit(MAIN_FRAMES(script) + [_frame("wan_train_network", 65, "handle_model_specific_args", 'assert args.mixed_precision in ["bf16", "no"], "DiT weights are in bf16, mixed precision must be bf16 or no"')],
                            "AssertionError: DiT weights are in bf16, mixed precision must be bf16 or no")
+    full = script.endswith("_train")  # full fine-tuning: the whole DiT, no network
+    if full and (a.get("fp8_base") or a.get("fp8_scaled")):
+        log("__main__", "FP8 training is not supported for fine-tuning. Set --fp8-base or --fp8-scaled to False.", "WARNING")
+        args.fp8_base = args.fp8_scaled = False
     out("accelerator device: cpu")
     if fail == "dataset_schema":
         log("musubi_tuner.dataset.config_utils", f"Load dataset config from {args.dataset_config}")
@@ -731,6 +742,8 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
         if fail == "network_module" or args.network_module not in (NETWORK_MODULE.get(arch), "networks.loha", "networks.lokr"):
             raise_injected("network_module", script, args)
     out("prepare optimizer, data loader etc.")
+    if full:
+        out("number of trainable parameters: 64")
     opt = args.optimizer_type or ""
     if "." not in opt and opt.lower() not in TORCH_OPTIMIZERS:
         traceback_exit(MAIN_FRAMES(script) + [_frame("training/trainer_base", 237, "get_optimizer", "optimizer_class = getattr(torch.optim, optimizer_type)")],
@@ -751,6 +764,11 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
     out(f"  batch size per device / バッチサイズ: {', '.join(str(d['batch_size']) for d in datasets)}")
     out(f"  gradient accumulation steps / 勾配を合計するステップ数 = {ga}")
     out(f"  total optimization steps / 学習ステップ数: {total}")
+    if full and a.get("full_bf16"):
+        if args.mixed_precision != "bf16":
+            traceback_exit(MAIN_FRAMES(script) + [_frame(script, 257, "train", 'assert args.mixed_precision == "bf16", (')],
+                           "AssertionError: full_bf16 requires mixed precision='bf16' / full_bf16を使う場合はmixed_precision='bf16'を指定してください。")
+        out("enable full bf16 training.")
     dim = args.network_dim or 4
     alpha = float(args.network_alpha if args.network_alpha is not None else 1)
     # the numeric model: schedule from the args, then what accelerator.load_state restores
@@ -768,11 +786,14 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
         counter, base_lr = sched.get("last_epoch", 0), sched.get("base_lrs", [base_lr])[0]
         log(tb, f"test double: resumed from {args.resume} at scheduler step {counter}; loop counters restart at 0 as in musubi-tuner")
 
-    meta_base = {"ss_network_module": args.network_module, "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
-                 "ss_output_name": str(args.output_name), "ss_max_train_steps": str(total), "ss_num_epochs": str(epochs),
+    meta_base = {} if full else {"ss_network_module": args.network_module, "ss_network_dim": str(dim), "ss_network_alpha": str(alpha)}
+    meta_base.update({"ss_output_name": str(args.output_name), "ss_max_train_steps": str(total), "ss_num_epochs": str(epochs),
                  "ss_mixed_precision": str(args.mixed_precision), "ss_learning_rate": str(args.learning_rate),
                  "modelspec.architecture": MODELSPEC_ARCH.get(arch, arch + "/lora"),
-                 "modelspec.title": str(args.output_name), "musubi_double": "1"}
+                 "modelspec.title": str(args.output_name), "musubi_double": "1"})
+    if full:  # a model's modelspec, not a LoRA's
+        meta_base["modelspec.architecture"] = meta_base["modelspec.architecture"].removesuffix("/lora")
+        meta_base["ss_full_bf16"] = str(bool(a.get("full_bf16")))
     if args.resume:
         meta_base["musubi_double_resumed_from"] = os.path.abspath(args.resume)
     tb_writer = TBWriter(args.logging_dir, args.log_prefix) if args.logging_dir else None
@@ -787,7 +808,7 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
         out(f"\nsaving checkpoint: {ckpt}")
         meta = {**meta_base, "ss_steps": str(step), "ss_epoch": str(epoch), "ss_training_finished_at": str(time.time())}
         tmp_meta = dict(meta)
-        tensors = lora_tensors(arch, dim, alpha, counter, args.save_precision, weight)
+        tensors = model_tensors(counter, weight) if full else lora_tensors(arch, dim, alpha, counter, args.save_precision, weight)
         meta["sshs_model_hash"] = str(abs(hash(tuple(sorted(tmp_meta.items())))))
         save_safetensors(tensors, ckpt, meta)
         if args.save_state or (final and args.save_state_on_train_end):
