@@ -24,6 +24,7 @@ REAL = os.environ.get("MUSUBI_TUNER_DIR")
 HEADS = {
     "zimage": '[models]\ndit = "/m/z_image_bf16.safetensors"\nvae = "/m/ae.safetensors"\ntext_encoder = "/m/qwen_3_4b.safetensors"\n',
     "qwen_image": '[models]\ndit = "/m/qwen_image_bf16.safetensors"\nvae = "/m/vae.safetensors"\ntext_encoder = "/m/qwen_2.5_vl_7b.safetensors"\n',
+    "hidream_o1": '[models]\ndit = "/m/hidream_o1_image_bf16.safetensors"\n',
 }
 
 
@@ -270,7 +271,8 @@ def test_real_musubi_parsers_accept_every_fine_tune_argv(tmp_path):
     steps = [compile_text(t).step("ft") for t in (pipeline(), pipeline("qwen_image", task="edit-2509")
                                                  .replace('image_directory = "/d/img"', 'image_directory = "/d/img"\ncontrol_directory = "/d/c"'),
                                                  pipeline(ft='fused_backward_pass = false\noptimizer_type = "adamw"\nblocks_to_swap = 4\n'
-                                                             'block_swap_optimizer_patch_params = true\n'))]
+                                                             'block_swap_optimizer_patch_params = true\n'),
+                                                 pipeline("hidream_o1", task="dev-t2i"))]
     argvs = [(s.script, s.args) for s in steps] + [(s.script, f.args) for s in steps for f in s.fallbacks]
     items = [{"script": script, "args": args, "path": str(Path(REAL) / "src/musubi_tuner" / script)} for script, args in argvs]
     (tmp_path / "items.json").write_text(json.dumps(items))
@@ -280,7 +282,7 @@ def test_real_musubi_parsers_accept_every_fine_tune_argv(tmp_path):
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert line, run.stderr[-3000:]
     results = json.loads(line[len("RESULTS "):])
-    assert {r[0] for r in results} == {"zimage_train.py", "qwen_image_train.py"}
+    assert {r[0] for r in results} == {"zimage_train.py", "qwen_image_train.py", "hidream_o1_train.py"}
     assert all(r[1] == "ok" for r in results), results
 
 
@@ -334,3 +336,22 @@ def test_real_hv_train_stops_before_training_as_the_registry_says(tmp_path):
                           "--output_dir", str(tmp_path / "out"), "--output_name", "x"], capture_output=True, text=True, cwd=REAL, timeout=600)
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode != 0 and last in registry.family("hunyuan_video").rule("missing_stages")["finetune"], last
+
+
+def test_hidream_o1_fine_tunes_with_its_docs_settings_for_each_task():
+    from musubi_pipe.compiler import contract
+
+    t2i = compile_text(pipeline("hidream_o1", task="t2i")).step("ft")
+    assert t2i.script == "hidream_o1_train.py"
+    for flag in ("--full_bf16", "--fused_backward_pass", "--skip_t2i_visual_dummy", "--mem_eff_save"):
+        assert flag in t2i.args
+    assert value(t2i.args, "--task") == "t2i" and value(t2i.args, "--optimizer_type") == "adafactor"
+    assert value(t2i.args, "--mixed_precision") == "bf16"  # full_bf16 needs it
+    dev = compile_text(pipeline("hidream_o1", task="dev-i2i").replace('image_directory = "/d/img"',
+                                                                      'image_directory = "/d/img"\ncontrol_directory = "/d/c"')).step("ft")
+    assert value(dev.args, "--task") == "i2i" and value(dev.args, "--model_type") == "dev"
+    for step in (t2i, dev):
+        assert contract.check(step.script, step.args) is None
+        assert [f.settings for f in step.fallbacks][0] == {"blocks_to_swap": 6}
+        for f in step.fallbacks:
+            assert contract.check(step.script, f.args) is None
