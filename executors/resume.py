@@ -236,8 +236,9 @@ def plan_resume(step: Step, record: dict, previous: dict | None) -> tuple[Resume
         note = f"resumed from {state_dir.name}: {left} of {total_steps} steps left"
     else:
         return None, None
-    if left <= 0:
-        return None, None
+    if left <= 0:  # the run was stopped while saving its results: they cannot be vouched for
+        return None, (f"not resumed from {state_dir.name}: it is the end of the run, saved when the run was stopped; "
+                      "training starts again from step 0")
     if state_dir.name != newest:
         note += f" (the newest state at the end of an epoch; {newest} is not)"
     k = int(same.get("resumes", 0)) + 1

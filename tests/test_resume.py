@@ -353,7 +353,7 @@ main()
 '''
 
 
-def real_plan(project: Path, checkout: Path, scheduler: list[str], items: int) -> Plan:
+def real_plan(project: Path, checkout: Path, scheduler: list[str], items: int, steps: int = 8) -> Plan:
     from musubi_pipe.compiler.plan import Input, fingerprint
 
     project.mkdir(parents=True, exist_ok=True)
@@ -371,7 +371,7 @@ def real_plan(project: Path, checkout: Path, scheduler: list[str], items: int) -
     out = project / "out"
     args = ["--task", "t2v-1.3B", "--dit", str(project / "dit.safetensors"), "--dataset_config", str(ds), "--sdpa",
             "--mixed_precision", "no", "--network_module", "networks.lora_wan", "--network_dim", "4",
-            "--optimizer_type", "AdamW", "--learning_rate", "1e-3", *scheduler, "--max_train_steps", "8",
+            "--optimizer_type", "AdamW", "--learning_rate", "1e-3", *scheduler, "--max_train_steps", str(steps),
             "--save_every_n_steps", "2", "--save_state", "--seed", "42", "--max_data_loader_n_workers", "0",
             "--logging_dir", str(project / "logs"), "--output_dir", str(out), "--output_name", "lora"]
     launch = ["--num_processes", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no"]
@@ -379,7 +379,7 @@ def real_plan(project: Path, checkout: Path, scheduler: list[str], items: int) -
                 launch_args=launch, inputs=[Input("dit", str(project / "dit.safetensors")), Input("dataset_config", str(ds))],
                 outputs=[Output("lora", "file", str(out / "lora.safetensors")),
                          Output("checkpoints", "files", str(out), "lora*.safetensors", required=False)],
-                meta={"output_dir": str(out), "output_name": "lora", "save_state": True, "max_train_steps": 8})
+                meta={"output_dir": str(out), "output_name": "lora", "save_state": True, "max_train_steps": steps})
     step = Step(**{**step.__dict__, "fingerprint": fingerprint(step.script, args, launch)})
     return Plan(name="real", source=str(project / "pipeline.toml"), workdir=str(project), steps=[step])
 
@@ -466,14 +466,15 @@ def test_real_scripts_cancelled_mid_training_leave_no_process_and_the_next_run_f
     config = MusubiConfig(musubi_dir=checkout, python=Path(REAL) / ".venv/bin/python", cancel_grace_s=3.0)
     project = tmp_path / "p"
     schedule = ["--lr_scheduler", "constant"]
-    plan = real_plan(project, checkout, schedule, 1)
+    plan = real_plan(project, checkout, schedule, 1, steps=60)  # long enough to be cut short
     executor, box = LocalExecutor(config), {}
     worker = threading.Thread(target=lambda: box.setdefault("result", executor.run(plan, [Recorder()])))
     worker.start()
     deadline = time.monotonic() + 600
-    while not (project / "out" / "lora-step00000002-state").is_dir():  # a state saved: training is under way
+    # the step-2 state is complete (accelerate writes the RNG states last): training is under way
+    while not list((project / "out").glob("lora-step00000002-state/random_states_*")):
         assert time.monotonic() < deadline and worker.is_alive(), "training never saved its step-2 state"
-        time.sleep(0.2)
+        time.sleep(0.02)
     executor.cancel()
     worker.join(120)
     assert not worker.is_alive() and box["result"].status == "cancelled"
@@ -481,6 +482,29 @@ def test_real_scripts_cancelled_mid_training_leave_no_process_and_the_next_run_f
     assert left == [], [p.info["cmdline"] for p in left]
     assert StateFile(state_path(plan)).record("train")["status"] == "cancelled"
     rec = Recorder()
-    assert LocalExecutor(config).run(real_plan(project, checkout, schedule, 1), [rec]).status == "succeeded", rec.ended()
-    assert rec.ended()["train"]["changes"][0].startswith("resumed from lora-step0000000")
+    assert not (project / "out" / "lora.safetensors").exists()  # cut short: no final LoRA yet
+    assert LocalExecutor(config).run(real_plan(project, checkout, schedule, 1, steps=60), [rec]).status == "succeeded", rec.ended()
+    changes = rec.ended()["train"]["changes"]
+    assert any(c.startswith("resumed from lora-step0000000") for c in changes), changes
     assert (project / "out" / "lora.safetensors").exists()
+
+
+def test_a_state_at_the_end_of_the_run_is_not_resumed_and_the_run_says_why(tmp_path):
+    """A run stopped while saving its results left a state of its last step: nothing is left to
+    resume, and training again is said, not done silently."""
+    from musubi_pipe.executors.resume import TAG_SUFFIX, plan_resume, resume_key
+
+    out = tmp_path / "out"
+    (out / "lora-step00000008-state").mkdir(parents=True)
+    (out / "lora-step00000008-state" / "random_states_0.pkl").write_bytes(b"rng")
+    step = Step(id="train", kind="train", family="wan", script="wan_train_network.py", launcher="accelerate",
+                args=["--max_train_steps", "8", "--output_dir", str(out), "--output_name", "lora", "--save_state"],
+                meta={"output_dir": str(out), "output_name": "lora", "save_state": True, "max_train_steps": 8},
+                fingerprint="f")
+    record = {"fingerprint": "f", "needs": {}, "inputs": []}
+    key = resume_key(record)
+    (out / ("lora-step00000008-state" + TAG_SUFFIX)).write_text(json.dumps({"step": "train", "key": key}))
+    resume, note = plan_resume(step, record, {"key": key, "progress": {"steps_per_epoch": 1}})
+    assert resume is None
+    assert note == ("not resumed from lora-step00000008-state: it is the end of the run, saved when the run was "
+                    "stopped; training starts again from step 0")
