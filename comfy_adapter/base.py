@@ -74,11 +74,6 @@ def family_choices() -> list[str]:
     return list(registry().family_names())
 
 
-def task_choices(family: str) -> list[str]:
-    """The family's tasks for a task picker, its default first ([] for a family without tasks)."""
-    return registry().family(family).task_names()
-
-
 def all_task_choices() -> list[str]:
     """Every family's tasks, family by family (for a node whose family is not fixed)."""
     seen: dict[str, None] = {}

@@ -23,6 +23,10 @@ class Option:
     required: bool
 
 
+# The recorded parsers' value types, as argparse converts them.
+_CONVERT = {"int": int, "float": float}
+
+
 class ContractError(Exception):
     pass
 
@@ -96,10 +100,6 @@ class _Parser(argparse.ArgumentParser):
 @lru_cache(maxsize=None)
 def parser(script: str) -> argparse.ArgumentParser:
     """The script's parser rebuilt from the record, abbreviations disallowed."""
-    return _build_parser(script)
-
-
-def _build_parser(script: str) -> argparse.ArgumentParser:
     p = _Parser(prog=script, allow_abbrev=False, add_help=False)
     for opt in options(script).values():
         kw: dict = {}
@@ -119,7 +119,7 @@ def _build_parser(script: str) -> argparse.ArgumentParser:
             if opt.choices:
                 kw["choices"] = opt.choices
             if opt.type in ("int", "float"):
-                kw["type"] = {"int": int, "float": float}[opt.type]
+                kw["type"] = _CONVERT[opt.type]
         if opt.required:
             kw["required"] = True
         flags = [f for f in _all_flags(script, opt.dest)]
@@ -151,7 +151,6 @@ def check(script: str, args: list[str]) -> str | None:
 # The argv the compiler writes is plain: full flags, each followed by its values. For such argv the
 # answer is clear without argparse, which costs ~40 function calls a word (most of a compile once
 # the imports are done). Anything else, and every refusal with its message, is argparse's.
-_CONVERT = {"int": int, "float": float}
 
 
 @lru_cache(maxsize=None)

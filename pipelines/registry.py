@@ -111,9 +111,6 @@ class Task:
     expert_timesteps: dict[str, tuple[int, int]] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()  # short spellings users type (lower case)
 
-    def __getitem__(self, key: str) -> Any:
-        return self.switches.get(key)
-
     def get(self, key: str, default: Any = None) -> Any:
         return self.switches.get(key, default)
 
