@@ -265,3 +265,45 @@ def test_without_jobs_a_failure_still_stops_the_run_as_before(checkout, tmp_path
     assert result.steps["train-lr1e-4"] == "failed" and result.steps["train-lr2e-4"] == "skipped"
     assert os.environ.get("CUDA_VISIBLE_DEVICES") is None
 
+
+
+def test_the_memory_planner_plans_per_gpu_whatever_the_number_of_processes(tmp_path):
+    one = compile_file(project(tmp_path / "one", "gpu_memory_gib = 12")).step("train")
+    two = compile_file(project(tmp_path / "two", "gpu_memory_gib = 12\nnum_processes = 2")).step("train")
+    tight = compile_file(project(tmp_path / "tight", "gpu_memory_gib = 6\nnum_processes = 2")).step("train")
+    flags = lambda step: [a for a in step.args if a.startswith("--")]  # noqa: E731
+    assert flags(one) == flags(two) and one.meta["memory_plan"] == two.meta["memory_plan"]
+    assert flags(tight) != flags(two)  # a smaller GPU still changes the plan with two processes
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_ctrl_c_on_the_command_line_stops_every_branch(checkout, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from test_endings import DRIVER, alive, cli_env, read_until
+
+    pipeline = project(tmp_path, "sweep = { learning_rate = [1e-4, 2e-4] }")
+    env = cli_env(checkout, tmp_path, MUSUBI_PIPE_GPUS="0,1", MUSUBI_DOUBLE_FAIL="wan_train_network:hang")
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "run", "--plain", "--jobs", "2", str(pipeline)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        read_until(proc, "▶ train-")
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        # both branches hang in training: two launchers and their trainers
+        while sum("wan_train_network" in " ".join(p.cmdline()) for p in alive(parent.children(recursive=True))) < 4:
+            assert time.monotonic() < deadline, "both branches did not start"
+            time.sleep(0.05)
+        family = parent.children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    assert not alive(family), [p.cmdline() for p in alive(family)]
+    state = StateFile(state_path(compile_file(pipeline)))
+    assert state.record("train-lr1e-4")["status"] == state.record("train-lr2e-4")["status"] == "cancelled"
