@@ -28,6 +28,7 @@ from media_factory import make_video  # noqa: E402
 from musubi_double import make_fake_checkout  # noqa: E402
 from musubi_pipe.compiler import compile_file  # noqa: E402
 from musubi_pipe.executors.local import LocalExecutor  # noqa: E402
+from musubi_pipe.executors.runner import LocalRunner  # noqa: E402
 from musubi_pipe.executors.schedule import Scheduler, step_gpus  # noqa: E402
 
 PIPELINE = """
@@ -79,6 +80,30 @@ def critical_path(plan, seconds: float) -> float:
     return max(longest.values())
 
 
+class TimingRunner(LocalRunner):
+    """LocalRunner noting when each command starts and when its exit is first seen, by argv."""
+
+    def __init__(self, grace_s: float):
+        super().__init__(grace_s)
+        self.started: dict[tuple, float] = {}
+        self.exited: dict[tuple, float] = {}
+
+    def start(self, argv, cwd, env, devices=()):
+        key = tuple(argv)
+        self.started[key] = time.time()
+        proc = super().start(argv, cwd, env, devices)
+        wait = proc.wait
+
+        def timed_wait(timeout=None):
+            rc = wait(timeout)
+            if rc is not None:
+                self.exited.setdefault(key, time.time())
+            return rc
+
+        proc.wait = timed_wait
+        return proc
+
+
 def simulated(plan, pool: list[str], jobs: int, seconds: float) -> float:
     """The makespan the scheduler's own choices give when every step takes exactly `seconds` and
     nothing else costs time: what is left of the gap to the ideal is the graph's shape."""
@@ -113,7 +138,8 @@ def main() -> None:
         rec = Recorder()
         jobs = args.jobs or 2 * args.gpus
         began = time.perf_counter()
-        result = LocalExecutor(config).run(plan, [rec], jobs=jobs)
+        runner = TimingRunner(config.cancel_grace_s)
+        result = LocalExecutor(config, runner=runner).run(plan, [rec], jobs=jobs)
         wall = time.perf_counter() - began
         if result.status != "succeeded":
             raise SystemExit(f"the run {result.status}: {result.steps}")
@@ -147,6 +173,12 @@ def main() -> None:
               f"{ms([ends[s] - script[s]['end'] for s in script])}")
         # the scheduler starts steps when a step ends (a dependency or a GPU is free) or the run starts
         moments = sorted([rec.kinds("plan")[0].time, *ends.values()])
+        # the executor's own part: STEP_START -> the runner's start, and the exit seen -> STEP_END
+        by_tail = {}
+        for key in runner.started:
+            by_tail[next(s.id for s in plan.steps if list(key[-len(s.args):]) == s.args)] = key
+        own = [(runner.started[by_tail[s]] - starts[s]) + (ends[s] - runner.exited[by_tail[s]]) for s in by_tail]
+        print(f"   the executor's own part (STEP_START -> process start, plus exit seen -> STEP_END): {ms(own)}")
         lag = [t - max(m for m in moments if m <= t) for t in starts.values()]
         print(f"dispatch (the step end, or the run's start, that freed a step -> its STEP_START): {ms(lag)}")
         devices = [set(r["devices"].split(",")) for r in runs if r["devices"]]
