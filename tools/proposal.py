@@ -210,14 +210,22 @@ class Proposal:
             if self.source_fps:
                 out.append(f"source_fps = {self.source_fps!r}   # the clips' frame rate: musubi drops frames to "
                            f"{fam.target_fps} fps")
+            out += self._control(folder, "videos" if both else "")
         if self.uses_images:
             out += ["", "[[dataset.datasets]]", f"image_directory = {_q(folder)}",
                     f"cache_directory = {_q(folder + ('/cache/images' if both else '/cache'))}"]
+            out += self._control(folder, "images" if both else "")
         train = ["", "# The steps: cache latents, cache text-encoder outputs, train the LoRA.",
                  "[stages.cache_latents]", 'kind = "cache_latents"', "", "[stages.cache_text]",
                  'kind = "cache_text_encoder"', "", "[stages.train]", 'kind = "train"',
                  f"gpu_memory_gib = {self.gpu_gib:g}   # picks gradient checkpointing, fp8 and block swap: "
                  "the fastest setting that fits (musubi-pipe plan-memory explains it)"]
+        if fam.task(self.task).get("experts"):
+            required = [s for s, mode in fam.stages["train"].models.items() if mode == "required"]
+            experts = fam.experts.get("slots", {})
+            mine = next((e for e, slot in experts.items() if slot in required), next(iter(experts), ""))
+            others = ", ".join(f"{e} (models.{slot})" for e, slot in experts.items() if e != mine)
+            train.append(f"expert = {_q(mine)}   # one expert per run; copy this stage for the other: {others}")
         if self.memory is not None:
             train += [f"#   {line}" for line in self.memory.explain().splitlines()[1:]]
         defaults = fam.stages["train"].defaults
@@ -225,6 +233,14 @@ class Proposal:
             if key in defaults:
                 train.append(f"# {key} = {defaults[key]!r}   # the family's default; uncomment to change")
         return "\n".join(out + train) + "\n"
+
+    def _control(self, folder: str, sub: str) -> list[str]:
+        """A dataset's control_directory line, for tasks that train on (control, target) pairs."""
+        task = self.family.task(self.task)
+        if not (task.get("control_dataset") is True or task.get("control")):
+            return []
+        return [f"control_directory = {_q(folder + '/control' + ('/' + sub if sub else ''))}   # the control "
+                "(input) file of each target, same file name: put them there"]
 
     def model_root(self) -> str:
         """Where missing model files are expected: ComfyUI's models folder if one was found."""
@@ -480,6 +496,15 @@ def resolve(family: str | None, task: str | None) -> tuple[registry.Family, str 
     if name is None:
         raise PipelineError([Problem(f"{fam.title} has no task {task!r}", path="task",
                                      fix=f"use one of: {', '.join(fam.task_names())}")])
+    if fam.task(name).get("multiple_target"):
+        raise PipelineError([Problem(f"{fam.task(name).title} trains on several target images per item (its layers), "
+                                     "which a plain folder is not", path="task",
+                                     fix="choose another task, or name the targets <name>_0, <name>_1, ... and write the "
+                                     "dataset by hand (musubi's docs/dataset_config.md, multiple_target)")])
+    if fam.task(name).get("one_frame_only"):
+        raise PipelineError([Problem(f"{fam.task(name).title} trains only as one-frame training, on a dataset of "
+                                     "control and target images that a folder of clips is not", path="task",
+                                     fix="choose another task, or write the one-frame dataset by hand (musubi's one-frame docs)")])
     return fam, name
 
 
@@ -510,9 +535,11 @@ def propose(folder: str | os.PathLike, family: str | None = None, task: str | No
         target, extraction, source_fps, more = _frames(fam, videos)
         notes += more
     switches = fam.task(task).switches
-    if switches.get("control_dataset") or switches.get("control"):
-        notes.append(f"{fam.task(task).title} also needs control media (control_directory in the dataset): "
-                     "add it before training")
+    if switches.get("control_dataset") is True or switches.get("control"):
+        notes.append(f"{fam.task(task).title} trains on pairs: put the control (input) image for each target "
+                     f"image in {folder / 'control'}, with the same file name")
+    elif switches.get("control_dataset"):
+        notes.append(f"{fam.task(task).title} can also train with control media (control_directory in the dataset)")
     roots = model_folders(environ)
     models = find_models(fam, task, roots)
     source = "given"
