@@ -91,7 +91,7 @@ def test_new_on_clips_writes_a_pipeline_that_validates_and_plans(tmp_path, media
     frames = [int(x) for x in re.search(r"target_frames = \[([\d, ]+)\]", text)[1].split(",")]
     assert frames == sorted(frames) and all((f - 1) % 4 == 0 for f in frames) and max(frames) > 1
     # 24 fps clips are read at the family's rate: the shortest (40 frames) gives 27 frames at 16 fps
-    assert f"source_fps = 24.0" in text and max(frames) <= 40 * fam.target_fps / 24
+    assert "source_fps = 24.0" in text and max(frames) <= 40 * fam.target_fps / 24
     assert "gpu_memory_gib = 24" in text and "NOT FOUND" in out
     plan = compile_file(tmp_path / "pipeline.toml")
     assert [s.kind for s in plan.steps] == ["cache_latents", "cache_text_encoder", "train"]
