@@ -253,3 +253,31 @@ def test_no_file_is_written_by_a_proposal(tmp_path, media):
     before = sorted(os.listdir(clips))
     P.propose(clips, gpu_gib=24).report()
     assert sorted(os.listdir(clips)) == before
+
+
+# ---- the ComfyUI node ---------------------------------------------------------------------------
+
+def test_comfy_node_reports_and_writes_nothing_unless_asked(tmp_path, media):
+    from musubi_pipe import NODE_CLASS_MAPPINGS
+    from musubi_pipe.comfy_adapter.base import DEFAULT_TASK, NodeError
+
+    node = NODE_CLASS_MAPPINGS["MusubiTuner_NewPipeline"]()
+    fam = registry.family(registry.default_family())
+    clips = copy(media / "clips", tmp_path / "clips")
+    before = sorted(os.listdir(clips))
+    out = node.propose("clips", fam.name, DEFAULT_TASK, 24.0, False)  # relative: from the input folder (here: cwd)
+    report, toml = out["result"]
+    assert "walk_1.mp4 -> walk_1.txt" in report and out["ui"]["text"] == [report]
+    assert f'family = "{fam.name}"' in toml and "target_frames" in toml
+    assert sorted(os.listdir(clips)) == before
+    report = node.propose(str(clips), fam.name, fam.task_names()[1], 24.0, True)["result"][0]
+    assert report.startswith("wrote 2 caption stub(s)") and (clips / "walk_2.txt").read_text() == "walk 2\n"
+    assert (clips / "walk_0.txt").read_text() == "a person walking\n"
+    # a folder a workflow may not write into: refused, nothing written
+    with pytest.raises(NodeError, match="outside ComfyUI's input/output folders"):
+        node.propose(str(media / "clips"), fam.name, DEFAULT_TASK, 24.0, True)
+    assert not (media / "clips" / "walk_1.txt").exists()
+    with pytest.raises(NodeError, match="no images or videos"):
+        node.propose(str(tmp_path / "home"), fam.name, DEFAULT_TASK, 24.0, False)
+    with pytest.raises(NodeError, match="media_folder is empty"):
+        node.propose(" ", fam.name, DEFAULT_TASK, 0.0, False)
