@@ -127,21 +127,48 @@ def encode(frames_dir, output, fps, crf, codec):
 @click.option("--png", type=click.Path(dir_okay=False), help="write the loss/lr chart here (rewritten each poll)")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls with --follow")
 @click.option("--smoothing", type=click.FloatRange(0, 0.999), default=0.6, show_default=True, help="TensorBoard-style EMA weight")
-@click.option("--step", "step_id", default=None, help="only this plan step's events")
+@click.option("--step", "step_id", default=None, help="show this step of the run (default: the one running, else the training step)")
+@click.option("--list", "list_runs", is_flag=True, help="list the runs of a workdir (PATH/runs/) and their steps")
 @click.option("--json", "as_json", is_flag=True, help="print the status as JSON")
-def monitor(path, follow, png, interval, smoothing, step_id, as_json):
+def monitor(path, follow, png, interval, smoothing, step_id, list_runs, as_json):
     """Loss, learning rate, progress, ETA and samples of a run folder or a TensorBoard log folder."""
     from .contact_sheet import save_png
-    from .monitor import TrainingMonitor, draw_chart
+    from .monitor import TrainingMonitor, current_step, draw_chart, find_run, run_steps, runs_of
 
-    mon = TrainingMonitor(path, step=step_id)
+    root = Path(path)
+    if list_runs:
+        runs = runs_of(root)
+        if not runs:
+            _fail(f"{root}: no runs: expected a workdir with runs/<time>/events.jsonl (made by `musubi-pipe run`)")
+        for run in runs:
+            steps, ended = run_steps(run)
+            click.echo(f"{run}  {ended or 'running'}  " + ", ".join(f"{s.id} ({s.status or 'running'})" for s in steps))
+        return
+    try:
+        root = find_run(root)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    monitors: dict = {}
+    shown = None
     try:
         while True:
-            status = mon.poll()
+            steps, _ = run_steps(root) if (root / "events.jsonl").is_file() else ([], "")
+            if step_id and steps and step_id not in [s.id for s in steps]:
+                _fail(f"{root}: no step {step_id!r} in this run; its steps: {', '.join(s.id for s in steps)}")
+            step = next((s for s in steps if s.id == step_id), None) if step_id else current_step(steps)
+            key = step.id if step else step_id
+            if key not in monitors:
+                monitors[key] = TrainingMonitor(root, step=key)
+            status = monitors[key].poll()
+            if step and shown != step.id and not as_json:
+                others = [f"{s.id} ({s.kind or '?'}, {s.status or 'running'})" for s in steps if s.id != step.id]
+                click.echo(f"{root}: step {step.id} ({step.kind or '?'})"
+                           + (f"; other steps: {', '.join(others)} (--step ID shows one)" if others else ""))
+                shown = step.id
             if as_json:
-                click.echo(json.dumps(status.to_dict(smoothing)))
+                click.echo(json.dumps({"step": key, **status.to_dict(smoothing)}))
             else:
-                click.echo(status.summary_line())
+                click.echo((f"{step.id}: " if step else "") + status.summary_line())
             for warning in status.warnings:
                 click.echo(f"warning: {warning}", err=True)
             if png:
