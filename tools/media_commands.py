@@ -62,15 +62,48 @@ def video():
 
 
 @video.command("info")
-@click.argument("path", type=click.Path(dir_okay=False))
-def info(path):
-    """Size, frame count, frame rate and codec of a video."""
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the facts as JSON (one object; a list for several files)")
+def info(paths, as_json):
+    """Size, frame count, frame rate, length and codec of videos, as a table."""
     from .video import MediaError, probe
 
-    try:
-        click.echo(json.dumps(probe(path).to_dict(), indent=1))
-    except MediaError as exc:
-        _fail(str(exc))
+    rows, failed = [], False
+    for path in paths:
+        try:
+            rows.append(probe(path))
+        except MediaError as exc:
+            failed = True
+            rows.append(exc)
+    if as_json:
+        found = [r.to_dict() if not isinstance(r, MediaError) else {"path": r.path, "error": r.message, "fix": r.fix}
+                 for r in rows]
+        click.echo(json.dumps(found[0] if len(found) == 1 else found, indent=1))
+    else:
+        click.echo(video_table(rows))
+    sys.exit(1 if failed else 0)
+
+
+def video_table(rows: list) -> str:
+    """One line per video under a header; a file that cannot be read says why on its line."""
+    from .video import MediaError
+
+    head = ("file", "size", "frames", "fps", "length", "codec")
+    lines = []
+    for r in rows:
+        if isinstance(r, MediaError):
+            lines.append((r.path, f"error: {r.message}" + (f" (fix: {r.fix})" if r.fix else "")))
+            continue
+        frames = f"{r.frames}" + (f" of {r.declared_frames} (truncated)" if r.truncated else "")
+        lines.append((r.path, f"{r.width}x{r.height}", frames, f"{r.fps:g}", f"{r.duration_s:.2f} s", r.codec))
+    widths = [max(len(row[i]) for row in [head, *lines] if len(row) == len(head)) for i in range(len(head))]
+
+    def fmt(row):
+        if len(row) == 2 and row[1].startswith("error:"):
+            return f"{row[0]:<{widths[0]}}  {row[1]}"
+        return "  ".join(f"{v:<{w}}" if i in (0, 5) else f"{v:>{w}}" for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join(fmt(r) for r in [head, *lines])
 
 
 @video.command("extract")
