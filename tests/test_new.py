@@ -281,3 +281,8 @@ def test_comfy_node_reports_and_writes_nothing_unless_asked(tmp_path, media):
         node.propose(str(tmp_path / "home"), fam.name, DEFAULT_TASK, 24.0, False)
     with pytest.raises(NodeError, match="media_folder is empty"):
         node.propose(" ", fam.name, DEFAULT_TASK, 0.0, False)
+
+
+def test_an_output_in_a_missing_folder_is_refused_clearly(tmp_path, media):
+    res = new(media / "clips", "--yes", "-o", tmp_path / "nope" / "p.toml")
+    assert res.exit_code == 1 and "does not exist" in res.output and not (tmp_path / "nope").exists()

@@ -400,7 +400,7 @@ class TrainingStatus:
             parts.append(f"lr {self.series[LR_TAG].values[-1]:.3g}")
         if self.rate:
             parts.append(f"{self.rate:.2f} it/s")
-        if self.eta_s is not None:
+        if self.eta_s is not None and not self.finished:
             parts.append(f"ETA {_duration(self.eta_s)}")
         if self.samples or self.epoch is not None or self.series:  # a training step's samples (none for others)
             parts.append(f"{len(self.samples)} samples")

@@ -32,6 +32,8 @@ def new(folder, family, task, output, write_captions, gpu_gb, yes, force):
     from .proposal import detect_gpu_gib, propose, write_caption_stubs, write_new
 
     ask = _interactive(yes)
+    if not output.resolve().parent.is_dir():
+        _fail(f"{output}: its folder {output.resolve().parent} does not exist: create it, or give -o another file")
     if output.exists() and not force:
         _fail(f"{output} already exists: nothing written (pass --force to replace it, or -o another file)")
     if ask and family is None:

@@ -243,9 +243,9 @@ class Proposal:
                 "(input) file of each target, same file name: put them there"]
 
     def model_root(self) -> str:
-        """Where missing model files are expected: ComfyUI's models folder if one was found."""
-        comfy = [p for p in self.searched if p.name == "models" and p.parent.name.lower().startswith("comfy")]
-        return str(comfy[0] if comfy else self.searched[0] if self.searched else Path.home() / "models")
+        """Where missing model files are expected: the first folder searched (ComfyUI's models
+        folder when one was found), else ~/models."""
+        return str(self.searched[0] if self.searched else Path.home() / "models")
 
 
 def _q(text: str) -> str:
