@@ -286,3 +286,17 @@ def test_comfy_node_reports_and_writes_nothing_unless_asked(tmp_path, media):
 def test_an_output_in_a_missing_folder_is_refused_clearly(tmp_path, media):
     res = new(media / "clips", "--yes", "-o", tmp_path / "nope" / "p.toml")
     assert res.exit_code == 1 and "does not exist" in res.output and not (tmp_path / "nope").exists()
+
+
+def test_init_records_model_folders_that_new_searches(tmp_path, monkeypatch):
+    from musubi_pipe.executors.musubi_env import load_config
+
+    (tmp_path / "musubi" / "src" / "musubi_tuner").mkdir(parents=True)
+    (tmp_path / "weights").mkdir()
+    res = CliRunner().invoke(main, ["init", "--musubi-dir", str(tmp_path / "musubi"), "--models-dir", str(tmp_path / "weights")])
+    assert res.exit_code == 0, res.output
+    assert load_config().model_dirs == [(tmp_path / "weights").resolve()]
+    assert (tmp_path / "weights").resolve() in [p.resolve() for p in P.model_folders()]
+    (tmp_path / "no-config.toml").write_text('model_dirs = "/one/folder"\n')
+    with pytest.raises(PipelineError, match="expected a list of folder paths"):
+        load_config()
