@@ -300,3 +300,25 @@ def test_init_records_model_folders_that_new_searches(tmp_path, monkeypatch):
     (tmp_path / "no-config.toml").write_text('model_dirs = "/one/folder"\n')
     with pytest.raises(PipelineError, match="expected a list of folder paths"):
         load_config()
+
+
+def test_a_file_name_other_models_share_is_flagged_for_checking(tmp_path, media, monkeypatch):
+    # the same generic file name published for different models (an autoencoder's ae.safetensors, say)
+    by_name: dict = {}
+    for fam in registry.families():
+        for slot in fam.models.values():
+            for task in (*fam.tasks, None):
+                names, url = slot.published(task)
+                for n in names:
+                    by_name.setdefault(n, {})[url] = (fam, slot, task)
+    name, pages = next((n, p) for n, p in by_name.items() if len(p) > 1 and any(
+        f.output == "image" and s.name in f.needed_slots(t, ("cache_latents",)) for f, s, t in p.values()))
+    fam, slot, task = next(v for v in pages.values() if v[0].output == "image" and v[1].name in v[0].needed_slots(v[2], ("cache_latents",)))
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models" / slot.folder).mkdir(parents=True)
+    (comfy / "models" / slot.folder / name).write_bytes(b"x")
+    monkeypatch.setenv("COMFYUI_DIR", str(comfy))
+    prop = P.propose(media / "images", fam.name, task, gpu_gib=80)
+    found = next(m for m in prop.models if m.slot == slot.name)
+    assert found.path == comfy / "models" / slot.folder / name and found.also
+    assert "check it is this one" in prop.report() and f"# CHECK: {name}" in prop.pipeline_toml(tmp_path / "p.toml")

@@ -59,6 +59,7 @@ class FoundModel:
     download: str
     path: Path | None = None  # where it was found here
     hub: str = ""  # a Hugging Face model ID the slot accepts instead of a file
+    also: tuple[str, ...] = ()  # other models published under the found file's name (check which one it is)
 
 
 @dataclass
@@ -147,7 +148,8 @@ class Proposal:
             rule = fam.rule("frame_rule") or "4n+1"
             lines.append(f"  frames: target_frames {self.target_frames} ({rule}), {self.frame_extraction} extraction{fps}")
             lengths = sorted(m.frames for m in self.videos)
-            lines.append(f"  clips: {lengths[0]}-{lengths[-1]} frames at "
+            span = f"{lengths[0]}" if lengths[0] == lengths[-1] else f"{lengths[0]}-{lengths[-1]}"
+            lines.append(f"  clips: {span} frames at "
                          + ", ".join(f"{f:g}" for f in sorted({round(m.fps or 0, 2) for m in self.videos})) + " fps")
         buckets = self.buckets()
         if buckets:
@@ -156,7 +158,8 @@ class Proposal:
         lines.append("models (searched: " + (", ".join(str(p) for p in self.searched) or "nowhere: no model folder found") + "):")
         for m in self.models:
             if m.path:
-                lines.append(f"  {m.slot}: found {m.path}")
+                lines.append(f"  {m.slot}: found {m.path}" + (f" (check it is this one: {', '.join(m.also)} "
+                                                               "publish a file of the same name)" if m.also else ""))
             else:
                 alt = f"; or leave the Hugging Face ID {m.hub}" if m.hub else ""
                 lines.append(f"  {m.slot}: NOT FOUND: download {' or '.join(m.names)} from {m.download} into "
@@ -187,6 +190,8 @@ class Proposal:
                 "[models]"]
         for m in self.models:
             out.append(f"# {m.help}: {' or '.join(m.names)} from {m.download}")
+            if m.path and m.also:
+                out.append(f"# CHECK: {m.path.name} is also the name of {', '.join(m.also)}")
             if m.path:
                 value = str(m.path)
             elif m.hub:
@@ -463,9 +468,24 @@ def find_models(fam: registry.Family, task: str | None, roots: list[Path]) -> li
         spec = fam.models[slot]
         names, url = spec.published(task)
         hub = url.removeprefix("https://huggingface.co/") if spec.hub else ""
-        found.append(FoundModel(slot, spec.help, spec.folder, names, url, _find(names, roots, spec.folder),
-                                hub if spec.hub_id(hub) else ""))
+        path = _find(names, roots, spec.folder)
+        found.append(FoundModel(slot, spec.help, spec.folder, names, url, path, hub if spec.hub_id(hub) else "",
+                                _same_name(path.name, url) if path else ()))
     return found
+
+
+def _same_name(name: str, download: str) -> tuple[str, ...]:
+    """Other families' models published as `name` from another page: a generic name such as
+    ae.safetensors may be a different model than the one wanted."""
+    others = []
+    for fam in registry.families():
+        for slot in fam.models.values():
+            for task in (*fam.tasks, None):
+                names, url = slot.published(task)
+                if name.lower() in (n.lower() for n in names) and url != download:
+                    others.append(f"{fam.title} {slot.name}")
+                    break
+    return tuple(dict.fromkeys(others))
 
 
 # ---- the GPU --------------------------------------------------------------------------------
