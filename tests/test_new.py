@@ -322,3 +322,9 @@ def test_a_file_name_other_models_share_is_flagged_for_checking(tmp_path, media,
     found = next(m for m in prop.models if m.slot == slot.name)
     assert found.path == comfy / "models" / slot.folder / name and found.also
     assert "check it is this one" in prop.report() and f"# CHECK: {name}" in prop.pipeline_toml(tmp_path / "p.toml")
+
+
+def test_a_folder_a_pipeline_would_read_as_a_template_is_refused(tmp_path):
+    make_image(tmp_path / "we{{ird}}" / "a.png", 64, 64)
+    res = new(tmp_path / "we{{ird}}", "--yes")
+    assert res.exit_code == 1 and "rename the folder" in res.output and not (tmp_path / "pipeline.toml").exists()

@@ -173,7 +173,7 @@ class Proposal:
 
     def pipeline_toml(self, pipeline_path: Path) -> str:
         fam, base = self.family, pipeline_path.resolve().parent
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.folder.name).strip("-._") or "lora"
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.folder.name)[:100].strip("-._") or "lora"  # the language's name rule
         folder = _rel(self.folder, base)
         out = [
             f"# A pipeline for {self.folder}, written by `musubi-pipe new`. Edit it freely; then",
@@ -251,6 +251,11 @@ class Proposal:
         """Where missing model files are expected: the first folder searched (ComfyUI's models
         folder when one was found), else ~/models."""
         return str(self.searched[0] if self.searched else Path.home() / "models")
+
+
+def _templated(path: Path) -> bool:
+    """A path a pipeline file would read as a {{ template }} (so it cannot be written into one)."""
+    return any(mark in str(path) for mark in ("{{", "{%", "{#"))
 
 
 def _q(text: str) -> str:
@@ -454,7 +459,7 @@ def _search(folder: Path, wanted: dict[str, str], depth: int) -> Path | None:
                 return Path(e.path)
     if depth > 0:
         for e in entries:
-            if e.is_dir(follow_symlinks=False) and not e.name.startswith("."):
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and not _templated(Path(e.name)):
                 hit = _search(Path(e.path), wanted, depth - 1)
                 if hit is not None:
                     return hit
@@ -533,6 +538,9 @@ def propose(folder: str | os.PathLike, family: str | None = None, task: str | No
     """Look at `folder` and propose a pipeline for `family`/`task`. Reads only."""
     fam, task = resolve(family, task)
     folder = Path(folder).expanduser().resolve()
+    if _templated(folder):
+        raise PipelineError([Problem(f"{folder}: the path holds '{{{{', '{{%' or '{{#', which a pipeline file reads as a "
+                                     "template", path="folder", fix="rename the folder")])
     media = scan(folder)
     readable = [m for m in media if not m.error]
     videos = [m for m in readable if m.kind == "video"]
@@ -560,7 +568,7 @@ def propose(folder: str | os.PathLike, family: str | None = None, task: str | No
                      f"image in {folder / 'control'}, with the same file name")
     elif switches.get("control_dataset"):
         notes.append(f"{fam.task(task).title} can also train with control media (control_directory in the dataset)")
-    roots = model_folders(environ)
+    roots = [r for r in model_folders(environ) if not _templated(r)]  # paths a pipeline can name
     models = find_models(fam, task, roots)
     source = "given"
     if gpu_gib is None:
