@@ -171,8 +171,10 @@ def doctor(where, timeout):
 @click.option("--gpus", help="CUDA_VISIBLE_DEVICES for every step, e.g. 0 or 0,1; with `run --jobs`, the pool each step takes its own GPUs from.")
 @click.option("--allow-output", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="A folder runs may write into (repeatable). Pipelines and workflows cannot write elsewhere.")
+@click.option("--models-dir", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder holding model files (repeatable): `musubi-pipe new` looks there.")
 @click.option("--force", is_flag=True, help="Replace an existing config file.")
-def init(musubi_dir, python, gpus, allow_output, force):
+def init(musubi_dir, python, gpus, allow_output, models_dir, force):
     """Write the local configuration file. accelerate needs no `accelerate config`: musubi-pipe
     passes explicit `accelerate launch` flags."""
     import os
@@ -186,7 +188,8 @@ def init(musubi_dir, python, gpus, allow_output, force):
     if not (musubi_dir / "src" / "musubi_tuner").is_dir():
         raise click.UsageError(f"{musubi_dir} is not a musubi-tuner checkout (no src/musubi_tuner/)")
     values = {"musubi_tuner_dir": str(musubi_dir), "python": str(python.expanduser().resolve()) if python else None,
-              "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output]}
+              "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output],
+              "model_dirs": [str(p.expanduser().resolve()) for p in models_dir]}
     try:
         path = write_config(config_path(), values, force=force)
     except PipelineError as err:

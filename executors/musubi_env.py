@@ -22,7 +22,7 @@ PYTHON_ENV = "MUSUBI_PIPE_PYTHON"
 GPUS_ENV = "MUSUBI_PIPE_GPUS"
 APP = "musubi-pipe"
 KEYS = ("musubi_tuner_dir", "python", "gpus", "allowed_output_roots", "cancel_grace_s", "allow_code", "allow_upload",
-        "allowed_imports", "machine_rank", "main_process_ip", "main_process_port")
+        "allowed_imports", "machine_rank", "main_process_ip", "main_process_port", "model_dirs")
 
 
 def config_path(environ: dict | None = None) -> Path:
@@ -57,6 +57,7 @@ class MusubiConfig:
     python: Path | None = None
     gpus: str = ""  # CUDA_VISIBLE_DEVICES for every step ("" leaves the environment's own); with --jobs, the pool each step takes its own devices from
     allowed_output_roots: list[Path] = field(default_factory=list)
+    model_dirs: list[Path] = field(default_factory=list)  # where `musubi-pipe new` looks for model files
     cancel_grace_s: float = 5.0
     # What only this machine's owner may allow, never a shared pipeline: options that make musubi
     # load code a document names (config files, pickled states, dotted class paths), class paths
@@ -209,6 +210,11 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
         raise PipelineError([Problem("expected a list of folder paths", path="allowed_output_roots",
                                      file=str(path), fix='allowed_output_roots = ["/data/loras"]')])
     cfg.allowed_output_roots = [Path(r).expanduser() for r in roots]
+    model_dirs = data.get("model_dirs", [])
+    if not isinstance(model_dirs, list) or not all(isinstance(r, str) for r in model_dirs):
+        raise PipelineError([Problem("expected a list of folder paths", path="model_dirs", file=str(path),
+                                     fix='model_dirs = ["/data/models"]')])
+    cfg.model_dirs = [Path(r).expanduser() for r in model_dirs]
     for key in ("allow_code", "allow_upload"):
         if key in data:
             if not isinstance(data[key], bool):
