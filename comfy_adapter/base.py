@@ -157,18 +157,23 @@ def has_role(fam, kind: str, role: str) -> bool:
 def real_default(fam, kind: str, field: str) -> Any:
     """What a stage field is when a pipeline does not set it: the family template's default (the
     registry), else musubi's own default for the option (the recorded parser); None when neither
-    says (musubi then takes it from the task's config)."""
-    import json
-
-    from ..compiler import contract
-
+    says (musubi then takes it from the task's config, or the dataset's)."""
     spec = fam.stages[kind]
     option = spec.aliases.get(field, field)
     if isinstance(option, list):
         return None
     if option in spec.defaults:
         return spec.defaults[option]
-    path = contract.CONTRACT_ROOT / contract.CONTRACT / (spec.script.removesuffix(".py") + ".json")
+    return recorded_default(spec.script, option)
+
+
+def recorded_default(script: str, option: str) -> Any:
+    """musubi's argparse default of an option, from the recorded parser (None when it has none)."""
+    import json
+
+    from ..compiler import contract
+
+    path = contract.CONTRACT_ROOT / contract.CONTRACT / (script.removesuffix(".py") + ".json")
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))["args"]
     except (OSError, ValueError, KeyError):
@@ -538,7 +543,11 @@ def _locate(pipe: dict, path: str, message: str = "") -> tuple[dict, str] | None
         shows = [o for k, o in origins.items() if k.count(".") == 1 and k.startswith("stages.") and slot in o.get("slots", ())]
         origin = origins.get(f"stages.{named.group(1)}") if named else None
         origin = origin if origin in shows else (shows[0] if shows else None)
-        return (origin, f"{slot} (pick it, or give it in model_paths)") if origin else None
+        if not origin:
+            return None
+        if slot in origin.get("pickers", ()):
+            return origin, f"{slot} (pick it, or give it in model_paths)"
+        return origin, f"model_paths: {slot} (or pick it on the cache node that uses it)"
     if tokens[0] == "dataset":
         origin = origins.get("dataset")
         if not origin:
@@ -945,7 +954,7 @@ def build_stage(kw: dict, kind: str, family: str | None, task: str | None, slots
             if field not in fields and field not in options:
                 pipe.setdefault("nodes", {})[f"stages.{name}.{field}"] = {**made_by, "widgets": {}}
         note_origin(pipe, f"stages.{name}", node, node_id, {f: f for f in fields} | (widgets or {}), from_options=list(options),
-                    slots=list(slots))
+                    slots=list(slots), pickers=[s for s in slots if s in type(node).INPUT_TYPES().get("required", {})])
         paths = parse_model_paths(kw.get("model_paths", ""), slots)
         for slot in models:
             note_origin(pipe, f"models.{slot}", node, node_id, {slot: "model_paths" if slot in paths else slot})

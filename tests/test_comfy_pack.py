@@ -52,8 +52,8 @@ def test_stage_nodes_build_the_pipeline_document_without_flags():
     training = TrainingConfig().build(network_dim=8, network_alpha=4.0, learning_rate=1e-4, max_train_epochs=3,
                                       max_train_steps=0, save_every_n_epochs=1, save_every_n_steps=0, save_state=True,
                                       seed=5, gradient_checkpointing=True)[0]
-    optimizer = OptimizerConfig().build("adamw8bit", "", "weight_decay=0.01", "cosine", 0, 0.0)[0]
-    sampling = SamplingConfig().build("shift", 3.0, "a cat\n\n a dog ", 1, 0, False)[0]
+    optimizer = OptimizerConfig().build("adamw8bit", "", "weight_decay=0.01", "cosine", 0, 1.0)[0]
+    sampling = SamplingConfig().build("shift", "3", "a cat\n\n a dog ", 1, 0, False)[0]
     # gradient_checkpointing and adamw8bit are the family template's: left to it, as a pipeline file would
     assert training == {"network_dim": 8, "network_alpha": 4.0, "learning_rate": 1e-4, "max_train_epochs": 3,
                         "save_every_n_epochs": 1, "save_state": True, "seed": 5}
@@ -239,6 +239,11 @@ def test_every_registry_family_has_its_nodes_showing_only_its_model_slots(family
         cls = _node(node_id)
         assert cls.FAMILY == fam.name and FAMILY_NODES[(kind, fam.name)] == node_id
         wanted = set(fam.slots(kind)) | (set(fam.experts.get("slots", {}).values()) if kind == "train" else set())
+        assert set(cls.SLOTS) == wanted and set(cls.INPUT_TYPES()["optional"]["model_paths"][1]["tooltip"].split("slots: ")[1]
+                                                .split(" (dit_dtype")[0].split(", ")) - {"dit_dtype", ""} == wanted
+        if kind == "train":  # pickers for what training loads; the models samples need come from the cache nodes
+            roles = fam.stages["train"].models
+            wanted = {s for s in wanted if not roles.get(s, "").startswith("sampling")} | set(fam.experts.get("slots", {}).values())
         assert _picker_slots(cls) == wanted, f"{node_id} shows {_picker_slots(cls)}"
         for slot in wanted:  # folder and help are the registry's
             spec = cls.INPUT_TYPES()["required"][slot]
