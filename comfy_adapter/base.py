@@ -20,6 +20,9 @@ from typing import Any
 
 EVENT_MESSAGE = "musubi_pipe.event"  # websocket message carrying an executor Event (format: event_message)
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second per node (see Run._forward)
+# OUTPUT events executors.progress reads from musubi's log while a step runs (each saved checkpoint):
+# throttled with progress; the step's result files come as other OUTPUT events at its end.
+SAVED_WHILE_RUNNING = ("checkpoint", "file")
 PIPELINE = "MUSUBI_PIPELINE"  # {"document": pipeline dict, "base": folder relative paths resolve against}
 LORA = "MUSUBI_LORA"  # {"ref": "@stage.lora" or "", "path": file}
 NONE = "(none)"
@@ -709,9 +712,11 @@ def event_message(node_id: str | None, e) -> dict:
     "epochs", "loss", "time"}; a value not known is null (loss is null outside training; step
     counts restart per phase). The node's own messages arrive in order.
 
-    Volume: progress is throttled to one message per PROGRESS_INTERVAL_S (0.25 s) per node; the
-    first of each phase and epoch and the last (step == total) always come; other kinds are one
-    each per step. A run of N steps sends at most a few messages a second, plus about 4 per step."""
+    Volume: progress is throttled to one message per PROGRESS_INTERVAL_S (0.25 s) per node: the
+    newest progress waits for the interval (or goes out before the step's end), training's last
+    point (step == total) always comes; checkpoint outputs seen while training share that budget.
+    Other kinds are a few per plan step (start, skipped, result outputs, end). So a node sends at
+    most about 4 messages a second while a step runs, whatever musubi prints."""
     from ..executors import events as ev
 
     message: dict[str, Any] = {"node": node_id, "event": e.to_dict()}
@@ -736,8 +741,8 @@ class Run:
         self._executor = None
         self._chart_failed = False
         self.interrupted = False
-        self._last_key: tuple | None = None  # (step, phase, epoch) of the last progress message sent
-        self._last_sent = 0.0
+        self._last_sent = 0.0  # when the last progress message went out (time.monotonic)
+        self._last_shown = 0.0  # when the node's bar and text last changed
         self._held = None  # the newest progress event held back by the throttle
 
     def listener(self, e) -> None:
@@ -754,6 +759,11 @@ class Run:
             self.failure = {"step": e.step, **e.data}
         elif e.kind == ev.PROGRESS:
             total = e.total or 0
+            # ComfyUI's own bar and text messages, as bounded as ours: 4 a second, and the end.
+            now = time.monotonic()
+            if now - self._last_shown < PROGRESS_INTERVAL_S and not (e.phase == "training" and total and e.current == total):
+                return
+            self._last_shown = now
             preview = self._chart(e) if self.chart and e.phase == "training" and total else None
             if self._pbar is not None and total:
                 try:
@@ -773,19 +783,23 @@ class Run:
 
     def _forward(self, e) -> None:
         """Send the event to the browser and to `musubi-pipe run --executor comfy`. Progress is
-        throttled to one message per PROGRESS_INTERVAL_S per node: the first of a phase, a new
-        epoch and the last (current == total) always go; a progress held back goes out before the
-        next other event, so the chart ends on the run's last point."""
+        throttled to one message per PROGRESS_INTERVAL_S per node (the newest is held back and
+        goes out when the interval has passed or before the next other event); training's last
+        point (current == total) always goes, so the chart ends where the run did."""
         from ..executors import events as ev
 
+        now = time.monotonic()
         if e.kind == ev.PROGRESS:
-            now = time.monotonic()
-            key = (e.step, e.phase, e.epoch)
-            final = e.total is not None and e.current == e.total
-            if key == self._last_key and not final and now - self._last_sent < PROGRESS_INTERVAL_S:
+            last_point = e.phase == "training" and e.total is not None and e.current == e.total
+            if now - self._last_sent < PROGRESS_INTERVAL_S and not last_point:
                 self._held = e
                 return
-            self._last_key, self._last_sent, self._held = key, now, None
+            self._last_sent, self._held = now, None
+        elif e.kind == ev.OUTPUT and e.data.get("name") in SAVED_WHILE_RUNNING:
+            # a checkpoint saved each epoch: shares the progress budget (the run's events.jsonl keeps them all)
+            if now - self._last_sent < PROGRESS_INTERVAL_S:
+                return
+            self._last_sent = now
         elif self._held is not None:
             held, self._held = self._held, None
             self._send(held)

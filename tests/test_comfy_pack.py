@@ -540,7 +540,7 @@ def test_progress_messages_are_throttled_and_carry_what_a_chart_needs():
                               epochs=2, loss=1.0 / i))
     run._forward(ev.Event(ev.STEP_END, step="train", data={"status": "succeeded"}))
     progress = [m for m in sent if m["event"]["kind"] == ev.PROGRESS]
-    assert 3 <= len(progress) <= 10  # the first, the new epoch, the last (and what 0.25 s lets through)
+    assert 2 <= len(progress) <= 4  # the first, the last (and what 0.25 s lets through)
     assert progress[-1]["chart"] == {"stage": "train", "phase": "training", "step": 1000, "total": 1000, "epoch": 2,
                                      "epochs": 2, "loss": 1.0 / 1000, "time": progress[-1]["chart"]["time"]}
     assert {m["node"] for m in sent} == {"8"} and sent[-1]["event"]["kind"] == ev.STEP_END
