@@ -586,3 +586,31 @@ def test_the_final_lora_is_copied_atomically_and_a_users_file_is_never_replaced(
     assert copy == target.with_name("style-2.safetensors") and copy.read_bytes() == b"run two"
     assert target.read_bytes() == b"the user's own file" and "kept it, saved this one as style-2.safetensors" in note
     assert sorted(p.name for p in target.parent.iterdir()) == ["style-2.safetensors", "style.safetensors"]  # no temporary left
+
+
+@pytest.mark.parametrize("family", __import__("musubi_pipe.pipelines.registry", fromlist=["x"]).family_names())
+def test_widgets_that_mean_the_default_show_the_real_default(family):
+    """No settings widget shows 0 for "the template's default": it shows the family template's (or
+    musubi's recorded) value, or says default where musubi takes it from the task's config."""
+    from musubi_pipe.comfy_adapter.base import real_default
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(family)
+    required = _node("generate", fam).INPUT_TYPES()["required"]
+    for name in ("infer_steps", "guidance_scale", "flow_shift"):
+        if name not in required:
+            continue
+        kind, options = required[name]
+        known = real_default(fam, "generate", name)
+        if known is None:
+            assert (kind, options["default"]) == ("STRING", "default"), name
+        else:
+            assert options["default"] == known, name  # 0.0 only where it is the real default (Z-Image's guidance)
+    if "width" in required:
+        size = real_default(fam, "generate", "image_size" if fam.output == "image" else "video_size")
+        assert [required["height"][1]["default"], required["width"][1]["default"]] == (size or [0, 0])
+    trainer = _node("train", fam).INPUT_TYPES()["required"]
+    defaults = fam.stages["train"].defaults
+    assert float(trainer["learning_rate"][1]["default"]) == defaults["learning_rate"] and trainer["learning_rate"][0] == "STRING"
+    text = _node("cache_text_encoder", fam).INPUT_TYPES()["required"]["batch_size"][1]
+    assert text["default"] == (real_default(fam, "cache_text_encoder", "batch_size") or 0)
