@@ -310,13 +310,18 @@ def samples_image(files: list[Path]):
     return torch.cat([image_tensor(p) for p in pictures])
 
 
-def loss_chart(run_dir: str, stage: str):
-    """The loss chart of this run's training step as a PIL picture (tools.monitor's chart)."""
+def loss_chart(runs: Path, stage: str):
+    """The loss chart of the training step as a PIL picture (tools.monitor's chart): from the newest
+    run folder (named by start time) in `runs` that trained it, so a step that was up to date
+    shows the run that made its LoRA."""
     from ..tools.monitor import TrainingMonitor, TrainingStatus, draw_chart
 
     status = TrainingStatus()
-    if run_dir and Path(run_dir).exists():
-        status = TrainingMonitor(run_dir, step=stage).poll()
+    folders = sorted((p for p in runs.iterdir() if p.is_dir()), reverse=True) if runs.is_dir() else []
+    for folder in folders[:20]:
+        status = TrainingMonitor(folder, step=stage).poll()
+        if status.loss_series().values:
+            break
     return draw_chart(status, 640, 320)
 
 
@@ -521,7 +526,7 @@ class _Trainer(StageNode):
         loras = loras_folder()
         shown = os.path.relpath(path, loras) if Path(path).is_relative_to(loras) else path
         samples = newest_samples(step.meta.get("output_dir", ""))
-        chart = loss_chart(run.run_dir, stage)
+        chart = loss_chart(Path(run.run_dir).parent if run.run_dir else Path(plan.workdir) / "runs", stage)
         from .base import image_tensor
 
         status = "\n".join([*notes, settings_line(self.FAMILY, pipe["document"]["stages"][stage]),

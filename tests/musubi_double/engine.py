@@ -864,7 +864,7 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
             sbar.update(1)
         sbar.close()
         with open(os.path.join(d, f"{args.output_name}_{tag}_00_{stamp}.png"), "wb") as fh:
-            fh.write(TINY_PNG)
+            fh.write(png_bytes(16, 16, (200, 120, 40)))  # a picture that decodes, as musubi's samples do
 
     if args.sample_at_first:
         sample(0, 0, False)
