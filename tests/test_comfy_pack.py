@@ -614,3 +614,14 @@ def test_widgets_that_mean_the_default_show_the_real_default(family):
     assert float(trainer["learning_rate"][1]["default"]) == defaults["learning_rate"] and trainer["learning_rate"][0] == "STRING"
     text = _node("cache_text_encoder", fam).INPUT_TYPES()["required"]["batch_size"][1]
     assert text["default"] == (real_default(fam, "cache_text_encoder", "batch_size") or 0)
+
+
+def test_batch_prompts_carry_per_prompt_settings():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_io import BatchProcessor
+
+    prompts = BatchProcessor().build("a fox --w 832 --h 480 --s 20\na cat --d 99\n\na dog", 5)[0]
+    assert prompts == [{"text": "a fox", "seed": 5, "width": 832, "height": 480, "steps": 20},
+                       {"text": "a cat", "seed": 99}, {"text": "a dog", "seed": 7}]
+    with pytest.raises(base.NodeError, match=r"^Batch Processor: prompts line 2: --s \(steps\): 'many' is not a number"):
+        BatchProcessor().build("a fox\na cat --s many", -1)

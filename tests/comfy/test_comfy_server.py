@@ -176,6 +176,25 @@ def test_a_16_epoch_run_adds_one_lora_to_the_picker_and_keeps_the_rest_in_the_wo
     assert "kept it, saved this one as" in outcome.texts("6")[-1]
 
 
+def test_copy_to_loras_final_and_epochs_or_none(comfy, comfy_dir, clips, record, unique, test_root):
+    folder = comfy_dir / "models" / "loras" / "musubi-pipe" / unique
+    prompt = wan_training(str(clips), unique, epochs=3, save_every=1, copy="final + epochs",
+                          base_folder=str(test_root / "work" / unique))
+    outcome = comfy.run(prompt, timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert sorted(p.name for p in folder.iterdir()) == [f"{unique}-000001.safetensors", f"{unique}-000002.safetensors",
+                                                        f"{unique}.safetensors"]
+    name = unique + "-none"
+    prompt = wan_training(str(clips), name, epochs=2, copy="none", base_folder=str(test_root / "work" / name))
+    outcome = comfy.run(prompt, timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert not (folder.parent / name).exists()
+    text = outcome.texts("6")[-1]  # what it trained with, then where the LoRA is (the workdir: nothing copied)
+    assert text.startswith("settings: learning_rate 1e-4, max_train_epochs 2, network_dim 4, network_alpha 2, ") and \
+        "discrete_flow_shift 3\n" in text, text
+    assert text.endswith(f"done: {test_root}/work/{name}/musubi-out/{name}/train/{name}.safetensors"), text
+
+
 def test_an_empty_media_folder_names_the_dataset_node_and_widget(comfy, clips, record, unique, test_root):
     prompt = wan_training("", unique, base_folder=str(test_root / "work" / unique))
     outcome = comfy.run(prompt, timeout=60)
