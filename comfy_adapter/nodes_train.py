@@ -511,6 +511,8 @@ class _Trainer(StageNode):
         path, notes = final, []
         if copy_to_loras != "none":
             folder = Path(loras_folder()) / "musubi-pipe" / pipe["document"].get("name", "musubi")
+            if not folder.resolve().is_relative_to(Path(loras_folder()).resolve()):  # the compiler checked the name; be sure
+                raise NodeError(f"copy_to_loras: {folder} is outside ComfyUI's loras folder; give the pipeline a plain name")
             path, note = place_file(final, folder / Path(final).name)
             notes += [note] if note else []
             if copy_to_loras == "final + epochs":
