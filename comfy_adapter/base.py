@@ -74,9 +74,15 @@ def locate_errors(fn):
         except NodeError as err:
             if err.located:
                 raise
+            import re
+
             prefix = where(self, kw.get("unique_id"))
             lines = str(err).splitlines() or [""]
-            raise NodeError("\n".join(f"{prefix}: {line}" for line in lines), located=True) from None
+            # A line that names its node already (a compiler problem traced to the node that set
+            # the field) keeps it; the others are this node's.
+            named = re.compile(r"^[^:\n]+ \(node [^)]+\): ")
+            raise NodeError("\n".join(line if named.match(line) else f"{prefix}: {line}" for line in lines),
+                            located=True) from None
 
     wrapper.__located__ = True
     return wrapper
@@ -605,7 +611,7 @@ def compile_pipeline(pipe: dict):
         pipeline = validate_pipeline(copy.deepcopy(doc), source)
         return compile_(pipeline, source)
     except PipelineError as err:
-        raise NodeError(describe_problems(err, pipe), located=True) from None
+        raise NodeError(describe_problems(err, pipe)) from None
 
 
 def one_line(err) -> str:
@@ -834,8 +840,9 @@ class Run:
                 print(f"musubi-pipe: no loss chart: {type(exc).__name__}: {exc}", file=sys.stderr)
             return None
 
-    def execute(self, plan, force: bool = False):
-        """Run the plan (steps already done are skipped); raise NodeError on failure."""
+    def execute(self, plan, force: bool = False, pipe: dict | None = None):
+        """Run the plan (steps already done are skipped); raise NodeError on failure. With the
+        pipeline it was compiled from, problems found before a step starts name node and widget."""
         import comfy.model_management as mm
         import comfy.utils
 
@@ -854,7 +861,7 @@ class Run:
             try:
                 box["result"] = executor.run(plan, [self.listener], force=force)
             except PipelineError as err:
-                box["error"] = one_line(err)
+                box["error"] = describe_problems(err, pipe) if pipe else one_line(err)
             except Exception as exc:  # shown on the node, not lost in a thread
                 box["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -979,7 +986,7 @@ def finish_stage(pipe: dict, name: str, node_id, chart: bool = False):
     """Compile and run the pipeline (steps already done are skipped); return (plan, step, run)."""
     plan = compile_pipeline(pipe)
     run = Run(node_id, chart=chart)
-    run.execute(plan)
+    run.execute(plan, pipe=pipe)
     step = plan.step(name)
     made = [o.path for o in step.outputs if o.kind == "file"] + run.outputs.get(name, [])
     remember_outputs(node_id, made)
