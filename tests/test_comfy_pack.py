@@ -384,8 +384,9 @@ def test_a_generator_shows_only_the_settings_its_familys_script_takes(family):
     cls = _node("generate", fam)
     types = cls.INPUT_TYPES()
     required, optional = types["required"], types["optional"]
-    for widget in ("video_length", "video_seconds", "infer_steps", "guidance_scale", "flow_shift", "seed"):
+    for widget in ("video_length", "video_seconds", "infer_steps", "guidance_scale", "seed"):
         assert (widget in required) == takes(widget), widget
+    assert "flow_shift" not in required  # in options, with the other settings few people change
     assert ("width" in required) == ("height" in required) == (takes("video_size") or takes("image_size"))
     assert cls.SIZE == ("image_size" if fam.output == "image" else "video_size")
     assert ("prompts" in optional) == (fam.flag("batch_file") in known)
@@ -597,7 +598,7 @@ def test_widgets_that_mean_the_default_show_the_real_default(family):
 
     fam = registry.family(family)
     required = _node("generate", fam).INPUT_TYPES()["required"]
-    for name in ("infer_steps", "guidance_scale", "flow_shift"):
+    for name in ("infer_steps", "guidance_scale"):
         if name not in required:
             continue
         kind, options = required[name]
