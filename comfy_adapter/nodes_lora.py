@@ -4,13 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_widget, finish_stage, full_path,
-                   lora_picker, lora_value, loras_folder, model_inputs, one_line, parse_options, pipeline_family, set_if,
-                   stage_inputs, start_pipeline, step_files, tip, union_slots)
+                   lora_picker, lora_value, loras_folder, model_inputs, model_paths_input, node_slots, one_line, parse_options, pipeline_family, set_if,
+                   registry, stage_inputs, start_pipeline, step_files, tip, union_slots)
 
 SAVE_TO = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result"})
-# The LoRA Merger's model pickers in the order workflows saved before store their values (by
-# position); pickers of slots added since go after them, at the end of the node.
-MERGER_SLOTS = ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder")
 
 
 def lora_format(path: str) -> str:
@@ -96,9 +93,16 @@ class FormatConverter(StageNode):
         if save_to == "loras folder":
             stem = Path(kw["lora"]["path"] if kw.get("lora") else source).stem
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-{to}.safetensors")
-        pipe, stage = build_stage(kw, "convert", family, None, (), fields)
+        pipe, stage = build_stage(kw, "convert", family, None, (), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
+
+
+def ema_beta() -> float:
+    """musubi's default EMA beta (the recorded parser of the EMA script, from the registry)."""
+    from .base import recorded_default
+
+    return recorded_default(registry().family(registry().default_family()).stages["ema"].script, "beta") or 0.0
 
 
 class PostHocEMA(StageNode):
@@ -113,7 +117,7 @@ class PostHocEMA(StageNode):
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("ema")
         optional["lora"] = (LORA, {"tooltip": "the LoRA of a trainer node: its checkpoints are averaged (or list checkpoints in options)"})
-        required["beta"] = tip("FLOAT", "EMA decay (0 = the template's default)", default=0.0, min=0.0, max=0.99999, step=0.001)
+        required["beta"] = tip("FLOAT", f"EMA decay (musubi's default: {ema_beta()})", default=ema_beta(), min=0.0, max=0.99999, step=0.001)
         required["beta2"] = tip("FLOAT", "end of a beta range (0 = a fixed beta)", default=0.0, min=0.0, max=0.99999, step=0.001)
         required["sigma_rel"] = tip("FLOAT", "power-function EMA width (0 = off; overrides beta)", default=0.0, min=0.0, max=1.0, step=0.01)
         required["save_to"] = SAVE_TO
@@ -126,13 +130,14 @@ class PostHocEMA(StageNode):
         if not lora and "checkpoints" not in parse_options(kw.get("options", "")):
             raise NodeError("connect a trainer's LoRA, or list checkpoints = [...] in options, oldest first")
         fields: dict = {"checkpoints": checkpoints} if checkpoints else {}
-        set_if(fields, "beta", beta, 0.0)
+        if beta not in (0.0, ema_beta()):  # 0: what workflows saved before wrote for the default
+            fields["beta"] = beta
         set_if(fields, "beta2", beta2, 0.0)
         set_if(fields, "sigma_rel", sigma_rel, 0.0)
         if save_to == "loras folder":
             stem = Path(lora["path"]).stem if lora else kw["pipeline"]["document"].get("name", "lora")
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-ema.safetensors")
-        pipe, stage = build_stage(kw, "ema", None, None, (), fields)
+        pipe, stage = build_stage(kw, "ema", None, None, (), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
 
@@ -149,12 +154,16 @@ class LoRAMerger(StageNode):
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("merge", pipeline_required=False)
         required["family"] = family_widget("model family of the base model and LoRAs")
-        slots = union_slots("merge")
-        required.update(model_inputs(*[s for s in MERGER_SLOTS if s in slots]))
+        required.update(model_inputs("dit"))
         _lora_inputs(required, optional, count=3)
         required["output_name"] = tip("STRING", "merged model file name", default="merged.safetensors")
         required["save_to"] = (["diffusion_models folder", "pipeline workdir"], {"default": "diffusion_models folder", "tooltip": "where the merged model goes"})
-        optional.update(model_inputs(*[s for s in slots if s not in MERGER_SLOTS]))
+        # The other models a family's merge route reads (its generate script loads them for
+        # Wan): by path, one text instead of a picker per slot of every family.
+        paths = model_paths_input(union_slots("merge"))
+        needs = "; ".join(f"{fam.title}: {', '.join(s for s in node_slots(fam, 'merge') if s != 'dit') or 'none'}"
+                          for fam in registry().families() if "merge" in fam.stages)
+        optional["model_paths"] = (paths[0], {**paths[1], "tooltip": paths[1]["tooltip"] + f". Needed besides the DiT: {needs}"})
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, family, output_name, save_to, unique_id=None, **kw):
@@ -171,7 +180,7 @@ class LoRAMerger(StageNode):
             folders = folder_paths.get_folder_paths("diffusion_models")
             folder = next((f for f in folders if Path(f).name == "diffusion_models"), folders[0])
             fields["output"] = str(Path(folder) / "musubi-pipe" / name)
-        pipe, stage = build_stage(kw, "merge", family, None, union_slots("merge"), fields)
+        pipe, stage = build_stage(kw, "merge", family, None, union_slots("merge"), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return (pipe, _written(step, stage, "model"))
 
@@ -208,7 +217,7 @@ class LoRAMergeStage(StageNode):
         if save_to == "loras folder":
             name = (kw.get("stage_name") or "lora_merge").strip() or "lora_merge"
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{pipe['document'].get('name', 'comfyui')}-{name}.safetensors")
-        pipe, stage = build_stage(kw, "lora_merge", family, None, (), fields)
+        pipe, stage = build_stage(kw, "lora_merge", family, None, (), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
 

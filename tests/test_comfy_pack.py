@@ -52,8 +52,8 @@ def test_stage_nodes_build_the_pipeline_document_without_flags():
     training = TrainingConfig().build(network_dim=8, network_alpha=4.0, learning_rate=1e-4, max_train_epochs=3,
                                       max_train_steps=0, save_every_n_epochs=1, save_every_n_steps=0, save_state=True,
                                       seed=5, gradient_checkpointing=True)[0]
-    optimizer = OptimizerConfig().build("adamw8bit", "", "weight_decay=0.01", "cosine", 0, 0.0)[0]
-    sampling = SamplingConfig().build("shift", 3.0, "a cat\n\n a dog ", 1, 0, False)[0]
+    optimizer = OptimizerConfig().build("adamw8bit", "", "weight_decay=0.01", "cosine", 0, 1.0)[0]
+    sampling = SamplingConfig().build("shift", "3", "a cat\n\n a dog ", 1, 0, False)[0]
     # gradient_checkpointing and adamw8bit are the family template's: left to it, as a pipeline file would
     assert training == {"network_dim": 8, "network_alpha": 4.0, "learning_rate": 1e-4, "max_train_epochs": 3,
                         "save_every_n_epochs": 1, "save_state": True, "seed": 5}
@@ -77,15 +77,56 @@ def test_stage_nodes_build_the_pipeline_document_without_flags():
         base.parse_options("x = ")
 
 
-def test_compile_errors_become_one_line_with_the_fix(tmp_path):
+def test_compile_errors_name_the_node_and_widget_to_fix_and_list_every_problem(tmp_path):
+    """A problem the compiler finds with a field path is shown as the node (title and id) and
+    widget that set it; every problem gets its line (no "+N more")."""
     from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_data import DatasetConfig
+    from musubi_pipe.comfy_adapter.nodes_train import TrainingConfig
+    from musubi_pipe.pipelines import registry
 
-    pipe = base.new_pipeline("p", base=str(tmp_path))
-    pipe["document"].update({"family": "wan", "stages": {"train": {"kind": "train", "max_train_epochs": 1}}})
+    fam = registry.family("wan")
+    # the training example run unmodified: media_folder empty
+    pipe = DatasetConfig().build(name="p", media_folder="", base_folder=str(tmp_path), family=fam.name, unique_id="3")[0]
+    trainer = _node("train", fam)()
+    built, _ = trainer.document(pipeline=pipe, stage_name="train", unique_id="8")
     with pytest.raises(base.NodeError) as err:
-        base.compile_pipeline(pipe)
+        base.compile_pipeline(built)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "Dataset Config (node 3): media_folder is empty — set it to your folder of clips or images (or give dataset_toml)"
+    assert "Wan LoRA Trainer (node 8): dit (pick it, or give it in model_paths): " in str(err.value)  # the missing DiT
+    assert len(lines) >= 2 and not any("(+" in line or "[dataset] table" in line for line in lines)
+
+    # a field from a config node names that node; a field from options names options
+    (tmp_path / "clips").mkdir()
+    pipe = DatasetConfig().build(name="p", media_folder="clips", base_folder=str(tmp_path), family=fam.name, unique_id="3",
+                                 width=96, height=64, target_frames="1", frame_extraction="head", caption_extension=".txt",
+                                 batch_size=1, num_repeats=1, enable_bucket=False)[0]
+    config = TrainingConfig().build(network_dim=8, network_alpha=4.0, learning_rate="1e-4", max_train_epochs=2, max_train_steps=0,
+                                    save_every_n_epochs=5, save_every_n_steps=0, save_state=True, seed=1,
+                                    gradient_checkpointing=True, unique_id="4")[0]
+    built, _ = trainer.document(pipeline=pipe, stage_name="train", unique_id="8", training_config=config,
+                                options="save_last_n_epochs = 0\nnetwork_args = 3", model_paths="dit = /m/dit.safetensors")
+    with pytest.raises(base.NodeError) as err:
+        base.compile_pipeline(built)
     message = str(err.value)
-    assert "\n" not in message and "fix:" in message
+    assert "Wan LoRA Trainer (node 8): options: network_args: " in message, message
+    assert "Wan LoRA Trainer (node 8): options: save_last_n_epochs: " in message and "(+" not in message
+
+
+def test_numbers_typed_as_text_are_checked_with_the_widget_named():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_train import TrainingConfig
+
+    widgets = dict(network_dim=8, network_alpha=4.0, max_train_epochs=3, max_train_steps=0, save_every_n_epochs=1,
+                   save_every_n_steps=0, save_state=False, seed=5, gradient_checkpointing=True)
+    assert TrainingConfig().build(learning_rate=" 5e-5 ", **widgets)[0]["learning_rate"] == 5e-5
+    for bad, why in (("2e-4x", "is not a number; write a number such as 2e-4"), ("0", "must be greater than 0"),
+                     ("", "is empty"), ("nan", "not a finite number")):
+        with pytest.raises(base.NodeError) as err:
+            TrainingConfig().build(learning_rate=bad, unique_id="4", **widgets)
+        assert str(err.value).startswith("LoRA Training Config (node 4): learning_rate") and why in str(err.value), str(err.value)
+    assert base.format_number(2e-4) == "2e-4" and base.format_number(1.5e-5) == "1.5e-5" and base.format_number(0.05) == "0.05"
 
 
 def test_memory_optimizer_plans_from_the_pipeline_with_the_memory_planner(tmp_path):
@@ -175,10 +216,11 @@ def _node(kind_or_id: str, family=None):
 
 
 def _picker_slots(cls) -> set[str]:
-    """The model slots a node shows: inputs with a free-path twin."""
+    """The model slots a node shows: pickers whose tooltip names a ComfyUI model folder (one
+    model_paths text takes files outside those folders)."""
     types = cls.INPUT_TYPES()
     names = {**types["required"], **types.get("optional", {})}
-    return {n for n in names if f"{n}_path" in names}
+    return {n for n, spec in names.items() if isinstance(spec[0], list) and " folder); " in spec[1].get("tooltip", "")}
 
 
 FAMILY_KINDS = ("cache_latents", "cache_text_encoder", "train", "generate")
@@ -197,6 +239,11 @@ def test_every_registry_family_has_its_nodes_showing_only_its_model_slots(family
         cls = _node(node_id)
         assert cls.FAMILY == fam.name and FAMILY_NODES[(kind, fam.name)] == node_id
         wanted = set(fam.slots(kind)) | (set(fam.experts.get("slots", {}).values()) if kind == "train" else set())
+        assert set(cls.SLOTS) == wanted and set(cls.INPUT_TYPES()["optional"]["model_paths"][1]["tooltip"].split("slots: ")[1]
+                                                .split(" (dit_dtype")[0].split(", ")) - {"dit_dtype", ""} == wanted
+        if kind == "train":  # pickers for what training loads; the models samples need come from the cache nodes
+            roles = fam.stages["train"].models
+            wanted = {s for s in wanted if not roles.get(s, "").startswith("sampling")} | set(fam.experts.get("slots", {}).values())
         assert _picker_slots(cls) == wanted, f"{node_id} shows {_picker_slots(cls)}"
         for slot in wanted:  # folder and help are the registry's
             spec = cls.INPUT_TYPES()["required"][slot]
@@ -204,7 +251,9 @@ def test_every_registry_family_has_its_nodes_showing_only_its_model_slots(family
         assert fam.comfy_name in NODE_DISPLAY_NAME_MAPPINGS[node_id]
         types = cls.INPUT_TYPES()["required"]
         assert "family" not in types  # the pipeline socket carries it
-        if kind in ("train", "generate"):
+        if kind == "train":  # the trainer always extends a pipeline: its family and task, chosen on Dataset Config
+            assert fam.title in cls.DESCRIPTION and "task" not in types
+        elif kind == "generate":  # a generator also runs on its own, so it may name a task
             assert fam.title in cls.DESCRIPTION
             if fam.tasks:  # a dropdown of the family's tasks that defaults to the pipeline's
                 assert types["task"][0] == [base.FROM_PIPELINE, *fam.task_names()]
@@ -257,12 +306,13 @@ def test_family_and_task_are_chosen_once_and_flow_down_the_pipeline(tmp_path):
         DatasetConfig().build(**start, family=fam.name, task=other.task_names()[0])
 
     trainer = _node("train", fam)()
-    widgets = dict(stage_name="train", output_name="", save_to="pipeline workdir", attention="(default)")
-    built, _ = trainer.document(pipeline=pipe, **widgets)  # the task widget at (from pipeline)
+    widgets = dict(stage_name="train", copy_to_loras="none")
+    built, _ = trainer.document(pipeline=pipe, **widgets)  # the trainer has no task widget: the pipeline's
     assert built["document"]["task"] == task and built["document"]["family"] == fam.name
-    built, _ = trainer.document(pipeline=pipe, task=task, **widgets)  # a task widget that agrees
+    # a generator (which also runs on its own) has one: it may only agree
+    base.build_stage({"pipeline": pipe, "stage_name": "g"}, "generate", fam.name, task, (), {})
     with pytest.raises(base.NodeError, match=rf"task is {fam.default_task} here but the pipeline's task is {task}"):
-        trainer.document(pipeline=pipe, task=fam.default_task, **widgets)
+        base.build_stage({"pipeline": pipe, "stage_name": "g"}, "generate", fam.name, fam.default_task, (), {})
     with pytest.raises(base.NodeError, match=rf"this node is for {other.title}, but the pipeline it extends is {fam.name}"):
         _node("train", other)().document(pipeline=pipe, **widgets)
     # a node of several families confirms the pipeline's, or names the widget that contradicts it
@@ -334,8 +384,9 @@ def test_a_generator_shows_only_the_settings_its_familys_script_takes(family):
     cls = _node("generate", fam)
     types = cls.INPUT_TYPES()
     required, optional = types["required"], types["optional"]
-    for widget in ("video_length", "video_seconds", "infer_steps", "guidance_scale", "flow_shift", "seed"):
+    for widget in ("video_length", "video_seconds", "infer_steps", "guidance_scale", "seed"):
         assert (widget in required) == takes(widget), widget
+    assert "flow_shift" not in required  # in options, with the other settings few people change
     assert ("width" in required) == ("height" in required) == (takes("video_size") or takes("image_size"))
     assert cls.SIZE == ("image_size" if fam.output == "image" else "video_size")
     assert ("prompts" in optional) == (fam.flag("batch_file") in known)
@@ -429,7 +480,8 @@ def test_training_config_left_at_its_defaults_trains_what_the_cli_pipeline_train
 
     training = at_defaults(TrainingConfig)
     for key in ("network_dim", "network_alpha", "learning_rate", "max_train_epochs", "save_every_n_epochs", "seed"):
-        assert training[key] == defaults[key], key  # the family file's, not the node's own
+        value = float(training[key]) if key == "learning_rate" else training[key]  # typed as text: "2e-4"
+        assert value == defaults[key], key  # the family file's, not the node's own
     dataset_toml = 'general = { resolution = [96, 64], caption_extension = ".txt", batch_size = 1 }\n' \
                    'datasets = [{ video_directory = "clips", cache_directory = "cache", target_frames = [1, 9] }]\n'
     pipe = DatasetConfig().build(name="style", media_folder="", dataset_toml=dataset_toml, base_folder=str(tmp_path),
@@ -440,8 +492,12 @@ def test_training_config_left_at_its_defaults_trains_what_the_cli_pipeline_train
         pipe, _ = node.document({"pipeline": pipe, "stage_name": kind, **paths}, fam.name, {})
     trainer = _node("train", fam)()
     paths = {f"{slot}_path": path for slot, path in models.items() if slot in trainer.SLOTS}
-    pipe, _ = trainer.document(pipeline=pipe, stage_name="train", output_name="", save_to="pipeline workdir",
-                               attention="(default)", training_config=TrainingConfig().build(**training)[0],
+    from musubi_pipe.comfy_adapter.export import _is_widget
+
+    trainer_widgets = {n: _widget_default(spec) for n, spec in type(trainer).INPUT_TYPES()["required"].items()
+                       if _is_widget(spec)}  # the trainer's own widgets left at theirs too
+    pipe, _ = trainer.document(pipeline=pipe, **{**trainer_widgets, "stage_name": "train"},
+                               training_config=TrainingConfig().build(**training)[0],
                                optimizer_config=OptimizerConfig().build(**at_defaults(OptimizerConfig))[0], **paths)
     assert pipe["document"]["stages"]["train"] == {"kind": "train", "save_state": True}
 
@@ -470,3 +526,103 @@ def test_export_links_a_stage_after_a_generator_to_its_pipeline_output(tmp_path)
     nodes, links = pipeline_nodes(path, "")
     assert links == [("1", 0, "2", "pipeline"), ("2", 1, "3", "pipeline")]
     assert to_api(nodes, links)["3"]["inputs"]["pipeline"] == ["2", 1]
+
+
+def test_progress_messages_are_throttled_and_carry_what_a_chart_needs():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.executors import events as ev
+
+    run = base.Run("8")
+    sent: list = []
+    run._send = lambda e: sent.append(base.event_message("8", e))
+    run._forward(ev.Event(ev.STEP_START, step="train"))
+    for i in range(1, 1001):  # 1,000 steps in a few milliseconds, two epochs
+        run._forward(ev.Event(ev.PROGRESS, step="train", phase="training", current=i, total=1000, epoch=1 + i // 501,
+                              epochs=2, loss=1.0 / i))
+    run._forward(ev.Event(ev.STEP_END, step="train", data={"status": "succeeded"}))
+    progress = [m for m in sent if m["event"]["kind"] == ev.PROGRESS]
+    assert 2 <= len(progress) <= 4  # the first, the last (and what 0.25 s lets through)
+    assert progress[-1]["chart"] == {"stage": "train", "phase": "training", "step": 1000, "total": 1000, "epoch": 2,
+                                     "epochs": 2, "loss": 1.0 / 1000, "time": progress[-1]["chart"]["time"]}
+    assert {m["node"] for m in sent} == {"8"} and sent[-1]["event"]["kind"] == ev.STEP_END
+    # a progress held back goes out before the next other event
+    run = base.Run("8")
+    sent.clear()
+    run._send = lambda e: sent.append(base.event_message("8", e))
+    for i in (1, 2, 3):
+        run._forward(ev.Event(ev.PROGRESS, step="train", phase="training", current=i, total=10, epoch=1, loss=0.5))
+    run._forward(ev.Event(ev.STEP_END, step="train", data={"status": "failed"}))
+    assert [m["chart"]["step"] for m in sent if "chart" in m] == [1, 3]
+
+
+def test_sample_prompt_lines_carry_per_sample_settings_and_bad_lines_are_named():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_train import SamplingConfig, parse_sample_prompts
+
+    prompts = parse_sample_prompts("a fox in snow --w 832 --h 480 --f 33 --s 20 --d 42 --g 5.5\n\n# a comment\n a cat ")
+    assert prompts == [{"text": "a fox in snow", "width": 832, "height": 480, "frames": 33, "steps": 20, "seed": 42,
+                        "guidance": 5.5}, {"text": "a cat"}]
+    with pytest.raises(base.NodeError) as err:
+        SamplingConfig().build("(default)", 0.0, "ok --w 512\nbad --w wide\nworse --zz 3\n--s 4", 1, 0, False, unique_id="6")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and all(line.startswith("Sampling Config (node 6): sample_prompts line ") for line in lines)
+    assert "line 2: --w (width): 'wide' is not a number" in lines[0] and "line 3: --zz is not a sample option" in lines[1]
+    assert "line 4: starts with an option" in lines[2]
+
+
+def test_the_final_lora_is_copied_atomically_and_a_users_file_is_never_replaced(tmp_path, monkeypatch):
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_train import place_file
+
+    monkeypatch.setattr(base, "default_base", lambda: str(tmp_path / "base"))
+    trained = tmp_path / "work" / "style.safetensors"
+    trained.parent.mkdir()
+    trained.write_bytes(b"run one")
+    target = tmp_path / "loras" / "musubi-pipe" / "style" / "style.safetensors"
+    assert place_file(str(trained), target) == (target, "") and target.read_bytes() == b"run one"
+    trained.write_bytes(b"run two")  # a later run replaces the copy this pack made
+    assert place_file(str(trained), target) == (target, "") and target.read_bytes() == b"run two"
+    target.write_bytes(b"the user's own file")  # changed since: the user's now
+    copy, note = place_file(str(trained), target)
+    assert copy == target.with_name("style-2.safetensors") and copy.read_bytes() == b"run two"
+    assert target.read_bytes() == b"the user's own file" and "kept it, saved this one as style-2.safetensors" in note
+    assert sorted(p.name for p in target.parent.iterdir()) == ["style-2.safetensors", "style.safetensors"]  # no temporary left
+
+
+@pytest.mark.parametrize("family", __import__("musubi_pipe.pipelines.registry", fromlist=["x"]).family_names())
+def test_widgets_that_mean_the_default_show_the_real_default(family):
+    """No settings widget shows 0 for "the template's default": it shows the family template's (or
+    musubi's recorded) value, or says default where musubi takes it from the task's config."""
+    from musubi_pipe.comfy_adapter.base import real_default
+    from musubi_pipe.pipelines import registry
+
+    fam = registry.family(family)
+    required = _node("generate", fam).INPUT_TYPES()["required"]
+    for name in ("infer_steps", "guidance_scale"):
+        if name not in required:
+            continue
+        kind, options = required[name]
+        known = real_default(fam, "generate", name)
+        if known is None:
+            assert (kind, options["default"]) == ("STRING", "default"), name
+        else:
+            assert options["default"] == known, name  # 0.0 only where it is the real default (Z-Image's guidance)
+    if "width" in required:
+        size = real_default(fam, "generate", "image_size" if fam.output == "image" else "video_size")
+        assert [required["height"][1]["default"], required["width"][1]["default"]] == (size or [0, 0])
+    trainer = _node("train", fam).INPUT_TYPES()["required"]
+    defaults = fam.stages["train"].defaults
+    assert float(trainer["learning_rate"][1]["default"]) == defaults["learning_rate"] and trainer["learning_rate"][0] == "STRING"
+    text = _node("cache_text_encoder", fam).INPUT_TYPES()["required"]["batch_size"][1]
+    assert text["default"] == (real_default(fam, "cache_text_encoder", "batch_size") or 0)
+
+
+def test_batch_prompts_carry_per_prompt_settings():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_io import BatchProcessor
+
+    prompts = BatchProcessor().build("a fox --w 832 --h 480 --s 20\na cat --d 99\n\na dog", 5)[0]
+    assert prompts == [{"text": "a fox", "seed": 5, "width": 832, "height": 480, "steps": 20},
+                       {"text": "a cat", "seed": 99}, {"text": "a dog", "seed": 7}]
+    with pytest.raises(base.NodeError, match=r"^Batch Processor: prompts line 2: --s \(steps\): 'many' is not a number"):
+        BatchProcessor().build("a fox\na cat --s many", -1)
