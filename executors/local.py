@@ -44,6 +44,8 @@ MACHINE_ROLES = ("gpu_ids", "machine_rank", "main_process_ip", "main_process_por
 # Environment a plan must not set: it would choose another program or inject code.
 FORBIDDEN_ENV = re.compile(r"^(PATH|PYTHON(?!UNBUFFERED$|IOENCODING$).*|LD_.*|DYLD_.*|ACCELERATE_CONFIG_FILE|"
                            r"BASH_ENV|ENV|SHELL|HOME|COMSPEC|PATHEXT)$", re.IGNORECASE)
+# Which GPUs a step sees is this machine's choice (its `gpus` pool), never a shared document's.
+DEVICE_ENV = re.compile(r"^(CUDA|HIP|ROCR)_VISIBLE_DEVICES$", re.IGNORECASE)
 SCRIPT_NAME = re.compile(r"^[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*\.py$")
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -88,6 +90,11 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
             if FORBIDDEN_ENV.match(key):
                 problems.append(Problem(f"environment variable {key} may not be set by a pipeline", path=where + ".env",
                                         file=plan.source, fix="set it in your own shell if you really need it"))
+            elif DEVICE_ENV.match(key):
+                problems.append(Problem(f"environment variable {key} may not be set by a pipeline: which GPUs a step uses "
+                                        "is this machine's choice", path=where + ".env", file=plan.source,
+                                        fix="remove it; set the GPUs in your configuration: musubi-pipe init --gpus 0,1 "
+                                            "(or MUSUBI_PIPE_GPUS)"))
     for step in plan.steps:
         if step.launcher != LAUNCH_TOOL and SCRIPT_NAME.match(step.script):
             problems += _option_problems(plan, step, config)
