@@ -1,0 +1,291 @@
+"""Steps on a Ray cluster (`run --executor ray --address ADDR`). Each step's process runs inside a
+Ray actor that asks for the step's GPUs, so Ray chooses the node and sets CUDA_VISIBLE_DEVICES;
+the actor starts the process in its own process group on that node and hands its output back in
+chunks. The driver (this process) parses them, writes the log, events and state file itself: it
+stays the only writer of run records. Ray is optional: imported only here, only when used."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections import deque
+
+from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, Plan, Step
+from ..errors import PipelineError, Problem
+from .musubi_env import MusubiConfig, _value_after, config_path, is_inside
+
+INSTALL = "pip install 'musubi-pipe[ray]'"
+CHUNK = 256 * 1024  # most output one read hands back: a flood of output still streams in pieces
+
+
+def import_ray():
+    """The ray module, or a PipelineError that says how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise PipelineError([Problem(f"--executor ray needs the Ray package, which is not installed ({exc})",
+                                     path="--executor", fix=f"{INSTALL} (in the Python that runs musubi-pipe and on every node)")])
+    return ray
+
+
+def step_gpus(step: Step) -> int:
+    """GPUs a step asks Ray for: accelerate's process count for training, one for musubi's other
+    scripts (caching and generation load models on the GPU), none for musubi-pipe's own tools."""
+    if step.launcher == LAUNCH_TOOL:
+        return 0
+    if step.launcher == LAUNCH_ACCELERATE:
+        from ..pipelines import registry
+
+        n = _value_after(step.launch_args, "--" + registry.launch_flags()["processes"])
+        return int(n) if n and n.isdigit() and int(n) > 0 else 1
+    return 1
+
+
+def check_cluster_plan(plan: Plan, config: MusubiConfig) -> None:
+    """What a Ray run needs on top of the local executor's checks: a shared folder holding the
+    plan's run records and outputs (every node reads and writes them at the same path), and steps
+    that each fit on one node."""
+    from ..pipelines import registry
+    from .state import state_path
+
+    where = str(config.file or config_path())
+    if config.shared_root is None:
+        raise PipelineError([Problem("--executor ray needs a folder every node of the cluster sees at the same path",
+                                     path="shared_root", file=where,
+                                     fix='add shared_root = "/mnt/shared/musubi" (your NFS or cluster file system) to the config')])
+    root = [config.shared_root.expanduser().resolve()]
+    paths = [(plan.workdir, "workdir"), (str(state_path(plan)), "state file")]
+    paths += [(f.path, "files") for f in plan.files]
+    paths += [(o.path, f"steps.{s.id}.outputs.{o.name}") for s in plan.steps for o in s.outputs if o.path]
+    problems = [Problem(f"{path} is outside the shared folder {root[0]}: other nodes of the cluster cannot see it",
+                        path=field, file=plan.source,
+                        fix=f"put the pipeline's workdir and outputs under {root[0]}, or change shared_root in {where}")
+                for path, field in paths if not is_inside(path, root)]
+    machines = "--" + registry.launch_flags()["machines"]
+    for step in plan.steps:
+        n = _value_after(step.launch_args, machines)
+        if n not in (None, "1"):
+            problems.append(Problem(f"step {step.id} trains on {n} machines; the Ray executor runs each step on one node",
+                                    path=f"steps.{step.id}", file=plan.source,
+                                    fix="train on one machine's GPUs, or run it with the local executor on each machine"))
+    if problems:
+        raise PipelineError(problems)
+
+
+class StepHost:
+    """The body of a step's actor: runs one command on the actor's node with the local runner
+    (its own process group, a watchdog that ends the tree if this actor's process dies) and keeps
+    its output until the driver reads it. read() and stop() may overlap (a threaded actor)."""
+
+    def __init__(self):
+        self.proc = None
+        self._chunks: deque = deque()
+        self._streaming = False
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def where(self) -> dict:
+        """The node, host and devices the step got (for run records and the display)."""
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": self.proc.pid if self.proc else None}
+
+    def start(self, argv: list[str], cwd: str, changed: dict[str, str], removed: list[str], gpu_flag: str,
+              grace_s: float) -> dict:
+        """Start the step on this node: this node's environment with the step's changes, pointed
+        at the GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES, and accelerate's `gpu_flag`)."""
+        from .local import step_environment
+        from .runner import LocalRunner
+
+        env = step_environment(changed)
+        for key in removed:
+            env.pop(key, None)
+        got = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = got.split(",") if got else []
+        if devices:  # set by Ray for an actor with GPUs
+            env["CUDA_VISIBLE_DEVICES"] = got
+            argv = [got if i and argv[i - 1] == gpu_flag else w for i, w in enumerate(argv)]
+        else:
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+        self.proc = LocalRunner(grace_s).start(argv, cwd, env, devices)
+        self._streaming = True
+        threading.Thread(target=self._stream, daemon=True).start()
+        return self.where()
+
+    def _stream(self) -> None:
+        def keep(name: str, chunk: bytes) -> None:
+            with self._cond:
+                self._chunks.append((name, chunk))
+                self._cond.notify_all()
+
+        try:
+            self.proc.stream(keep)
+        finally:
+            with self._cond:
+                self._streaming = False
+                self._cond.notify_all()
+
+    def read(self, wait_s: float = 0.2) -> tuple[list[tuple[str, bytes]], int | None]:
+        """Output since the last read (waiting up to wait_s for some), and the exit code once the
+        process has ended and all its output is handed back."""
+        with self._cond:
+            if not self._chunks and self._streaming:
+                self._cond.wait(wait_s)
+            out, size = [], 0
+            while self._chunks and size < CHUNK:
+                name, data = self._chunks.popleft()
+                out.append((name, data))
+                size += len(data)
+            drained = not self._chunks and not self._streaming
+        rc = self.proc.wait(10) if drained else None
+        if rc is not None and not self._closed:
+            self._closed = True
+            self.proc.close(done=True)  # nothing the step started may outlive it
+        return out, rc
+
+    def stop(self, grace_s: float) -> int:
+        """SIGTERM to the step's tree, SIGKILL after the grace period (the local runner's stop)."""
+        return self.proc.stop(grace_s)
+
+
+class NodeLost(Exception):
+    """The step's node (or its actor) went away while the step ran."""
+
+
+# The exit code a step gets when its node is lost (as ssh reports a lost connection); the cause is
+# the line LOST_PREFIX starts, which the driver writes into the step's log (failures.classify).
+NODE_LOST_RC = 255
+LOST_PREFIX = "musubi-pipe: ray: "
+
+
+class RayProc:
+    """A step on the cluster, as the driver sees it (the Proc of executors/runner.py). Its actor
+    may still wait for a node with free GPUs: nothing streams until the process has started."""
+
+    def __init__(self, ray, actor, started):
+        self._ray, self._actor, self._started = ray, actor, started
+        self.pid: int | None = None
+        self.where: dict = {}
+        self._rc: int | None = None
+        self._ended = threading.Event()  # the exit code is known
+        self._streamed = threading.Event()  # stream() has handed back everything
+
+    def stream(self, callback) -> None:
+        from .runner import StopReading
+
+        try:
+            while not self._ended.is_set() or self._started is None:
+                chunks, rc = self._read(0.2)
+                for name, data in chunks:
+                    callback(name, data)
+                if rc is not None:
+                    self._end(rc)
+                    return
+        except StopReading:
+            return
+        except NodeLost as exc:
+            try:
+                callback("stderr", f"\n{LOST_PREFIX}{exc}\n".encode())
+            except StopReading:
+                pass
+            self._end(NODE_LOST_RC)
+        finally:
+            self._streamed.set()
+
+    def _read(self, wait_s: float) -> tuple[list, int | None]:
+        try:
+            if self._started is not None:
+                ready, _ = self._ray.wait([self._started], timeout=wait_s)
+                if not ready:
+                    return [], None
+                self.where, self._started = self._ray.get(self._started), None
+                self.pid = self.where.get("pid")
+            return self._ray.get(self._actor.read.remote(wait_s))
+        except self._ray.exceptions.RayTaskError as exc:  # the actor's own error: the command could not start
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+            return [("stderr", f"cannot start: {cause}\n".encode())], 127
+        except self._ray.exceptions.RayError as exc:
+            raise NodeLost(self._cause(exc)) from exc
+
+    def _end(self, rc: int) -> None:
+        if self._rc is None:
+            self._rc = rc
+        self._ended.set()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._ended.wait(timeout)
+        return self._rc
+
+    def stop(self, grace_s: float) -> int:
+        """End the step's processes on its node: SIGTERM to the tree, SIGKILL after grace_s."""
+        if self._started is None:
+            try:
+                self._end(self._ray.get(self._actor.stop.remote(grace_s), timeout=grace_s + 30))
+            except self._ray.exceptions.RayError as exc:  # the node is gone, and its processes with it
+                self._end(NODE_LOST_RC)
+                self.where.setdefault("lost", self._cause(exc))
+            except self._ray.exceptions.GetTimeoutError:
+                self._end(-9)
+        else:  # not placed yet, or starting: killing the actor's worker makes its watchdog end the step
+            self.release()
+            self._end(-15)
+        return self._rc
+
+    def close(self, done: bool = True) -> None:
+        if done:  # the last chunks of a stopped step are still on their way
+            self._streamed.wait(5)
+        self.release()  # the worker's exit ends what the step left (its watchdog)
+        self._end(self._rc if self._rc is not None else -9)
+
+    def release(self) -> None:
+        try:
+            self._ray.kill(self._actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _cause(self, exc: BaseException) -> str:
+        node, host = self.where.get("node", ""), self.where.get("host", "")
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        on = f"node {host} ({node[:12]})" if node else "its node"
+        return f"{on} lost while the step ran ({type(exc).__name__}{': ' + first if first else ''})"
+
+
+class RayRunner:
+    """Starts steps as actors on a Ray cluster (the Runner of executors/runner.py). One per run;
+    close() disconnects."""
+
+    def __init__(self, address: str, grace_s: float = 5.0):
+        self.ray = import_ray()
+        self.address = address
+        self.grace_s = grace_s
+        if not self.ray.is_initialized():
+            try:
+                self.ray.init(address=address, logging_level="WARNING", log_to_driver=False, configure_logging=False)
+            except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError: all say the same
+                raise PipelineError([Problem(f"cannot connect to the Ray cluster at {address}: {exc}", path="--address",
+                                             fix="start it (`ray start --head` on the head node) or give its address, "
+                                                 "e.g. --address 10.0.0.1:6379")])
+        self._host = self.ray.remote(max_concurrency=4)(StepHost)
+
+    def gpus(self) -> int:
+        """The cluster's GPUs, all nodes together."""
+        return int(self.ray.cluster_resources().get("GPU", 0))
+
+    def start(self, argv: list[str], cwd: str, env: dict[str, str], devices=()) -> RayProc:
+        """The step's actor asks for len(devices) GPUs (num_cpus=0: a step is bounded by its GPUs,
+        and musubi sets its own CPU threads); Ray places it on a node that has them, now or later,
+        and the actor points the command at the GPUs it got. Only the entries the executor added
+        to this process's environment travel: each node keeps its own PATH, HOME and the rest."""
+        from ..pipelines import registry
+
+        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        removed = [k for k in os.environ if k not in env]
+        gpu_flag = "--" + registry.launch_flags()["gpu_ids"]
+        actor = self._host.options(num_gpus=len(devices), num_cpus=0, max_restarts=0).remote()
+        return RayProc(self.ray, actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s))
+
+    def close(self) -> None:
+        if self.ray.is_initialized():
+            self.ray.shutdown()

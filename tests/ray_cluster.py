@@ -1,0 +1,124 @@
+"""A real local Ray cluster for tests and CI: a head and one worker node, each its own raylet with
+fake GPUs, on loopback, in a temporary folder of its own. Teardown ends only the processes of this
+cluster (found by its folder, with their descendants), never another Ray on the machine.
+
+    python tests/ray_cluster.py start /tmp/mpray 16380     # prints the address
+    python tests/ray_cluster.py stop /tmp/mpray
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+GPUS_PER_NODE = 2
+OBJECT_STORE = 100 * 1024 * 1024
+
+
+def _ray_cli() -> str:
+    found = Path(sys.executable).parent / "ray"
+    return str(found) if found.exists() else (shutil.which("ray") or "ray")
+
+
+def _ports(base: int, node: int) -> list[str]:
+    """Every port a node opens, apart from the other node's (both share 127.0.0.1)."""
+    p = base + 20 * node
+    return ["--node-manager-port", str(p + 1), "--object-manager-port", str(p + 2),
+            "--dashboard-agent-listen-port", str(p + 3), "--dashboard-agent-grpc-port", str(p + 4),
+            "--runtime-env-agent-port", str(p + 5), "--metrics-export-port", str(p + 6),
+            "--min-worker-port", str(p + 7), "--max-worker-port", str(p + 19)]
+
+
+class LocalRayCluster:
+    def __init__(self, root: Path, port: int):
+        # Ray's socket paths live under the temp dir and must stay short (108 bytes on Linux)
+        self.root, self.port = Path(root), port
+        self.address = f"127.0.0.1:{port}"
+
+    def _env(self) -> dict:
+        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "warning",
+                # a lost node is noticed within seconds, not the default half minute
+                "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
+                "RAY_health_check_initial_delay_ms": "0"}
+
+    def start(self) -> "LocalRayCluster":
+        self.root.mkdir(parents=True, exist_ok=True)
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", str(GPUS_PER_NODE),
+                  "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", "--include-log-monitor=false"]
+        head = [_ray_cli(), "start", "--head", "--port", str(self.port), "--include-dashboard=false",
+                "--temp-dir", str(self.root), *common, *_ports(self.port, 0)]
+        worker = [_ray_cli(), "start", "--address", self.address, *common, *_ports(self.port, 1)]
+        try:
+            for argv in (head, worker):
+                subprocess.run(argv, env=self._env(), check=True, capture_output=True, timeout=120)
+            self.wait_nodes(2)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_nodes(self, n: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(self.raylets()) >= n:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the Ray cluster in {self.root} did not get {n} nodes")
+
+    def raylets(self) -> list[psutil.Process]:
+        return [p for p in self.processes() if p.info["name"] == "raylet"]
+
+    def worker_raylet(self) -> psutil.Process:
+        """The worker node's raylet (not the head's): killing it loses that node."""
+        port = f"--node_manager_port={self.port + 21}"
+        return next(p for p in self.raylets() if port in " ".join(p.info["cmdline"] or []))
+
+    def processes(self) -> list[psutil.Process]:
+        """This cluster's processes: those naming its folder, and everything they started."""
+        mark = str(self.root)
+        me = psutil.Process()
+        mine = {me.pid, *(p.pid for p in me.parents())}  # the command that names the folder to stop it
+        found = {}
+        for p in psutil.process_iter(["pid", "name", "cmdline"]):
+            try:
+                if p.pid not in mine and any(mark in a for a in p.info["cmdline"] or []):
+                    found[p.pid] = p
+            except psutil.Error:
+                pass
+        for p in list(found.values()):
+            try:
+                for child in p.children(recursive=True):
+                    child.info = {"name": child.name(), "cmdline": child.cmdline()}
+                    found.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+        return list(found.values())
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    what, folder = sys.argv[1], Path(sys.argv[2])
+    if what == "start":
+        print(LocalRayCluster(folder, int(sys.argv[3])).start().address)
+    else:
+        LocalRayCluster(folder, 0).stop()
