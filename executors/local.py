@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +23,7 @@ from .musubi_env import MusubiConfig, environment_facts
 from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, rename_resumed, resume_key,
                      shift_event_steps, snapshot_states, tag_new_states)
 from .runlock import RunLock, check_owner, claim
-from .watchdog import Watchdog
+from .runner import LocalRunner, Runner, StopReading
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, output_snapshot, sha256_file, stamp, state_path)
 
@@ -252,9 +250,11 @@ def end_running_records(plan: Plan, cause: str) -> None:
 class LocalExecutor:
     """Runs plans on this machine. `cancel()` may be called from any thread or signal handler."""
 
-    def __init__(self, config: MusubiConfig, grace_s: float | None = None, sleep: Callable[[float], None] | None = None):
+    def __init__(self, config: MusubiConfig, grace_s: float | None = None, sleep: Callable[[float], None] | None = None,
+                 runner: Runner | None = None):
         self.config = config
         self.grace_s = config.cancel_grace_s if grace_s is None else grace_s
+        self.runner = runner or LocalRunner(self.grace_s)  # where step processes run (executors/runner.py)
         self._cancel = threading.Event()
         self._emit_lock = threading.Lock()
         self._events_file = None
@@ -524,13 +524,14 @@ class LocalExecutor:
 
     def _attempt(self, step: Step, args: list[str], log_path: Path, attempt: int, changes: list[str],
                  record: dict) -> tuple[str, int]:
-        """One subprocess: start, pump output into log/parser/listeners, wait or cancel."""
+        """One command through the runner: start, pump output into log/parser/listeners, wait or cancel."""
         from .progress import ProgressParser
 
         run_step = replace(step, args=args, launch_args=[*step.launch_args, *self.config.launch_args(step.launch_args)])
         argv = run_step.command(str(self.config.python), str(self.config.musubi_dir))
         env = step_environment({**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         cwd = step.cwd or str(Path(self.run_dir).parent.parent)
+        devices: list[str] = []  # the configuration's `gpus` (already in env and argv), when it names any
         self._note_command(step, argv, {**self.config.step_env(), **step.env}, "; ".join(changes) if changes else "")
         parser = ProgressParser(step.id, step.kind)
         with open(log_path, "ab") as log:
@@ -542,18 +543,13 @@ class LocalExecutor:
             self._emit(ev.Event(ev.STEP_START, step=step.id, data={
                 "argv": redact(argv), "log": str(log_path), "attempt": attempt, "changes": list(changes), "kind": step.kind,
                 "output_dir": (step.meta or {}).get("output_dir", "")}))
-            popen_kw: dict = {}
-            if os.name == "nt":
-                popen_kw["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-            else:
-                popen_kw["start_new_session"] = True  # its own process group: one signal reaches the tree
             try:
-                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, **popen_kw)
+                proc = self.runner.start(argv, cwd, env, devices)
             except OSError as exc:
                 log.write(f"cannot start: {exc}\n".encode())
                 return FAILED, 127
             log_lock, parse_lock = threading.Lock(), threading.Lock()
+            decoders = {n: codecs.getincrementaldecoder("utf-8")("replace") for n in ("stdout", "stderr")}
 
             def deliver(parse: Callable[[], list[ev.Event]]) -> None:
                 # both streams feed one parser (its phase is shared): emit under the same lock, so
@@ -563,66 +559,49 @@ class LocalExecutor:
                         self._note_progress(record, e)
                         self._emit(e)
 
-            def pump(name: str, pipe) -> None:
-                decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                fd = pipe.fileno()
-                while True:
+            def on_chunk(name: str, chunk: bytes) -> None:
+                with log_lock:
                     try:
-                        chunk = os.read(fd, 65536)  # returns what is there: no waiting for a full line
-                    except OSError:
-                        break
-                    if not chunk:
-                        break
-                    with log_lock:
-                        try:
-                            log.write(chunk)
-                            log.flush()
-                        except ValueError:  # closed: musubi-pipe is failing and left the step
-                            break
-                    text = decoder.decode(chunk)
-                    if text:
-                        deliver(lambda: parser.feed(name, text))
-                rest = decoder.decode(b"", final=True)
-                if rest:
-                    deliver(lambda: parser.feed(name, rest))
+                        log.write(chunk)
+                        log.flush()
+                    except ValueError:  # closed: musubi-pipe is failing and left the step
+                        raise StopReading()
+                text = decoders[name].decode(chunk)
+                if text:
+                    deliver(lambda: parser.feed(name, text))
 
-            threads = [threading.Thread(target=pump, args=(n, p), daemon=True)
-                       for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-            for t in threads:
-                t.start()
-            watchdog = Watchdog.start(proc.pid, self.grace_s)
+            reader = threading.Thread(target=proc.stream, args=(on_chunk,), daemon=True)
+            reader.start()
             cancelled = ended = False
             try:
                 try:
                     while True:
-                        try:
-                            rc = proc.wait(timeout=0.05)
+                        rc = proc.wait(0.05)
+                        if rc is not None:
                             break
-                        except subprocess.TimeoutExpired:
-                            if self._cancel.is_set():
-                                cancelled = True
-                                rc = self._stop(proc)
-                                break
+                        if self._cancel.is_set():
+                            cancelled = True
+                            rc = proc.stop(self.grace_s)
+                            break
                 except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
                     self._cancel.set()
                     cancelled = True
-                    rc = self._stop(proc)
-                _kill_group(proc.pid)  # nothing the step started may outlive it
+                    rc = proc.stop(self.grace_s)
                 ended = True
             finally:
                 if not ended:  # musubi-pipe itself is failing: the step must not outlive the error
                     try:
-                        self._stop(proc)
-                        _kill_group(proc.pid)
+                        proc.stop(self.grace_s)
                         ended = True
-                    except BaseException:  # a second interrupt: the watchdog ends what is left
+                    except BaseException:  # a second interrupt: close(done=False) ends what is left
                         pass
-                watchdog.close(done=ended)
-            for t in threads:
-                t.join(timeout=5)
+                proc.close(done=ended)
+            reader.join(timeout=5)
+            for name, decoder in decoders.items():
+                rest = decoder.decode(b"", final=True)
+                if rest:
+                    deliver(lambda: parser.feed(name, rest))
             deliver(parser.flush)  # an unterminated last line is still a line
-            for pipe in (proc.stdout, proc.stderr):
-                pipe.close()
             log.write(f"\n=== musubi-pipe: exit code {rc}{' (cancelled)' if cancelled else ''}\n".encode())
         if cancelled:
             return CANCELLED, rc
@@ -659,33 +638,6 @@ class LocalExecutor:
         if e.step and not known and (record.get("progress") or {}).get("steps_per_epoch"):
             self.state.put(e.step, record)  # on disk now: a run killed later (kill -9) can still be resumed
 
-    def _stop(self, proc: subprocess.Popen) -> int:
-        """Polite signal to the whole process group, then SIGKILL after the grace period, also
-        for descendants that left the group."""
-        import psutil
-
-        try:
-            tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            tree = []
-        if os.name == "nt":
-            try:
-                proc.send_signal(signal.CTRL_BREAK_EVENT)
-            except OSError:
-                pass
-        else:
-            _signal_group(proc.pid, signal.SIGTERM)
-        alive = _wait_dead(tree, self.grace_s)
-        if alive:
-            _kill_group(proc.pid)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            _wait_dead(alive, 5.0)
-        return proc.wait()
-
 
 def _state_folders(step: Step) -> tuple[Path, str] | None:
     """Where a training step that saves state puts its `-state` folders, and under which name."""
@@ -719,37 +671,6 @@ def step_environment(extra: dict[str, str]) -> dict[str, str]:
         if not kept:
             del env["PYTHONPATH"]
     return env
-
-
-def _wait_dead(procs: list, timeout: float) -> list:
-    """Wait until every process has exited; a zombie counts as exited (it runs nothing, and
-    an orphan's zombie is reaped by init whenever init gets to it). Returns those still alive."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for p in procs:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.01)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_group(pid: int) -> None:
-    if os.name != "nt":
-        _signal_group(pid, signal.SIGKILL)
 
 
 def _tail(path: Path) -> str:
