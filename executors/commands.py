@@ -52,10 +52,13 @@ def _silence_dead_output() -> None:
                    "once with the next memory-saving setting.")
 @click.option("--quiet", is_flag=True, help="Print only failures and the final result.")
 @click.option("--plain", is_flag=True, help="Plain progress lines instead of live bars (automatic when not a terminal or CI=true).")
-@click.option("--executor", type=click.Choice(["local", "dry", "comfy"]), default="local", show_default=True,
-              help="`dry` shows what would run and why, and runs nothing; `comfy` runs the exported workflow in a running ComfyUI.")
+@click.option("--executor", type=click.Choice(["local", "dry", "comfy", "ray"]), default="local", show_default=True,
+              help="`dry` shows what would run and why, and runs nothing; `comfy` runs the exported workflow in a running ComfyUI; "
+                   "`ray` runs the steps on a Ray cluster (needs shared_root in the config).")
 @click.option("--comfy-url", default="http://127.0.0.1:8188", show_default=True, help="The ComfyUI server for --executor comfy.")
-def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comfy_url):
+@click.option("--address", envvar="RAY_ADDRESS", metavar="HOST:PORT",
+              help="The Ray cluster's head for --executor ray (default: $RAY_ADDRESS).")
+def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comfy_url, address):
     """Run PIPELINE: skip steps that are up to date, run the rest in musubi-tuner's venv, resume
     interrupted training. Ctrl-C stops every process the run started."""
     from ..compiler import compile_file
@@ -66,6 +69,8 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
     if executor == "comfy" and (force or only or from_ or until or retry):
         raise click.UsageError("--force, --only, --from, --until and --retry apply to the local executor; "
                                "ComfyUI decides itself which nodes re-run")
+    if executor == "ray" and not address:
+        raise click.UsageError("--executor ray needs the cluster's address: --address HOST:PORT (or set RAY_ADDRESS)")
     try:
         plan = compile_file(pipeline)
         if executor == "comfy":
@@ -76,6 +81,11 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
             from .dry import DryExecutor
 
             runner = DryExecutor(load_config())
+        elif executor == "ray":
+            from .ray_runner import RayExecutor, import_ray
+
+            import_ray()  # not installed: say how, before anything else
+            runner = RayExecutor(load_config().require(), address)
         else:
             runner = LocalExecutor(load_config().require())
         from ..dsl.inputs import check_file
@@ -83,7 +93,7 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         # Missing model files, LoRAs or dataset folders stop a local run (and its dry run, which
         # decides the same) before any step starts; ComfyUI may run elsewhere, and --only/--from/
         # --until may skip the steps that read them: there they are warnings.
-        strict = executor in ("local", "dry") and not (only or from_ or until)
+        strict = executor in ("local", "dry", "ray") and not (only or from_ or until)
         missing = check_file(pipeline, "error" if strict else "warning", produced_under=plan.workdir)
         if any(p.severity == "error" for p in missing):
             raise PipelineError(missing)
@@ -122,7 +132,7 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         for s, handler in old.items():
             signal.signal(s, handler)
     comparison = Path(result.run_dir or ".") / "sweep.txt"
-    if executor == "local" and plan.sweeps and result.run_dir and comparison.is_file():
+    if executor in ("local", "ray") and plan.sweeps and result.run_dir and comparison.is_file():
         try:
             click.echo(comparison.read_text(encoding="utf-8"), nl=False)
         except (OSError, ValueError):

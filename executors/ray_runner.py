@@ -9,9 +9,11 @@ import os
 import socket
 import threading
 from collections import deque
+from dataclasses import replace
 
 from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, Plan, Step
 from ..errors import PipelineError, Problem
+from .local import LocalExecutor, check_plan
 from .musubi_env import MusubiConfig, _value_after, config_path, is_inside
 
 INSTALL = "pip install 'musubi-pipe[ray]'"
@@ -154,9 +156,8 @@ class NodeLost(Exception):
 
 
 # The exit code a step gets when its node is lost (as ssh reports a lost connection); the cause is
-# the line LOST_PREFIX starts, which the driver writes into the step's log (failures.classify).
+# a line of the step's log, which failures.classify reads.
 NODE_LOST_RC = 255
-LOST_PREFIX = "musubi-pipe: ray: "
 
 
 class RayProc:
@@ -172,11 +173,19 @@ class RayProc:
         self._streamed = threading.Event()  # stream() has handed back everything
 
     def stream(self, callback) -> None:
+        from .failures import NODE_LOST
         from .runner import StopReading
 
         try:
-            while not self._ended.is_set() or self._started is None:
+            while True:
+                if self._ended.is_set() and self._started is not None:
+                    return  # stopped before it had a node: nothing ran
+                placed = self._started is not None
                 chunks, rc = self._read(0.2)
+                if placed and self._started is None:  # the log and the display say where it runs
+                    w = self.where
+                    callback("stderr", f"{NODE_LOST}step runs on node {w['host']} ({w['node']}), GPUs [{w['gpus']}], "
+                                       f"pid {w['pid']}\n".encode())
                 for name, data in chunks:
                     callback(name, data)
                 if rc is not None:
@@ -186,7 +195,7 @@ class RayProc:
             return
         except NodeLost as exc:
             try:
-                callback("stderr", f"\n{LOST_PREFIX}{exc}\n".encode())
+                callback("stderr", f"\n{NODE_LOST}{exc}\n".encode())
             except StopReading:
                 pass
             self._end(NODE_LOST_RC)
@@ -222,11 +231,10 @@ class RayProc:
         if self._started is None:
             try:
                 self._end(self._ray.get(self._actor.stop.remote(grace_s), timeout=grace_s + 30))
-            except self._ray.exceptions.RayError as exc:  # the node is gone, and its processes with it
-                self._end(NODE_LOST_RC)
-                self.where.setdefault("lost", self._cause(exc))
-            except self._ray.exceptions.GetTimeoutError:
+            except self._ray.exceptions.GetTimeoutError:  # close() kills the actor, its watchdog the rest
                 self._end(-9)
+            except self._ray.exceptions.RayError:  # the node is gone (stream() says so), its processes with it
+                self._end(NODE_LOST_RC)
         else:  # not placed yet, or starting: killing the actor's worker makes its watchdog end the step
             self.release()
             self._end(-15)
@@ -256,8 +264,9 @@ class RayRunner:
     """Starts steps as actors on a Ray cluster (the Runner of executors/runner.py). One per run;
     close() disconnects."""
 
-    def __init__(self, address: str, grace_s: float = 5.0):
+    def __init__(self, address: str, grace_s: float = 5.0, gpus_for=None):
         self.ray = import_ray()
+        self._gpus_for = gpus_for  # GPUs of the step being started, when the executor names no devices
         self.address = address
         self.grace_s = grace_s
         if not self.ray.is_initialized():
@@ -274,7 +283,7 @@ class RayRunner:
         return int(self.ray.cluster_resources().get("GPU", 0))
 
     def start(self, argv: list[str], cwd: str, env: dict[str, str], devices=()) -> RayProc:
-        """The step's actor asks for len(devices) GPUs (num_cpus=0: a step is bounded by its GPUs,
+        """The step's actor asks for len(devices) GPUs (or gpus_for()'s when none are named; num_cpus=0: a step is bounded by its GPUs,
         and musubi sets its own CPU threads); Ray places it on a node that has them, now or later,
         and the actor points the command at the GPUs it got. Only the entries the executor added
         to this process's environment travel: each node keeps its own PATH, HOME and the rest."""
@@ -283,9 +292,49 @@ class RayRunner:
         changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
         removed = [k for k in os.environ if k not in env]
         gpu_flag = "--" + registry.launch_flags()["gpu_ids"]
-        actor = self._host.options(num_gpus=len(devices), num_cpus=0, max_restarts=0).remote()
+        gpus = len(devices) or (self._gpus_for() if self._gpus_for else 0)
+        actor = self._host.options(num_gpus=gpus, num_cpus=0, max_restarts=0).remote()
         return RayProc(self.ray, actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s))
 
     def close(self) -> None:
         if self.ray.is_initialized():
             self.ray.shutdown()
+
+
+class RayExecutor(LocalExecutor):
+    """The local executor (what runs, skipping, retries, resume, run records, the state file, the
+    same plan checks) with each step's process on a Ray cluster. This process stays the only
+    writer of the run records and the state file; the nodes only run commands."""
+
+    def __init__(self, config: MusubiConfig, address: str, grace_s: float | None = None, **kw):
+        super().__init__(config, grace_s=grace_s, **kw)
+        self.address = address
+        self._current = threading.local()
+
+    def run(self, plan: Plan, listeners=(), **kw):
+        # everything the local executor refuses, and what a cluster needs, before connecting
+        self.config.require()
+        check_plan(plan, self.config)
+        check_cluster_plan(plan, self.config)
+        runner = RayRunner(self.address, self.grace_s, gpus_for=self._gpus_now)
+        try:
+            if not runner.gpus():
+                raise PipelineError([Problem(f"the Ray cluster at {self.address} has no GPUs", path="--address",
+                                             fix="start its nodes with GPUs (`ray start ... --num-gpus N`)")])
+            self.runner = runner
+            # this machine's `gpus` are not the cluster's: Ray chooses each step's devices
+            self.config = replace(self.config, gpus="")
+            return super().run(plan, listeners, **kw)
+        finally:
+            runner.close()
+
+    def _attempt(self, step: Step, *args, **kw):
+        self._current.step = step  # the GPUs a step asks the cluster for (see RayRunner.start)
+        try:
+            return super()._attempt(step, *args, **kw)
+        finally:
+            self._current.step = None
+
+    def _gpus_now(self) -> int:
+        step = getattr(self._current, "step", None)
+        return step_gpus(step) if step is not None else 1
