@@ -269,7 +269,8 @@ class RayRunner:
         self._gpus_for = gpus_for  # GPUs of the step being started, when the executor names no devices
         self.address = address
         self.grace_s = grace_s
-        if not self.ray.is_initialized():
+        self._owns = not self.ray.is_initialized()  # a caller's own connection stays open
+        if self._owns:
             try:
                 self.ray.init(address=address, logging_level="WARNING", log_to_driver=False, configure_logging=False)
             except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError: all say the same
@@ -297,7 +298,7 @@ class RayRunner:
         return RayProc(self.ray, actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s))
 
     def close(self) -> None:
-        if self.ray.is_initialized():
+        if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
 
 

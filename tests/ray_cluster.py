@@ -48,19 +48,25 @@ class LocalRayCluster:
 
     def start(self) -> "LocalRayCluster":
         self.root.mkdir(parents=True, exist_ok=True)
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", str(GPUS_PER_NODE),
-                  "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", "--include-log-monitor=false"]
         head = [_ray_cli(), "start", "--head", "--port", str(self.port), "--include-dashboard=false",
-                "--temp-dir", str(self.root), *common, *_ports(self.port, 0)]
-        worker = [_ray_cli(), "start", "--address", self.address, *common, *_ports(self.port, 1)]
+                "--dashboard-port", str(self.port + 8), "--temp-dir", str(self.root), *self._common(), *_ports(self.port, 0)]
         try:
-            for argv in (head, worker):
-                subprocess.run(argv, env=self._env(), check=True, capture_output=True, timeout=120)
-            self.wait_nodes(2)
+            subprocess.run(head, env=self._env(), check=True, capture_output=True, timeout=120)
+            self.add_worker()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _common(self) -> list[str]:
+        return ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", str(GPUS_PER_NODE),
+                "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", "--include-log-monitor=false"]
+
+    def add_worker(self) -> None:
+        """Start the worker node (again, after a test lost it)."""
+        argv = [_ray_cli(), "start", "--address", self.address, *self._common(), *_ports(self.port, 1)]
+        subprocess.run(argv, env=self._env(), check=True, capture_output=True, timeout=120)
+        self.wait_nodes(2)
 
     def wait_nodes(self, n: int, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
@@ -73,10 +79,14 @@ class LocalRayCluster:
     def raylets(self) -> list[psutil.Process]:
         return [p for p in self.processes() if p.info["name"] == "raylet"]
 
-    def worker_raylet(self) -> psutil.Process:
+    def worker_raylet(self) -> psutil.Process | None:
         """The worker node's raylet (not the head's): killing it loses that node."""
         port = f"--node_manager_port={self.port + 21}"
-        return next(p for p in self.raylets() if port in " ".join(p.info["cmdline"] or []))
+        return next((p for p in self.raylets() if port in (p.info["cmdline"] or [])), None)
+
+    def worker_node_id(self) -> str:
+        raylet = self.worker_raylet()
+        return next(a.split("=", 1)[1] for a in raylet.info["cmdline"] if a.startswith("--node_id="))
 
     def processes(self) -> list[psutil.Process]:
         """This cluster's processes: those naming its folder, and everything they started."""

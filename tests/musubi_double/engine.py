@@ -37,8 +37,7 @@ Environment variables read by the double:
   MUSUBI_DOUBLE_STEP_SECONDS  seconds per training step / cache batch / sampling step (default 0.01).
   MUSUBI_DOUBLE_ALLOW_ABBREV  ``1``: accept flag prefixes like real argparse; default off, so the
                             double rejects abbreviations as check_argv.py does.
-  MUSUBI_DOUBLE_RECORD      a file; each run appends one JSON line {script, argv, cwd, pid, gpus}
-                            (gpus: the CUDA_VISIBLE_DEVICES it saw, or null).
+  MUSUBI_DOUBLE_RECORD      a file; each run appends one JSON line {script, argv, cwd, pid}.
 """
 from __future__ import annotations
 
@@ -1313,8 +1312,7 @@ def main(script_file: str) -> int:
     record = os.environ.get("MUSUBI_DOUBLE_RECORD")
     if record:
         with open(record, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"script": script, "argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid(),
-                                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
+            fh.write(json.dumps({"script": script, "argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid()}) + "\n")
     args = build_parser(script).parse_args()  # argparse: usage + error to stderr, exit 2
     if os.environ.get("MUSUBI_DOUBLE_SILENT_RANK") == "1":
         while True:  # a non-zero rank of a multi-GPU run: alive until the launcher ends it
