@@ -1,0 +1,95 @@
+"""The Ray executor's checks that need no cluster (and no Ray): the shared folder a plan must lie
+in, steps that must fit on one node, the config key, what a missing Ray says, how a lost node reads."""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from executor_plans import wan_plan
+from musubi_pipe.errors import PipelineError
+from musubi_pipe.executors.failures import classify
+from musubi_pipe.executors.musubi_env import MusubiConfig, load_config
+from musubi_pipe.executors.ray_runner import check_cluster_plan, step_gpus
+
+
+def _problems(plan, config) -> list:
+    with pytest.raises(PipelineError) as err:
+        check_cluster_plan(plan, config)
+    return err.value.problems
+
+
+def test_a_ray_run_needs_a_shared_folder_in_the_configuration(tmp_path):
+    problems = _problems(wan_plan(tmp_path / "p"), MusubiConfig(file=tmp_path / "config.toml"))
+    assert problems[0].path == "shared_root" and "shared_root = " in problems[0].fix
+    assert str(tmp_path / "config.toml") in str(problems[0])
+
+
+def test_workdir_and_outputs_outside_the_shared_folder_are_refused_by_field(tmp_path):
+    plan = wan_plan(tmp_path / "p")
+    config = MusubiConfig(shared_root=tmp_path / "shared", file=tmp_path / "config.toml")
+    problems = _problems(plan, config)
+    where = {p.path for p in problems}
+    assert {"workdir", "state file", "files", "steps.train.outputs.lora"} <= where
+    assert all("other nodes of the cluster cannot see it" in p.message for p in problems)
+    check_cluster_plan(plan, replace(config, shared_root=tmp_path))  # inside: no complaint
+
+
+def test_a_step_on_several_machines_is_refused(tmp_path):
+    plan = wan_plan(tmp_path / "p")
+    train = plan.steps[2]
+    plan.steps[2] = replace(train, launch_args=[*train.launch_args, "--num_machines", "2"])
+    problems = _problems(plan, MusubiConfig(shared_root=tmp_path))
+    assert problems[0].path == "steps.train" and "on 2 machines" in problems[0].message
+
+
+def test_gpus_asked_per_step(tmp_path):
+    steps = {s.id: s for s in wan_plan(tmp_path / "p").steps}
+    assert step_gpus(steps["cache_latents"]) == 1 and step_gpus(steps["train"]) == 1
+    two = replace(steps["train"], launch_args=["--multi_gpu", "--num_processes", "2"])
+    assert step_gpus(two) == 2
+
+
+def test_shared_root_is_read_from_the_config_file(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('shared_root = "/mnt/shared/musubi"\n')
+    assert load_config({"MUSUBI_PIPE_CONFIG": str(path)}).shared_root == Path("/mnt/shared/musubi")
+    path.write_text('shared_root = "relative/folder"\n')
+    with pytest.raises(PipelineError) as err:
+        load_config({"MUSUBI_PIPE_CONFIG": str(path)})
+    assert err.value.problems[0].path == "shared_root" and "absolute" in err.value.problems[0].message
+
+
+def test_a_lost_node_is_a_transient_failure_with_its_cause():
+    log = ("step 1/100\nmusubi-pipe: ray: step runs on node n1 (abc), GPUs [0], pid 7\n"
+           "Traceback (most recent call last):\nKeyboardInterrupt\n"
+           "musubi-pipe: ray: node n1 (abc) lost while the step ran (ActorDiedError: The actor died)\n")
+    failure = classify(log, 255, "train")
+    assert failure.category == "node_lost" and failure.transient
+    assert failure.cause.startswith("node n1 (abc) lost while the step ran")
+    # the placement line alone is not a failure cause
+    assert classify(log.rsplit("musubi-pipe: ray: node", 1)[0], 1, "train").category != "node_lost"
+
+
+def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch):
+    from musubi_pipe.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.setenv("MUSUBI_PIPE_CONFIG", str(tmp_path / "config.toml"))
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('name = "x"\nfamily = "wan"\ntask = "t2v-1.3B"\n')
+    out = CliRunner().invoke(main, ["run", "--executor", "ray", "--address", "127.0.0.1:1", str(pipeline)])
+    assert out.exit_code == 2 and "pip install 'musubi-pipe[ray]'" in out.output, out.output
+
+
+def test_the_ray_executor_needs_an_address(tmp_path, monkeypatch):
+    from musubi_pipe.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('name = "x"\n')
+    out = CliRunner().invoke(main, ["run", "--executor", "ray", str(pipeline)])
+    assert out.exit_code == 2 and "--address HOST:PORT" in out.output
