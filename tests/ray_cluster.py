@@ -31,17 +31,23 @@ def _ports(base: int, node: int) -> list[str]:
     return ["--node-manager-port", str(p + 1), "--object-manager-port", str(p + 2),
             "--dashboard-agent-listen-port", str(p + 3), "--dashboard-agent-grpc-port", str(p + 4),
             "--runtime-env-agent-port", str(p + 5), "--metrics-export-port", str(p + 6),
-            "--min-worker-port", str(p + 7), "--max-worker-port", str(p + 19)]
+            "--min-worker-port", str(p + 10), "--max-worker-port", str(p + 19)]  # p + 8: the head's dashboard
+
+
+def _ray_start(argv: list[str], env: dict) -> None:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
 class LocalRayCluster:
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, env: dict[str, str] | None = None):
         # Ray's socket paths live under the temp dir and must stay short (108 bytes on Linux)
-        self.root, self.port = Path(root), port
+        self.root, self.port, self.extra_env = Path(root), port, dict(env or {})
         self.address = f"127.0.0.1:{port}"
 
     def _env(self) -> dict:
-        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "warning",
+        return {**os.environ, **self.extra_env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "warning",
                 # a lost node is noticed within seconds, not the default half minute
                 "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
                 "RAY_health_check_initial_delay_ms": "0"}
@@ -51,7 +57,7 @@ class LocalRayCluster:
         head = [_ray_cli(), "start", "--head", "--port", str(self.port), "--include-dashboard=false",
                 "--dashboard-port", str(self.port + 8), "--temp-dir", str(self.root), *self._common(), *_ports(self.port, 0)]
         try:
-            subprocess.run(head, env=self._env(), check=True, capture_output=True, timeout=120)
+            _ray_start(head, self._env())
             self.add_worker()
         except BaseException:
             self.stop()
@@ -65,7 +71,7 @@ class LocalRayCluster:
     def add_worker(self) -> None:
         """Start the worker node (again, after a test lost it)."""
         argv = [_ray_cli(), "start", "--address", self.address, *self._common(), *_ports(self.port, 1)]
-        subprocess.run(argv, env=self._env(), check=True, capture_output=True, timeout=120)
+        _ray_start(argv, self._env())
         self.wait_nodes(2)
 
     def wait_nodes(self, n: int, timeout: float = 60) -> None:

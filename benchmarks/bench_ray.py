@@ -1,0 +1,167 @@
+"""Ray executor figures against the local executor, on a local Ray cluster (head + worker node, two
+fake GPUs each, tests/ray_cluster.py) with the musubi-tuner test double:
+
+- per-step overhead: a chain of steps that do nothing (a Python that exits), local vs Ray;
+- child line -> listener latency through the step's actor and the driver;
+- output throughput: lines per second one step can stream back to the driver's display and log;
+- cancel -> every process of a running step gone.
+
+    python benchmarks/bench_ray.py [--steps 10] [--ticks 200] [--lines 20000]
+
+Prints figures, asserts nothing. Needs Ray (pip install -e '.[ray]').
+"""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from executor_plans import config_for  # noqa: E402
+from musubi_double import make_fake_checkout  # noqa: E402
+from musubi_pipe.compiler.plan import Plan, Step  # noqa: E402
+from musubi_pipe.executors.local import LocalExecutor  # noqa: E402
+
+SCRIPT = '''"""benchmark helper: {lines} timestamped lines on stderr ({pause} s apart), then {sleep} s idle."""
+import sys, time
+for i in range({lines}):
+    sys.stderr.write(f"tick {{time.time():.6f}} {{i}}\\n")
+    if {pause}:
+        sys.stderr.flush()
+        time.sleep({pause})
+time.sleep({sleep})
+'''
+
+
+def _script(checkout: Path, name: str, lines: int = 0, pause: float = 0.0, sleep: float = 0.0) -> str:
+    (checkout / "src" / "musubi_tuner" / f"{name}.py").write_text(SCRIPT.format(lines=lines, pause=pause, sleep=sleep))
+    return f"{name}.py"
+
+
+def _plan(tmp: Path, name: str, script: str, n: int = 1) -> Plan:
+    # kind cache_latents: a step that takes one GPU, as most of musubi's do; chained, so one at a time
+    steps = [Step(id=f"s{i}", kind="cache_latents", family="wan", script=script, args=[], fingerprint=f"{name}{i}",
+                  needs=[f"s{i - 1}"] if i else []) for i in range(n)]
+    return Plan(name=name, source=str(tmp / f"{name}.toml"), workdir=str(tmp / name), steps=steps)
+
+
+def overhead(executors: dict, checkout: Path, tmp: Path, n: int) -> None:
+    script = _script(checkout, "_bench_noop")
+    per = {}
+    for label, make in executors.items():
+        plan = _plan(tmp, f"noop_{label}", script, n)
+        make().run(plan, [], force=True)  # warm: imports, the cluster's worker pool
+        began = time.perf_counter()
+        result = make().run(plan, [], force=True)
+        per[label] = (time.perf_counter() - began) / n
+        assert result.status == "succeeded", result.steps
+    print(f"per step, a chain of {n} steps that do nothing: local {per['local'] * 1000:.0f} ms, "
+          f"Ray {per['ray'] * 1000:.0f} ms (Ray adds {(per['ray'] - per['local']) * 1000:.0f} ms, "
+          f"{per['ray'] / per['local']:.1f}x)")
+
+
+def latency(executors: dict, checkout: Path, tmp: Path, ticks: int) -> None:
+    script = _script(checkout, "_bench_ticker", lines=ticks, pause=0.01)
+    for label, make in executors.items():
+        seen = []
+
+        def listener(e):
+            if e.kind == "log" and e.data.get("text", "").startswith("tick "):
+                seen.append(time.time() - float(e.data["text"].split()[1]))
+
+        make().run(_plan(tmp, f"lat_{label}", script), [listener], force=True)
+        ms = sorted(x * 1000 for x in seen)
+        print(f"child line -> listener event ({label}): {len(ms)} lines, median {statistics.median(ms):.1f} ms, "
+              f"p95 {ms[int(len(ms) * 0.95)]:.1f} ms")
+
+
+def throughput(executors: dict, checkout: Path, tmp: Path, lines: int) -> None:
+    script = _script(checkout, "_bench_flood", lines=lines)
+    for label, make in executors.items():
+        count = [0]
+
+        def listener(e):
+            if e.kind == "log":
+                count[0] += 1
+
+        began = time.perf_counter()
+        make().run(_plan(tmp, f"flood_{label}", script), [listener], force=True)
+        took = time.perf_counter() - began
+        print(f"output throughput ({label}): {count[0]} lines in {took:.2f} s = {count[0] / took:,.0f} lines/s per step")
+
+
+def cancel(executors: dict, checkout: Path, tmp: Path) -> None:
+    script = _script(checkout, "_bench_sleeper", lines=1, pause=0.01, sleep=300)
+    for label, make in executors.items():
+        ex = make()
+        started = threading.Event()
+        pid = []
+
+        def listener(e):
+            text = e.data.get("text", "") if e.kind == "log" else ""
+            if text.startswith("tick "):
+                started.set()
+            if " pid " in text:
+                pid.append(int(text.rsplit("pid ", 1)[1]))
+
+        t = threading.Thread(target=ex.run, args=(_plan(tmp, f"cancel_{label}", script), [listener]), kwargs={"force": True})
+        t.start()
+        started.wait(60)
+        time.sleep(0.3)
+        if not pid:  # the local executor: the step is the newest child of this process
+            pid.append(max(p.pid for p in psutil.Process().children(recursive=True) if "_bench_sleeper" in " ".join(p.cmdline())))
+        proc = psutil.Process(pid[0])
+        began = time.perf_counter()
+        ex.cancel()
+        psutil.wait_procs([proc], timeout=30)
+        gone = time.perf_counter() - began
+        t.join(60)
+        print(f"cancel -> the step's process gone ({label}): {gone * 1000:.0f} ms; run returned after "
+              f"{(time.perf_counter() - began) * 1000:.0f} ms")
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10, help="steps in the chain timed for the per-step overhead")
+    ap.add_argument("--ticks", type=int, default=200, help="log lines for the latency figure")
+    ap.add_argument("--lines", type=int, default=20000, help="lines one step floods for the throughput figure")
+    args = ap.parse_args()
+    if importlib.util.find_spec("ray") is None:
+        print("Ray is not installed: pip install -e '.[ray]'")
+        return
+    from musubi_pipe.executors.ray_runner import RayExecutor
+    from ray_cluster import LocalRayCluster
+
+    with tempfile.TemporaryDirectory(prefix="mpbench-", dir="/tmp") as d:
+        tmp = Path(d)
+        checkout = make_fake_checkout(tmp / "musubi-tuner")
+        config = replace(config_for(checkout), shared_root=tmp)
+        cluster = LocalRayCluster(tmp / "r", 24400).start()
+        try:
+            import ray
+
+            began = time.perf_counter()
+            ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False, configure_logging=False)
+            print(f"connect to the cluster (once per run): {time.perf_counter() - began:.2f} s")
+            executors = {"local": lambda: LocalExecutor(config), "ray": lambda: RayExecutor(config, cluster.address)}
+            overhead(executors, checkout, tmp, args.steps)
+            latency(executors, checkout, tmp, args.ticks)
+            throughput(executors, checkout, tmp, args.lines)
+            cancel(executors, checkout, tmp)
+        finally:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
