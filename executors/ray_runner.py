@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from dataclasses import replace
 
-from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, Plan, Step
+from ..compiler.plan import Plan
 from ..errors import PipelineError, Problem
 from .local import LocalExecutor, check_plan
 from .musubi_env import MusubiConfig, _value_after, config_path, is_inside
@@ -28,19 +28,6 @@ def import_ray():
         raise PipelineError([Problem(f"--executor ray needs the Ray package, which is not installed ({exc})",
                                      path="--executor", fix=f"{INSTALL} (in the Python that runs musubi-pipe and on every node)")])
     return ray
-
-
-def step_gpus(step: Step) -> int:
-    """GPUs a step asks Ray for: accelerate's process count for training, one for musubi's other
-    scripts (caching and generation load models on the GPU), none for musubi-pipe's own tools."""
-    if step.launcher == LAUNCH_TOOL:
-        return 0
-    if step.launcher == LAUNCH_ACCELERATE:
-        from ..pipelines import registry
-
-        n = _value_after(step.launch_args, "--" + registry.launch_flags()["processes"])
-        return int(n) if n and n.isdigit() and int(n) > 0 else 1
-    return 1
 
 
 def check_cluster_plan(plan: Plan, config: MusubiConfig) -> None:
@@ -264,9 +251,8 @@ class RayRunner:
     """Starts steps as actors on a Ray cluster (the Runner of executors/runner.py). One per run;
     close() disconnects."""
 
-    def __init__(self, address: str, grace_s: float = 5.0, gpus_for=None):
+    def __init__(self, address: str, grace_s: float = 5.0):
         self.ray = import_ray()
-        self._gpus_for = gpus_for  # GPUs of the step being started, when the executor names no devices
         self.address = address
         self.grace_s = grace_s
         self._owns = not self.ray.is_initialized()  # a caller's own connection stays open
@@ -279,12 +265,13 @@ class RayRunner:
                                                  "e.g. --address 10.0.0.1:6379")])
         self._host = self.ray.remote(max_concurrency=4)(StepHost)
 
-    def gpus(self) -> int:
-        """The cluster's GPUs, all nodes together."""
-        return int(self.ray.cluster_resources().get("GPU", 0))
+    def gpus(self) -> tuple[int, int]:
+        """The GPUs of the cluster's live nodes: all together, and the most one node has."""
+        per_node = [int(n.get("Resources", {}).get("GPU", 0)) for n in self.ray.nodes() if n.get("Alive")]
+        return sum(per_node), max(per_node, default=0)
 
     def start(self, argv: list[str], cwd: str, env: dict[str, str], devices=()) -> RayProc:
-        """The step's actor asks for len(devices) GPUs (or gpus_for()'s when none are named; num_cpus=0: a step is bounded by its GPUs,
+        """The step's actor asks for len(devices) GPUs (num_cpus=0: a step is bounded by its GPUs,
         and musubi sets its own CPU threads); Ray places it on a node that has them, now or later,
         and the actor points the command at the GPUs it got. Only the entries the executor added
         to this process's environment travel: each node keeps its own PATH, HOME and the rest."""
@@ -293,8 +280,7 @@ class RayRunner:
         changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
         removed = [k for k in os.environ if k not in env]
         gpu_flag = "--" + registry.launch_flags()["gpu_ids"]
-        gpus = len(devices) or (self._gpus_for() if self._gpus_for else 0)
-        actor = self._host.options(num_gpus=gpus, num_cpus=0, max_restarts=0).remote()
+        actor = self._host.options(num_gpus=len(devices), num_cpus=0, max_restarts=0).remote()
         return RayProc(self.ray, actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s))
 
     def close(self) -> None:
@@ -304,38 +290,39 @@ class RayRunner:
 
 class RayExecutor(LocalExecutor):
     """The local executor (what runs, skipping, retries, resume, run records, the state file, the
-    same plan checks) with each step's process on a Ray cluster. This process stays the only
-    writer of the run records and the state file; the nodes only run commands."""
+    same plan checks, the parallel scheduler) with each step's process on a Ray cluster. This
+    process stays the only writer of the run records and the state file; nodes only run commands."""
 
     def __init__(self, config: MusubiConfig, address: str, grace_s: float | None = None, **kw):
         super().__init__(config, grace_s=grace_s, **kw)
         self.address = address
-        self._current = threading.local()
 
-    def run(self, plan: Plan, listeners=(), **kw):
+    def run(self, plan: Plan, listeners=(), jobs: int | None = None, **kw):
         # everything the local executor refuses, and what a cluster needs, before connecting
         self.config.require()
         check_plan(plan, self.config)
         check_cluster_plan(plan, self.config)
-        runner = RayRunner(self.address, self.grace_s, gpus_for=self._gpus_now)
+        runner = RayRunner(self.address, self.grace_s)
         try:
-            if not runner.gpus():
-                raise PipelineError([Problem(f"the Ray cluster at {self.address} has no GPUs", path="--address",
-                                             fix="start its nodes with GPUs (`ray start ... --num-gpus N`)")])
+            total, largest = runner.gpus()
+            check_fits(plan, largest, self.address)
             self.runner = runner
-            # this machine's `gpus` are not the cluster's: Ray chooses each step's devices
-            self.config = replace(self.config, gpus="")
-            return super().run(plan, listeners, **kw)
+            # The scheduler's GPU pool is the cluster's count: it never runs more GPU steps at once
+            # than the cluster holds, and hands each step as many (placeholder) devices as it asks
+            # Ray for; the runner points the command at the devices Ray actually gives it.
+            self.config = replace(self.config, gpus=",".join(str(i) for i in range(total)))
+            return super().run(plan, listeners, jobs=jobs or max(1, total), **kw)
         finally:
             runner.close()
 
-    def _attempt(self, step: Step, *args, **kw):
-        self._current.step = step  # the GPUs a step asks the cluster for (see RayRunner.start)
-        try:
-            return super()._attempt(step, *args, **kw)
-        finally:
-            self._current.step = None
 
-    def _gpus_now(self) -> int:
-        step = getattr(self._current, "step", None)
-        return step_gpus(step) if step is not None else 1
+def check_fits(plan: Plan, largest: int, address: str) -> None:
+    """Refuse a step that needs more GPUs than any one node has: Ray would wait for it forever."""
+    from .schedule import step_gpus
+
+    problems = [Problem(f"step {s.id} needs {step_gpus(s)} GPUs and the largest node of the Ray cluster at {address} "
+                        f"has {largest}", path=f"steps.{s.id}", file=plan.source,
+                        fix="add nodes with more GPUs (`ray start --num-gpus N`), or ask for fewer (num_processes)")
+                for s in plan.steps if step_gpus(s) > largest]
+    if problems:
+        raise PipelineError(problems)

@@ -13,7 +13,7 @@ from executor_plans import wan_plan
 from musubi_pipe.errors import PipelineError
 from musubi_pipe.executors.failures import classify
 from musubi_pipe.executors.musubi_env import MusubiConfig, load_config
-from musubi_pipe.executors.ray_runner import check_cluster_plan, step_gpus
+from musubi_pipe.executors.ray_runner import check_cluster_plan
 
 
 def _problems(plan, config) -> list:
@@ -44,13 +44,6 @@ def test_a_step_on_several_machines_is_refused(tmp_path):
     plan.steps[2] = replace(train, launch_args=[*train.launch_args, "--num_machines", "2"])
     problems = _problems(plan, MusubiConfig(shared_root=tmp_path))
     assert problems[0].path == "steps.train" and "on 2 machines" in problems[0].message
-
-
-def test_gpus_asked_per_step(tmp_path):
-    steps = {s.id: s for s in wan_plan(tmp_path / "p").steps}
-    assert step_gpus(steps["cache_latents"]) == 1 and step_gpus(steps["train"]) == 1
-    two = replace(steps["train"], launch_args=["--multi_gpu", "--num_processes", "2"])
-    assert step_gpus(two) == 2
 
 
 def test_shared_root_is_read_from_the_config_file(tmp_path):
