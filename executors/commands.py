@@ -50,6 +50,10 @@ def _silence_dead_output() -> None:
 @click.option("--retry", is_flag=True,
               help="Retry transient failures (hub downloads, lost connections) and an out-of-memory failure "
                    "once with the next memory-saving setting.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Run up to N steps at once when their dependencies are done, each on its own GPUs from the "
+                   "configuration's `gpus` pool (e.g. gpus = \"0,1,2,3\"). A failed step skips only what depends on it. "
+                   "With --executor ray, the cluster's GPUs are the pool (default N: their number).")
 @click.option("--quiet", is_flag=True, help="Print only failures and the final result.")
 @click.option("--plain", is_flag=True, help="Plain progress lines instead of live bars (automatic when not a terminal or CI=true).")
 @click.option("--executor", type=click.Choice(["local", "dry", "comfy", "ray"]), default="local", show_default=True,
@@ -58,7 +62,7 @@ def _silence_dead_output() -> None:
 @click.option("--comfy-url", default="http://127.0.0.1:8188", show_default=True, help="The ComfyUI server for --executor comfy.")
 @click.option("--address", envvar="RAY_ADDRESS", metavar="HOST:PORT",
               help="The Ray cluster's head for --executor ray (default: $RAY_ADDRESS).")
-def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comfy_url, address):
+def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor, comfy_url, address):
     """Run PIPELINE: skip steps that are up to date, run the rest in musubi-tuner's venv, resume
     interrupted training. Ctrl-C stops every process the run started."""
     from ..compiler import compile_file
@@ -66,8 +70,8 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
     from .musubi_env import load_config
     from .terminal import TerminalDisplay, choose_mode
 
-    if executor == "comfy" and (force or only or from_ or until or retry):
-        raise click.UsageError("--force, --only, --from, --until and --retry apply to the local executor; "
+    if executor == "comfy" and (force or only or from_ or until or retry or jobs):
+        raise click.UsageError("--force, --only, --from, --until, --retry and --jobs apply to the local executor; "
                                "ComfyUI decides itself which nodes re-run")
     if executor == "ray" and not address:
         raise click.UsageError("--executor ray needs the cluster's address: --address HOST:PORT (or set RAY_ADDRESS)")
@@ -101,6 +105,9 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         _fail(err)
     for w in plan.warnings:
         _say(f"warning: {w}")
+    if jobs and jobs > 1 and executor == "local" and not runner.config.gpus:
+        _say("note: no GPU pool configured (`gpus` in the configuration or MUSUBI_PIPE_GPUS): steps that use a GPU "
+             "run one at a time; set e.g. gpus = \"0,1,2,3\" to run branches side by side")
     for problem in missing:
         _say(str(problem))
     display = TerminalDisplay(choose_mode(quiet, plain))
@@ -109,7 +116,7 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
     def stop(signum, frame):
         runner.cancel()  # first: the message may fail, and nothing may skip the cancel
         got.append(signum)
-        _say("\nmusubi-pipe: stopping the running step…")
+        _say("\nmusubi-pipe: stopping the running step(s)…")
 
     # Ctrl-C, `kill`, and SIGHUP from a closed SSH session or terminal all cancel the run. A signal
     # the caller ignores (nohup, a background job) stays ignored.
@@ -122,8 +129,9 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         if executor == "comfy":
             result = runner.run(pipeline, [display])
         else:
+            kw = {"jobs": jobs} if executor in ("local", "ray") else {}
             result = runner.run(plan, [display], force=force, only=only or None, from_=from_, until=until,
-                                retry=RetryPolicy(enabled=retry))
+                                retry=RetryPolicy(enabled=retry), **kw)
     except PipelineError as err:
         display.close()
         _fail(err)

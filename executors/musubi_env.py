@@ -107,20 +107,27 @@ class MusubiConfig:
             raise PipelineError(problems)
         return self
 
-    def step_env(self) -> dict[str, str]:
-        """Environment entries the configuration adds to every step."""
+    def step_env(self, devices: list[str] | None = None) -> dict[str, str]:
+        """Environment entries the configuration adds to every step; with `devices` (the parallel
+        scheduler's choice from the `gpus` pool) the step sees only those ([]: no GPU at all)."""
+        if devices is not None:
+            return {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
         return {"CUDA_VISIBLE_DEVICES": self.gpus} if self.gpus else {}
 
-    def launch_args(self, planned: list[str]) -> list[str]:
-        """The accelerate flags this machine adds to a plan's: its GPUs for a multi-GPU step, and its
-        rank and the main process's address for a step on several machines. Raises PipelineError
-        (with the fix) when a multi-machine step meets a configuration without them."""
+    def launch_args(self, planned: list[str], devices: list[str] | None = None) -> list[str]:
+        """The accelerate flags this machine adds to a plan's: its GPUs for a multi-GPU step (the
+        step's `devices` when the scheduler pinned it), and its rank and the main process's address
+        for a step on several machines. Raises PipelineError (with the fix) when a multi-machine
+        step meets a configuration without them."""
         from ..pipelines import registry
 
         flag = {role: "--" + option for role, option in registry.launch_flags().items()}
         out: list[str] = []
-        if flag["multi_gpu"] in planned and self.gpus:
-            out += [flag["gpu_ids"], self.gpus]
+        gpus = self.gpus if devices is None else ",".join(devices)
+        if flag["multi_gpu"] in planned and gpus:
+            # accelerate writes --gpu_ids into the ranks' CUDA_VISIBLE_DEVICES as they are: the
+            # same physical ids as the step's own CUDA_VISIBLE_DEVICES, so the two agree
+            out += [flag["gpu_ids"], gpus]
         machines = _value_after(planned, flag["machines"])
         if machines is not None and machines != "1":
             where = str(self.file or config_path())

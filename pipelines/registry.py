@@ -70,6 +70,7 @@ class StageSpec:
     one_frame_drops: tuple[str, ...] = ()  # defaults that do nothing in one-frame inference
     sections_drop: tuple[str, ...] = ()  # defaults that --video_sections replaces
     targets: dict[str, str] = field(default_factory=dict)  # convert: `to` -> --target value
+    gpus: int = 1  # GPUs the script uses (0: it never touches CUDA); training's count is accelerate's
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,14 @@ def policy() -> dict[str, list[str]]:
 def option(role: str) -> str:
     """A musubi option every family spells the same, as a flag ("--resume"), by its role."""
     return "--" + _common()["flags"][role]
+
+
+def stage_gpus(family_name: str, kind: str) -> int:
+    """GPUs one step of this stage kind uses (a training step's are accelerate's processes instead);
+    1 for what the registry does not know."""
+    name = canonical(family_name)
+    spec = family(name).stages.get(kind) if name else None
+    return spec.gpus if spec else 1
 
 
 def launch_flags() -> dict[str, str]:
