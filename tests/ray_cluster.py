@@ -82,17 +82,26 @@ class LocalRayCluster:
             time.sleep(0.2)
         raise RuntimeError(f"the Ray cluster in {self.root} did not get {n} nodes")
 
-    def raylets(self) -> list[psutil.Process]:
-        return [p for p in self.processes() if p.info["name"] == "raylet"]
+    def raylets(self) -> list[tuple[psutil.Process, list[str]]]:
+        """This cluster's raylets (one per node), each with its command line."""
+        out = []
+        for p in self.processes():
+            try:
+                if p.name() == "raylet":
+                    out.append((p, p.cmdline()))
+            except psutil.Error:
+                pass
+        return out
 
     def worker_raylet(self) -> psutil.Process | None:
         """The worker node's raylet (not the head's): killing it loses that node."""
         port = f"--node_manager_port={self.port + 21}"
-        return next((p for p in self.raylets() if port in (p.info["cmdline"] or [])), None)
+        return next((p for p, argv in self.raylets() if port in argv), None)
 
     def worker_node_id(self) -> str:
-        raylet = self.worker_raylet()
-        return next(a.split("=", 1)[1] for a in raylet.info["cmdline"] if a.startswith("--node_id="))
+        port = f"--node_manager_port={self.port + 21}"
+        argv = next(argv for _, argv in self.raylets() if port in argv)
+        return next(a.split("=", 1)[1] for a in argv if a.startswith("--node_id="))
 
     def processes(self) -> list[psutil.Process]:
         """This cluster's processes: those naming its folder, and everything they started."""
@@ -100,16 +109,15 @@ class LocalRayCluster:
         me = psutil.Process()
         mine = {me.pid, *(p.pid for p in me.parents())}  # the command that names the folder to stop it
         found = {}
-        for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        for p in psutil.process_iter():
             try:
-                if p.pid not in mine and any(mark in a for a in p.info["cmdline"] or []):
+                if p.pid not in mine and any(mark in a for a in p.cmdline()):
                     found[p.pid] = p
             except psutil.Error:
                 pass
         for p in list(found.values()):
             try:
                 for child in p.children(recursive=True):
-                    child.info = {"name": child.name(), "cmdline": child.cmdline()}
                     found.setdefault(child.pid, child)
             except psutil.Error:
                 pass
