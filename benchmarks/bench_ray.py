@@ -2,11 +2,12 @@
 fake GPUs each, tests/ray_cluster.py) with the musubi-tuner test double:
 
 - per-step overhead: a chain of steps that do nothing (a Python that exits), local vs Ray;
+- independent steps side by side on 4 GPUs: the makespan against the ideal;
 - child line -> listener latency through the step's actor and the driver;
 - output throughput: lines per second one step can stream back to the driver's display and log;
 - cancel -> every process of a running step gone.
 
-    python benchmarks/bench_ray.py [--steps 10] [--ticks 200] [--lines 20000]
+    python benchmarks/bench_ray.py [--steps 10] [--branches 16] [--seconds 2] [--ticks 200] [--lines 20000]
 
 Prints figures, asserts nothing. Needs Ray (pip install -e '.[ray]').
 """
@@ -67,6 +68,25 @@ def overhead(executors: dict, checkout: Path, tmp: Path, n: int) -> None:
     print(f"per step, a chain of {n} steps that do nothing: local {per['local'] * 1000:.0f} ms, "
           f"Ray {per['ray'] * 1000:.0f} ms (Ray adds {(per['ray'] - per['local']) * 1000:.0f} ms, "
           f"{per['ray'] / per['local']:.1f}x)")
+
+
+def side_by_side(executors: dict, checkout: Path, tmp: Path, branches: int, seconds: float) -> None:
+    """Independent steps of `seconds` each on 4 GPUs (the cluster's; locally a pool of 4): the
+    makespan against the ideal (work / GPUs), i.e. what scheduling and starting cost at once."""
+    script = _script(checkout, "_bench_work", sleep=seconds)
+    ideal = -(-branches // 4) * seconds
+    for label, make in executors.items():
+        plan = _plan(tmp, f"side_{label}", script, branches)
+        plan.steps = [replace(s, needs=[]) for s in plan.steps]
+        ex = make()
+        if label == "local":
+            ex.config = replace(ex.config, gpus="0,1,2,3")
+        began = time.perf_counter()
+        result = ex.run(plan, [], force=True, jobs=4)
+        took = time.perf_counter() - began
+        assert result.status == "succeeded", result.steps
+        print(f"{branches} independent steps of {seconds:g} s on 4 GPUs ({label}): makespan {took:.2f} s, ideal {ideal:g} s "
+              f"(+{(took - ideal) / branches * 1000:.0f} ms per step)")
 
 
 def latency(executors: dict, checkout: Path, tmp: Path, ticks: int) -> None:
@@ -134,6 +154,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10, help="steps in the chain timed for the per-step overhead")
+    ap.add_argument("--branches", type=int, default=16, help="independent steps run 4 at a time")
+    ap.add_argument("--seconds", type=float, default=2.0, help="how long each of them works")
     ap.add_argument("--ticks", type=int, default=200, help="log lines for the latency figure")
     ap.add_argument("--lines", type=int, default=20000, help="lines one step floods for the throughput figure")
     args = ap.parse_args()
@@ -141,13 +163,13 @@ def main() -> None:
         print("Ray is not installed: pip install -e '.[ray]'")
         return
     from musubi_pipe.executors.ray_runner import RayExecutor
-    from ray_cluster import LocalRayCluster
+    from ray_cluster import LocalRayCluster, free_base_port
 
     with tempfile.TemporaryDirectory(prefix="mpbench-", dir="/tmp") as d:
         tmp = Path(d)
         checkout = make_fake_checkout(tmp / "musubi-tuner")
         config = replace(config_for(checkout), shared_root=tmp)
-        cluster = LocalRayCluster(tmp / "r", 24400).start()
+        cluster = LocalRayCluster(tmp / "r", free_base_port()).start()
         try:
             import ray
 
@@ -156,6 +178,7 @@ def main() -> None:
             print(f"connect to the cluster (once per run): {time.perf_counter() - began:.2f} s")
             executors = {"local": lambda: LocalExecutor(config), "ray": lambda: RayExecutor(config, cluster.address)}
             overhead(executors, checkout, tmp, args.steps)
+            side_by_side(executors, checkout, tmp, args.branches, args.seconds)
             latency(executors, checkout, tmp, args.ticks)
             throughput(executors, checkout, tmp, args.lines)
             cancel(executors, checkout, tmp)

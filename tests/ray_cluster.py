@@ -34,6 +34,21 @@ def _ports(base: int, node: int) -> list[str]:
             "--min-worker-port", str(p + 10), "--max-worker-port", str(p + 19)]  # p + 8: the head's dashboard
 
 
+def free_base_port() -> int:
+    """The first of 40 consecutive free ports (both nodes' servers and workers)."""
+    import socket
+
+    for base in range(21000, 30000, 40):
+        try:
+            for p in range(base, base + 40):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports for a local Ray cluster")
+
+
 def _ray_start(argv: list[str], env: dict) -> None:
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     if done.returncode:

@@ -31,6 +31,8 @@ CASES = {
                           [rf"child line -> listener event: 5 lines, median {NUMBER} ms",
                            rf"Ctrl-C -> every process of the step dead .*: {NUMBER} ms",
                            rf"fully skipped re-run, 6 steps.*median {NUMBER} ms"]),
+    "bench_ray.py": (["--steps", "2", "--branches", "4", "--seconds", "0.5", "--ticks", "5", "--lines", "200"],
+                     [rf"(per step, a chain of 2 steps that do nothing: local {NUMBER} ms, Ray {NUMBER} ms|Ray is not installed)"]),
     "bench_comfy.py": (["--runs", "1"], [rf"pack import .*median {NUMBER} ms", r"COMFYUI_URL not set"]),
 }
 

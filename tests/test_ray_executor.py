@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from musubi_double import make_fake_checkout
 from musubi_pipe.compiler import compile_file
 from musubi_pipe.executors.ray_runner import RayExecutor
 from musubi_pipe.executors.state import RUNNING, StateFile, state_path
-from ray_cluster import LocalRayCluster
+from ray_cluster import LocalRayCluster, free_base_port
 
 STEP_SECONDS = 0.05  # the double's seconds per training step, on every node
 PLACED = "musubi-pipe: ray: step runs on node "
@@ -83,26 +82,13 @@ max_train_steps = {steps}
 """
 
 
-def _free_base_port() -> int:
-    """40 consecutive free ports (both nodes' servers and workers)."""
-    for base in range(21000, 30000, 40):
-        try:
-            for p in range(base, base + 40):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports for the Ray cluster")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     # short folder: Ray's socket paths must fit in 108 bytes
     root = Path(tempfile.mkdtemp(prefix="mpray-"))
     record, times = root / "double-runs.jsonl", root / "double-times.jsonl"
     # the nodes' own environment reaches the steps (the driver's shell does not travel)
-    c = LocalRayCluster(root / "r", _free_base_port(), env={
+    c = LocalRayCluster(root / "r", free_base_port(), env={
         "MUSUBI_DOUBLE_RECORD": str(record), "MUSUBI_DOUBLE_TIMES": str(times), "MUSUBI_DOUBLE_STEP_SECONDS": str(STEP_SECONDS)})
     c.start()
     c.record, c.times = record, times
