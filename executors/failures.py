@@ -39,9 +39,10 @@ _DTYPE = re.compile(r"DiT weights are in (?P<dtype>fp16|bf16), mixed precision m
 _OPTIMIZER = re.compile(r"AttributeError: module 'torch\.optim' has no attribute '(?P<name>[^']*)'")
 # how accelerate's CalledProcessError reports the script's end: an exit status, or a signal as -N
 _EXIT_STATUS = re.compile(r"returned non-zero exit status (?P<rc>-?\d+)|died with <Signals\.\w+: (?P<sig>\d+)>")
-# the line the Ray executor writes into a step's log when the step's node went away (ray_runner.py)
-NODE_LOST = "musubi-pipe: ray: "
-_NODE_LOST = re.compile("^" + re.escape(NODE_LOST) + r"(?P<cause>.+ lost while the step ran.*)$", re.M)
+# how the Ray executor's own lines in a step's log start (ray_runner.py): where the step runs, and
+# that its node went away
+RAY_NOTE = "musubi-pipe: ray: "
+_NODE_LOST = re.compile("^" + re.escape(RAY_NOTE) + r"(?P<cause>.+ lost while the step ran.*)$", re.M)
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(?:\w*(?:Error|Exception|Interrupt|Invalid|Exit))\b.*$", re.M)
 
 SIGNALS = {2: ("interrupted (SIGINT, Ctrl-C)", "signal"), 9: ("killed (SIGKILL)", "host_oom"),

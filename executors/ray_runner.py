@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from ..compiler.plan import Plan
 from ..errors import PipelineError, Problem
+from . import events as ev
 from .local import LocalExecutor, check_plan
 from .musubi_env import MusubiConfig, _value_after, config_path, is_inside
 
@@ -160,7 +161,7 @@ class RayProc:
         self._streamed = threading.Event()  # stream() has handed back everything
 
     def stream(self, callback) -> None:
-        from .failures import NODE_LOST
+        from .failures import RAY_NOTE
         from .runner import StopReading
 
         try:
@@ -171,7 +172,7 @@ class RayProc:
                 chunks, rc = self._read(0.2)
                 if placed and self._started is None:  # the log and the display say where it runs
                     w = self.where
-                    callback("stderr", f"{NODE_LOST}step runs on node {w['host']} ({w['node']}), GPUs [{w['gpus']}], "
+                    callback("stderr", f"{RAY_NOTE}step runs on node {w['host']} ({w['node']}), GPUs [{w['gpus']}], "
                                        f"pid {w['pid']}\n".encode())
                 for name, data in chunks:
                     callback(name, data)
@@ -182,7 +183,7 @@ class RayProc:
             return
         except NodeLost as exc:
             try:
-                callback("stderr", f"\n{NODE_LOST}{exc}\n".encode())
+                callback("stderr", f"\n{RAY_NOTE}{exc}\n".encode())
             except StopReading:
                 pass
             self._end(NODE_LOST_RC)
@@ -314,6 +315,16 @@ class RayExecutor(LocalExecutor):
             return super().run(plan, listeners, jobs=jobs or max(1, total), **kw)
         finally:
             runner.close()
+
+    def _emit(self, event: ev.Event) -> None:
+        from .failures import RAY_NOTE
+
+        if event.kind == ev.STEP_START:  # placeholders: the step's own line says which node and GPUs it got
+            event = replace(event, data={k: v for k, v in event.data.items() if k != "devices"})
+        text = event.data.get("text", "") if event.kind == ev.LOG else ""
+        if text.startswith(RAY_NOTE):  # the runner's lines (where the step runs, its node lost) read as musubi-pipe's notes
+            event = replace(event, data={**event.data, "stream": "musubi-pipe", "text": "ray: " + text[len(RAY_NOTE):]})
+        super()._emit(event)
 
 
 def check_fits(plan: Plan, largest: int, address: str) -> None:

@@ -46,6 +46,19 @@ def test_a_step_on_several_machines_is_refused(tmp_path):
     assert problems[0].path == "steps.train" and "on 2 machines" in problems[0].message
 
 
+def test_a_step_needing_more_gpus_than_any_node_has_is_refused(tmp_path):
+    from musubi_pipe.executors.ray_runner import check_fits
+
+    plan = wan_plan(tmp_path / "p")
+    check_fits(plan, 1, "10.0.0.1:6379")
+    train = plan.steps[2]
+    plan.steps[2] = replace(train, launch_args=["--multi_gpu", "--num_processes", "4"])
+    with pytest.raises(PipelineError) as err:
+        check_fits(plan, 2, "10.0.0.1:6379")
+    (problem,) = err.value.problems
+    assert problem.path == "steps.train" and "needs 4 GPUs" in problem.message and "has 2" in problem.message
+
+
 def test_shared_root_is_read_from_the_config_file(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text('shared_root = "/mnt/shared/musubi"\n')
@@ -86,3 +99,25 @@ def test_the_ray_executor_needs_an_address(tmp_path, monkeypatch):
     pipeline.write_text('name = "x"\n')
     out = CliRunner().invoke(main, ["run", "--executor", "ray", str(pipeline)])
     assert out.exit_code == 2 and "--address HOST:PORT" in out.output
+
+
+def test_the_ray_executor_refuses_before_connecting_what_the_local_one_refuses(tmp_path):
+    from musubi_double import make_fake_checkout
+
+    from executor_plans import config_for
+    from musubi_pipe.executors.local import LocalExecutor
+    from musubi_pipe.executors.ray_runner import RayExecutor
+
+    config = replace(config_for(make_fake_checkout(tmp_path / "musubi-tuner")), shared_root=tmp_path)
+    plan = wan_plan(tmp_path / "p")
+    plan.steps[0] = replace(plan.steps[0], env={"LD_PRELOAD": "/tmp/evil.so"})
+    nowhere = "127.0.0.1:9"  # nothing listens: a refusal must come before any connection
+    messages = []
+    for ex in (LocalExecutor(config), RayExecutor(config, nowhere)):
+        with pytest.raises(PipelineError) as err:
+            ex.run(plan, [])
+        messages.append([str(p) for p in err.value.problems])
+    assert messages[0] == messages[1] and "LD_PRELOAD may not be set" in messages[0][0]
+    with pytest.raises(PipelineError) as err:  # and what only a cluster needs
+        RayExecutor(replace(config, shared_root=None), nowhere).run(wan_plan(tmp_path / "q"), [])
+    assert err.value.problems[0].path == "shared_root"

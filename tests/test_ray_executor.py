@@ -9,6 +9,9 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,7 +35,7 @@ from musubi_pipe.executors.state import RUNNING, StateFile, state_path
 from ray_cluster import LocalRayCluster, free_base_port
 
 STEP_SECONDS = 0.05  # the double's seconds per training step, on every node
-PLACED = "musubi-pipe: ray: step runs on node "
+PLACED = "ray: step runs on node "  # the driver's note on where a step runs (events.jsonl)
 
 COMMON = """
 [dataset.general]
@@ -143,7 +146,7 @@ def placements(run_dir: Path) -> dict[str, tuple[str, str, int]]:
         except ValueError:  # the driver is writing that line right now
             continue
         text = e.get("data", {}).get("text", "")
-        if e["kind"] == "log" and text.startswith(PLACED):
+        if e["kind"] == "log" and e["data"].get("stream") == "musubi-pipe" and text.startswith(PLACED):
             node = text.split("(", 1)[1].split(")", 1)[0]
             gpus = text.split("GPUs [", 1)[1].split("]", 1)[0]
             out[e["step"]] = (node, gpus, int(text.rsplit("pid ", 1)[1]))
@@ -316,3 +319,38 @@ def test_a_lost_worker_fails_its_steps_with_the_cause_and_the_state_stays_consis
         assert {again.steps[s] for s in lost} == {"dry-run"}
     finally:
         cluster.add_worker()
+
+
+def _cli(cluster, checkout, folder: Path, pipeline: Path, *extra: str) -> subprocess.Popen:
+    from musubi_double import double_python
+
+    config = folder / "config.toml"
+    config.write_text(f'musubi_tuner_dir = "{checkout}"\npython = "{double_python(checkout)}"\nshared_root = "{folder}"\n'
+                      "cancel_grace_s = 2.0\n")
+    env = {**os.environ, "MUSUBI_PIPE_CONFIG": str(config)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "musubi_pipe.cli", "run", "--executor", "ray", "--address", cluster.address,
+                             "--plain", *extra, str(pipeline)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_the_command_line_runs_on_the_cluster_and_ctrl_c_stops_every_node(cluster, checkout, tmp_path):
+    short = project(tmp_path / "short", WAN22.format(steps=10))
+    proc = _cli(cluster, checkout, tmp_path, short)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "train_high" in out and "train_low" in out
+    again = _cli(cluster, checkout, tmp_path, short)
+    out = again.communicate(timeout=120)[0]
+    assert again.returncode == 0 and "up to date" in out, out
+
+    long = project(tmp_path / "long", WAN22.format(steps=4000))
+    proc = _cli(cluster, checkout, tmp_path, long)
+    folder = tmp_path / "long"
+    _wait(lambda: len([r for r in double_runs(cluster, folder) if r["script"] == "wan_train_network"]) == 2, 90)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    _wait(lambda: not _alive([r["pid"] for r in double_runs(cluster, folder)]), 10)
+    no_running_records(compile_file(long))
