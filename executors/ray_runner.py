@@ -248,6 +248,19 @@ class RayProc:
         return f"{on} lost while the step ran ({type(exc).__name__}{': ' + first if first else ''})"
 
 
+def _reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse an address nothing answers at: ray.init would retry it for minutes, logging each try."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return  # not HOST:PORT ("auto", a URL): Ray's own messages say what is wrong
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise PipelineError([Problem(f"nothing answers at the Ray cluster's address {address} ({exc})", path="--address",
+                                     fix="start the cluster (`ray start --head --port 6379` on the head node) or give "
+                                         "its head's address, e.g. --address 10.0.0.1:6379")])
+
+
 class RayRunner:
     """Starts steps as actors on a Ray cluster (the Runner of executors/runner.py). One per run;
     close() disconnects."""
@@ -258,6 +271,7 @@ class RayRunner:
         self.grace_s = grace_s
         self._owns = not self.ray.is_initialized()  # a caller's own connection stays open
         if self._owns:
+            _reachable(address)
             try:
                 self.ray.init(address=address, logging_level="WARNING", log_to_driver=False, configure_logging=False)
             except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError: all say the same

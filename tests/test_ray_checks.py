@@ -121,3 +121,16 @@ def test_the_ray_executor_refuses_before_connecting_what_the_local_one_refuses(t
     with pytest.raises(PipelineError) as err:  # and what only a cluster needs
         RayExecutor(replace(config, shared_root=None), nowhere).run(wan_plan(tmp_path / "q"), [])
     assert err.value.problems[0].path == "shared_root"
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once(tmp_path):
+    pytest.importorskip("ray")
+    import time
+
+    from musubi_pipe.executors.ray_runner import RayRunner
+
+    began = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        RayRunner("127.0.0.1:9")
+    assert time.monotonic() - began < 15
+    assert err.value.problems[0].path == "--address" and "nothing answers" in err.value.problems[0].message

@@ -354,3 +354,23 @@ def test_the_command_line_runs_on_the_cluster_and_ctrl_c_stops_every_node(cluste
     assert proc.returncode == 130, out
     _wait(lambda: not _alive([r["pid"] for r in double_runs(cluster, folder)]), 10)
     no_running_records(compile_file(long))
+
+
+def test_a_killed_driver_leaves_no_step_running_on_the_cluster(cluster, checkout, tmp_path):
+    """kill -9 of `musubi-pipe run`: Ray ends the driver's actors, each actor's end its step's
+    watchdog, and the next run records the steps as interrupted."""
+    pipeline = project(tmp_path / "w", WAN22.format(steps=4000))
+    folder = tmp_path / "w"
+    proc = _cli(cluster, checkout, tmp_path, pipeline)
+    _wait(lambda: len([r for r in double_runs(cluster, folder) if r["script"] == "wan_train_network"]) == 2, 90)
+    time.sleep(0.5)
+    proc.kill()
+    proc.communicate(timeout=30)
+    _wait(lambda: not _alive([r["pid"] for r in double_runs(cluster, folder)]), 20)
+    again = _cli(cluster, checkout, tmp_path, pipeline, "--only", "latents")
+    out = again.communicate(timeout=120)[0]
+    assert again.returncode == 0, out
+    state = StateFile(state_path(compile_file(pipeline)))
+    for step in ("train_high", "train_low"):
+        record = state.record(step)
+        assert record["status"] == "failed" and record.get("interrupted"), record
