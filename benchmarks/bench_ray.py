@@ -5,7 +5,8 @@ fake GPUs each, tests/ray_cluster.py) with the musubi-tuner test double:
 - independent steps side by side on 4 GPUs: the makespan against the ideal;
 - child line -> listener latency through the step's actor and the driver;
 - output throughput: lines per second one step can stream back to the driver's display and log;
-- cancel -> every process of a running step gone.
+- cancel -> every process of a running step gone;
+- a lost node -> its steps recorded as failed.
 
     python benchmarks/bench_ray.py [--steps 10] [--branches 16] [--seconds 2] [--ticks 200] [--lines 20000]
 
@@ -149,6 +150,41 @@ def cancel(executors: dict, checkout: Path, tmp: Path) -> None:
               f"{(time.perf_counter() - began) * 1000:.0f} ms")
 
 
+def lost_node(make, checkout: Path, tmp: Path, cluster) -> None:
+    """Four one-GPU steps fill both nodes; the worker's raylet is killed: how long until the steps
+    it ran are recorded as failed with their cause."""
+    script = _script(checkout, "_bench_long", lines=1, pause=0.01, sleep=300)
+    plan = _plan(tmp, "lost", script, 4)
+    plan.steps = [replace(s, needs=[]) for s in plan.steps]
+    ex = make()
+    placed, ended = {}, {}
+
+    def listener(e):
+        text = e.data.get("text", "") if e.kind == "log" else ""
+        if "runs on node" in text:
+            placed[e.step] = text
+        if e.kind == "step_end":
+            ended[e.step] = (time.perf_counter(), e.data.get("cause", ""))
+
+    t = threading.Thread(target=ex.run, args=(plan, [listener]), kwargs={"force": True, "jobs": 4})
+    t.start()
+    while len(placed) < 4:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    worker = cluster.worker_node_id()
+    lost = [step for step, text in placed.items() if worker in text]
+    began = time.perf_counter()
+    cluster.worker_raylet().kill()
+    while not all(step in ended for step in lost):
+        time.sleep(0.02)
+    took = max(ended[step][0] for step in lost) - began
+    ex.cancel()
+    t.join(60)
+    cluster.add_worker()
+    print(f"worker node lost -> its {len(lost)} steps failed ({ended[lost[0]][1][:40]}...): {took:.1f} s "
+          f"(health checks every 0.5 s, 3 misses)")
+
+
 def main() -> None:
     import argparse
 
@@ -182,6 +218,7 @@ def main() -> None:
             latency(executors, checkout, tmp, args.ticks)
             throughput(executors, checkout, tmp, args.lines)
             cancel(executors, checkout, tmp)
+            lost_node(executors["ray"], checkout, tmp, cluster)
         finally:
             cluster.stop()
 
