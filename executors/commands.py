@@ -179,7 +179,7 @@ def doctor(where, timeout):
               help="Your musubi-tuner checkout (default: $MUSUBI_TUNER_DIR).")
 @click.option("--python", "python", type=click.Path(dir_okay=False, path_type=Path),
               help="musubi-tuner's Python (default: .venv or venv inside the checkout, found at run time).")
-@click.option("--gpus", help="CUDA_VISIBLE_DEVICES for every step, e.g. 0 or 0,1.")
+@click.option("--gpus", help="CUDA_VISIBLE_DEVICES for every step, e.g. 0 or 0,1; with `run --jobs`, the pool each step takes its own GPUs from.")
 @click.option("--allow-output", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="A folder runs may write into (repeatable). Pipelines and workflows cannot write elsewhere.")
 @click.option("--force", is_flag=True, help="Replace an existing config file.")

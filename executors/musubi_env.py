@@ -55,7 +55,7 @@ class MusubiConfig:
 
     musubi_dir: Path | None = None
     python: Path | None = None
-    gpus: str = ""  # CUDA_VISIBLE_DEVICES for every step; "" leaves the environment's own
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES for every step ("" leaves the environment's own); with --jobs, the pool each step takes its own devices from
     allowed_output_roots: list[Path] = field(default_factory=list)
     cancel_grace_s: float = 5.0
     # What only this machine's owner may allow, never a shared pipeline: options that make musubi

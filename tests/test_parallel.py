@@ -117,7 +117,7 @@ def test_steps_writing_the_same_output_never_run_together():
 def test_branches_run_side_by_side_on_their_own_gpus_on_caches_made_once(checkout, tmp_path, monkeypatch):
     times = tmp_path / "times.jsonl"
     monkeypatch.setenv("MUSUBI_DOUBLE_TIMES", str(times))
-    monkeypatch.setenv("MUSUBI_DOUBLE_RUN_SECONDS", "1.5")
+    monkeypatch.setenv("MUSUBI_DOUBLE_RUN_SECONDS", "2.5")  # long enough to overlap on a loaded machine
     plan = compile_file(project(tmp_path, FOUR))
     rec = Recorder()
     result = executor(checkout, "0,1,2,3").run(plan, [rec], jobs=8)
