@@ -56,16 +56,17 @@ def _ray_start(argv: list[str], env: dict) -> None:
 
 
 class LocalRayCluster:
-    def __init__(self, root: Path, port: int, env: dict[str, str] | None = None):
+    def __init__(self, root: Path, port: int, env: dict[str, str] | None = None, fast_health: bool = True):
         # Ray's socket paths live under the temp dir and must stay short (108 bytes on Linux)
-        self.root, self.port, self.extra_env = Path(root), port, dict(env or {})
+        self.root, self.port, self.extra_env, self.fast_health = Path(root), port, dict(env or {}), fast_health
         self.address = f"127.0.0.1:{port}"
 
     def _env(self) -> dict:
-        return {**os.environ, **self.extra_env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "warning",
-                # a lost node is noticed within seconds, not the default half minute
-                "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
-                "RAY_health_check_initial_delay_ms": "0"}
+        env = {**os.environ, **self.extra_env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_BACKEND_LOG_LEVEL": "warning"}
+        if self.fast_health:  # a lost node is noticed within seconds (Ray's defaults: see bench_ray.py)
+            env.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
+                       RAY_health_check_initial_delay_ms="0")
+        return env
 
     def start(self) -> "LocalRayCluster":
         self.root.mkdir(parents=True, exist_ok=True)
