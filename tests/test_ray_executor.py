@@ -238,6 +238,22 @@ def test_wan22_experts_train_at_the_same_time_on_their_own_gpus(cluster, checkou
     assert set(executor(cluster, checkout, tmp_path).run(compile_file(plan.source), []).steps.values()) == {"skipped"}
 
 
+def test_a_two_gpu_train_gets_two_gpus_of_one_node_and_accelerate_is_pointed_at_them(cluster, checkout, tmp_path):
+    text = SWEEP.format(steps=20).replace("sweep = { learning_rate = [1e-4, 2e-4], network_dim = [4, 8] }",
+                        "num_processes = 2\nsweep = { learning_rate = [1e-4, 2e-4] }")
+    plan = compile_file(project(tmp_path, text))
+    trains = [s.id for s in plan.steps if s.kind == "train"]
+    assert len(trains) == 2
+    result = executor(cluster, checkout, tmp_path).run(plan, [])
+    assert result.status == "succeeded", result.steps
+    where, spans = placements(result.run_dir), intervals(plan)
+    assert overlap(spans[trains[0]], spans[trains[1]])  # a node each, at the same time
+    assert {where[t][1] for t in trains} == {"0,1"} and where[trains[0]][0] != where[trains[1]][0]
+    ranks = [r for r in double_runs(cluster, tmp_path) if r["script"] == "wan_train_network"]
+    # accelerate's --gpu_ids named Ray's devices, not the scheduler's placeholders ("2,3" for one branch)
+    assert len(ranks) == 4 and {r["devices"] for r in ranks} == {"0,1"}
+
+
 def _start_in_thread(ex: RayExecutor, plan) -> tuple[threading.Thread, dict]:
     out: dict = {}
 
