@@ -390,3 +390,29 @@ def test_a_killed_driver_leaves_no_step_running_on_the_cluster(cluster, checkout
     for step in ("train_high", "train_low"):
         record = state.record(step)
         assert record["status"] == "failed" and record.get("interrupted"), record
+
+
+def test_with_retry_a_step_of_a_lost_node_runs_again_on_the_nodes_left(cluster, checkout, tmp_path):
+    from musubi_pipe.executors.local import RetryPolicy
+
+    plan = compile_file(project(tmp_path, SWEEP.format(steps=80)))
+    ex = executor(cluster, checkout, tmp_path)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=ex.run(plan, [], retry=RetryPolicy(enabled=True, backoff_s=(0.2,)))),
+                              daemon=True)
+    thread.start()
+    worker = cluster.worker_node_id()
+    runs = Path(plan.workdir) / "runs"
+    run_dir = _wait(lambda: next(runs.iterdir(), None) if runs.exists() else None)
+    lost = _wait(lambda: [s for s, (node, _, _) in placements(run_dir).items() if node == worker and s.startswith("train")]
+                 if len([r for r in double_runs(cluster, tmp_path) if r["script"] == "wan_train_network"]) == 4 else None, 90)
+    cluster.worker_raylet().kill()
+    try:
+        thread.join(120)
+        assert out["result"].status == "succeeded", out["result"].steps
+        state = StateFile(state_path(plan))
+        for sid in lost:
+            assert any("lost while the step ran" in c and "retrying" in c for c in state.record(sid)["changes"])
+        assert len([r for r in double_runs(cluster, tmp_path) if r["script"] == "wan_train_network"]) == 4 + len(lost)
+    finally:
+        cluster.add_worker()
