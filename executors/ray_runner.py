@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -146,14 +147,15 @@ class NodeLost(Exception):
 # The exit code a step gets when its node is lost (as ssh reports a lost connection); the cause is
 # a line of the step's log, which failures.classify reads.
 NODE_LOST_RC = 255
+WAITING_NOTE_S = 30.0  # a step not placed after this long says what it waits for
 
 
 class RayProc:
     """A step on the cluster, as the driver sees it (the Proc of executors/runner.py). Its actor
     may still wait for a node with free GPUs: nothing streams until the process has started."""
 
-    def __init__(self, ray, actor, started):
-        self._ray, self._actor, self._started = ray, actor, started
+    def __init__(self, ray, actor, started, gpus: int = 0):
+        self._ray, self._actor, self._started, self.gpus = ray, actor, started, gpus
         self.pid: int | None = None
         self.where: dict = {}
         self._rc: int | None = None
@@ -164,11 +166,16 @@ class RayProc:
         from .failures import RAY_NOTE
         from .runner import StopReading
 
+        asked = time.monotonic()
         try:
             while True:
                 if self._ended.is_set() and self._started is not None:
                     return  # stopped before it had a node: nothing ran
                 placed = self._started is not None
+                if placed and asked and time.monotonic() - asked > WAITING_NOTE_S:
+                    asked = 0.0  # say it once: the step is not stuck, the cluster is full (or too small)
+                    callback("stderr", f"{RAY_NOTE}waiting for a node with {self.gpus} free GPU(s) "
+                                       f"(the cluster has {self._free_gpus()} free GPU(s) now, all nodes together)\n".encode())
                 chunks, rc = self._read(0.2)
                 if placed and self._started is None:  # the log and the display say where it runs
                     w = self.where
@@ -204,6 +211,12 @@ class RayProc:
             return [("stderr", f"cannot start: {cause}\n".encode())], 127
         except self._ray.exceptions.RayError as exc:
             raise NodeLost(self._cause(exc)) from exc
+
+    def _free_gpus(self) -> str:
+        try:
+            return f"{self._ray.available_resources().get('GPU', 0):g}"
+        except Exception:  # noqa: BLE001 - only a note
+            return "an unknown number of"
 
     def _end(self, rc: int) -> None:
         if self._rc is None:
@@ -296,7 +309,7 @@ class RayRunner:
         removed = [k for k in os.environ if k not in env]
         gpu_flag = "--" + registry.launch_flags()["gpu_ids"]
         actor = self._host.options(num_gpus=len(devices), num_cpus=0, max_restarts=0).remote()
-        return RayProc(self.ray, actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s))
+        return RayProc(self.ray, actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s), len(devices))
 
     def close(self) -> None:
         if self._owns and self.ray.is_initialized():
@@ -325,8 +338,11 @@ class RayExecutor(LocalExecutor):
             # The scheduler's GPU pool is the cluster's count: it never runs more GPU steps at once
             # than the cluster holds, and hands each step as many (placeholder) devices as it asks
             # Ray for; the runner points the command at the devices Ray actually gives it.
-            self.config = replace(self.config, gpus=",".join(str(i) for i in range(total)))
-            return super().run(plan, listeners, jobs=jobs or max(1, total), **kw)
+            mine, self.config = self.config, replace(self.config, gpus=",".join(str(i) for i in range(total)))
+            try:
+                return super().run(plan, listeners, jobs=jobs or max(1, total), **kw)
+            finally:
+                self.config = mine
         finally:
             runner.close()
 

@@ -134,3 +134,35 @@ def test_an_address_nothing_answers_at_is_refused_at_once(tmp_path):
         RayRunner("127.0.0.1:9")
     assert time.monotonic() - began < 15
     assert err.value.problems[0].path == "--address" and "nothing answers" in err.value.problems[0].message
+
+
+def test_a_step_waiting_for_gpus_says_so_once_and_stops_cleanly(monkeypatch):
+    import threading
+
+    from musubi_pipe.executors import ray_runner
+
+    class FakeRay:  # a cluster that never has room for the step
+        killed = []
+
+        def wait(self, refs, timeout):
+            threading.Event().wait(timeout)
+            return [], refs
+
+        def available_resources(self):
+            return {"GPU": 1.0}
+
+        def kill(self, actor, no_restart=True):
+            self.killed.append(actor)
+
+    monkeypatch.setattr(ray_runner, "WAITING_NOTE_S", 0.1)
+    proc = ray_runner.RayProc(FakeRay(), "actor", "started-ref", gpus=2)
+    said = []
+    reader = threading.Thread(target=proc.stream, args=(lambda name, chunk: said.append(chunk.decode()),))
+    reader.start()
+    threading.Event().wait(0.6)
+    assert proc.wait(0) is None
+    assert proc.stop(1.0) == -15 and FakeRay.killed == ["actor"]  # not placed: the actor is dropped, nothing ran
+    reader.join(5)
+    assert not reader.is_alive()
+    assert said == ["musubi-pipe: ray: waiting for a node with 2 free GPU(s) (the cluster has 1 free GPU(s) now, "
+                    "all nodes together)\n"]
