@@ -56,19 +56,20 @@ def _plan(tmp: Path, name: str, script: str, n: int = 1) -> Plan:
     return Plan(name=name, source=str(tmp / f"{name}.toml"), workdir=str(tmp / name), steps=steps)
 
 
-def overhead(executors: dict, checkout: Path, tmp: Path, n: int) -> None:
+def overhead(executors: dict, checkout: Path, tmp: Path, n: int, rounds: int = 3) -> None:
     script = _script(checkout, "_bench_noop")
-    per = {}
-    for label, make in executors.items():
-        plan = _plan(tmp, f"noop_{label}", script, n)
-        make().run(plan, [], force=True)  # warm: imports, the cluster's worker pool
-        began = time.perf_counter()
-        result = make().run(plan, [], force=True)
-        per[label] = (time.perf_counter() - began) / n
-        assert result.status == "succeeded", result.steps
-    print(f"per step, a chain of {n} steps that do nothing: local {per['local'] * 1000:.0f} ms, "
-          f"Ray {per['ray'] * 1000:.0f} ms (Ray adds {(per['ray'] - per['local']) * 1000:.0f} ms, "
-          f"{per['ray'] / per['local']:.1f}x)")
+    per: dict = {label: [] for label in executors}
+    for r in range(rounds + 1):  # round 0 warms up: imports, the cluster's workers
+        for label, make in executors.items():  # alternating, so a busy moment of the machine hits both
+            plan = _plan(tmp, f"noop_{label}", script, n)
+            began = time.perf_counter()
+            result = make().run(plan, [], force=True, jobs=1)
+            assert result.status == "succeeded", result.steps
+            if r:
+                per[label].append((time.perf_counter() - began) / n)
+    local, ray = statistics.median(per["local"]), statistics.median(per["ray"])
+    print(f"per step, a chain of {n} steps that do nothing (median of {rounds} runs): local {local * 1000:.0f} ms, "
+          f"Ray {ray * 1000:.0f} ms (Ray adds {(ray - local) * 1000:.0f} ms)")
 
 
 def side_by_side(executors: dict, checkout: Path, tmp: Path, branches: int, seconds: float) -> None:

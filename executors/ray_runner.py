@@ -89,6 +89,8 @@ class StepHost:
         from .local import step_environment
         from .runner import LocalRunner
 
+        self._chunks.clear()  # an actor runs one step after another (RayRunner keeps it for the next)
+        self._closed = False
         env = step_environment(changed)
         for key in removed:
             env.pop(key, None)
@@ -148,14 +150,20 @@ class NodeLost(Exception):
 # a line of the step's log, which failures.classify reads.
 NODE_LOST_RC = 255
 WAITING_NOTE_S = 30.0  # a step not placed after this long says what it waits for
+IDLE_YIELD_S = 2.0  # a step not placed after this long makes the idle actors give their GPUs back
 
 
 class RayProc:
     """A step on the cluster, as the driver sees it (the Proc of executors/runner.py). Its actor
     may still wait for a node with free GPUs: nothing streams until the process has started."""
 
-    def __init__(self, ray, actor, started, gpus: int = 0):
+    def __init__(self, ray, actor, started, gpus: int = 0, keep=None, afresh=None, waits=None):
         self._ray, self._actor, self._started, self.gpus = ray, actor, started, gpus
+        self._keep = keep  # hands the actor back for the next step, once this one ended by itself
+        self._afresh = afresh  # a kept actor found dead before the step started: a new one, once
+        self._clean = False
+        self._waits = waits  # told while the actor waits for a node, and when it stops waiting
+        self._asked = time.monotonic()
         self.pid: int | None = None
         self.where: dict = {}
         self._rc: int | None = None
@@ -184,6 +192,7 @@ class RayProc:
                 for name, data in chunks:
                     callback(name, data)
                 if rc is not None:
+                    self._clean = True
                     self._end(rc)
                     return
         except StopReading:
@@ -195,6 +204,8 @@ class RayProc:
                 pass
             self._end(NODE_LOST_RC)
         finally:
+            if self._waits:
+                self._waits(self, False)
             self._streamed.set()
 
     def _read(self, wait_s: float) -> tuple[list, int | None]:
@@ -202,14 +213,22 @@ class RayProc:
             if self._started is not None:
                 ready, _ = self._ray.wait([self._started], timeout=wait_s)
                 if not ready:
+                    if self._waits and time.monotonic() - self._asked > IDLE_YIELD_S:
+                        self._waits(self, True)  # idle actors may hold the GPUs it waits for
                     return [], None
                 self.where, self._started = self._ray.get(self._started), None
+                if self._waits:
+                    self._waits(self, False)
                 self.pid = self.where.get("pid")
             return self._ray.get(self._actor.read.remote(wait_s))
         except self._ray.exceptions.RayTaskError as exc:  # the actor's own error: the command could not start
             cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
             return [("stderr", f"cannot start: {cause}\n".encode())], 127
         except self._ray.exceptions.RayError as exc:
+            if self._started is not None and self._afresh is not None:  # a kept actor whose node went away
+                self._actor, self._started = self._afresh()
+                self._afresh = None
+                return [], None
             raise NodeLost(self._cause(exc)) from exc
 
     def _free_gpus(self) -> str:
@@ -244,7 +263,10 @@ class RayProc:
     def close(self, done: bool = True) -> None:
         if done:  # the last chunks of a stopped step are still on their way
             self._streamed.wait(5)
-        self.release()  # the worker's exit ends what the step left (its watchdog)
+        if done and self._clean and self._keep is not None:
+            self._keep(self._actor)  # its step's processes are gone (StepHost.read closed them)
+        else:
+            self.release()  # the worker's exit ends what the step left (its watchdog)
         self._end(self._rc if self._rc is not None else -9)
 
     def release(self) -> None:
@@ -292,6 +314,13 @@ class RayRunner:
                                              fix="start it (`ray start --head` on the head node) or give its address, "
                                                  "e.g. --address 10.0.0.1:6379")])
         self._host = self.ray.remote(max_concurrency=4)(StepHost)
+        # Actors whose step ended, by GPU count: the next step of that size starts in one at once
+        # instead of waiting about a second for a new worker process (bench_ray.py).
+        # An idle actor keeps its GPUs: while a step waits for a node, none is kept (and those kept
+        # are ended), or two steps could wait for each other's idle actors forever.
+        self._idle: dict[int, list] = {}
+        self._waiting: set[int] = set()
+        self._lock = threading.Lock()
 
     def gpus(self) -> tuple[int, int]:
         """The GPUs of the cluster's live nodes: all together, and the most one node has."""
@@ -308,10 +337,55 @@ class RayRunner:
         changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
         removed = [k for k in os.environ if k not in env]
         gpu_flag = "--" + registry.launch_flags()["gpu_ids"]
-        actor = self._host.options(num_gpus=len(devices), num_cpus=0, max_restarts=0).remote()
-        return RayProc(self.ray, actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s), len(devices))
+        gpus = len(devices)
+
+        def begin(actor):
+            return actor, actor.start.remote(argv, cwd, changed, removed, gpu_flag, self.grace_s)
+
+        def new():
+            return begin(self._host.options(num_gpus=gpus, num_cpus=0, max_restarts=0).remote())
+
+        with self._lock:
+            kept = self._idle.get(gpus)
+            reused = kept.pop() if kept else None
+            if reused is None and gpus:  # idle actors of other sizes hold GPUs this step may need
+                for size in [n for n in self._idle if n]:
+                    for idle in self._idle.pop(size):
+                        self._kill(idle)
+        actor, started = begin(reused) if reused is not None else new()
+        return RayProc(self.ray, actor, started, gpus, keep=lambda a: self._return(gpus, a),
+                       afresh=new if reused is not None else None, waits=self._note_waiting)
+
+    def _return(self, gpus: int, actor) -> None:
+        with self._lock:
+            if not self._waiting:
+                self._idle.setdefault(gpus, []).append(actor)
+                return
+        self._kill(actor)
+
+    def _note_waiting(self, proc: RayProc, waiting: bool) -> None:
+        drop = []
+        with self._lock:
+            if not waiting:
+                self._waiting.discard(id(proc))
+            elif id(proc) not in self._waiting:
+                self._waiting.add(id(proc))
+                drop = [a for actors in self._idle.values() for a in actors]
+                self._idle = {}
+        for actor in drop:
+            self._kill(actor)
+
+    def _kill(self, actor) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
     def close(self) -> None:
+        with self._lock:
+            idle, self._idle = [a for actors in self._idle.values() for a in actors], {}
+        for actor in idle:
+            self._kill(actor)
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
 

@@ -127,8 +127,11 @@ def test_an_address_nothing_answers_at_is_refused_at_once(tmp_path):
     pytest.importorskip("ray")
     import time
 
+    import ray
+
     from musubi_pipe.executors.ray_runner import RayRunner
 
+    ray.shutdown()  # no connection left by another test: this one makes its own
     began = time.monotonic()
     with pytest.raises(PipelineError) as err:
         RayRunner("127.0.0.1:9")
