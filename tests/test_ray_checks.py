@@ -169,3 +169,40 @@ def test_a_step_waiting_for_gpus_says_so_once_and_stops_cleanly(monkeypatch):
     assert not reader.is_alive()
     assert said == ["musubi-pipe: ray: waiting for a node with 2 free GPU(s) (the cluster has 1 free GPU(s) now, "
                     "all nodes together)\n"]
+
+
+def test_a_kept_actor_found_dead_is_replaced_before_the_step_starts():
+    from types import SimpleNamespace
+
+    from musubi_pipe.executors import ray_runner
+
+    class RayError(Exception):
+        pass
+
+    class RayTaskError(RayError):
+        pass
+
+    class FakeRay:  # the kept actor's node is gone; a new actor starts the step and it ends at once
+        exceptions = SimpleNamespace(RayError=RayError, RayTaskError=RayTaskError, GetTimeoutError=TimeoutError)
+
+        def wait(self, refs, timeout):
+            return refs, []
+
+        def get(self, ref, timeout=None):
+            if ref == "dead-start":
+                raise RayError("The actor died unexpectedly before finishing this task.")
+            if ref == "new-start":
+                return {"node": "n2", "host": "h2", "gpus": "0", "pid": 42}
+            return [("stdout", b"done\n")], 0
+
+        def kill(self, actor, no_restart=True):
+            pass
+
+    fresh = []
+    proc = ray_runner.RayProc(FakeRay(), SimpleNamespace(), "dead-start", 1,
+                              afresh=lambda: fresh.append(1) or (SimpleNamespace(read=SimpleNamespace(remote=lambda w: "read")),
+                                                                 "new-start"))
+    said = []
+    proc.stream(lambda name, chunk: said.append(chunk.decode()))
+    assert fresh == [1] and proc.wait(0) == 0 and proc.where["node"] == "n2"
+    assert said == ["musubi-pipe: ray: step runs on node h2 (n2), GPUs [0], pid 42\n", "done\n"]
