@@ -174,14 +174,14 @@ class RayProc:
         from .failures import RAY_NOTE
         from .runner import StopReading
 
-        asked = time.monotonic()
+        noted = False
         try:
             while True:
                 if self._ended.is_set() and self._started is not None:
                     return  # stopped before it had a node: nothing ran
                 placed = self._started is not None
-                if placed and asked and time.monotonic() - asked > WAITING_NOTE_S:
-                    asked = 0.0  # say it once: the step is not stuck, the cluster is full (or too small)
+                if placed and not noted and time.monotonic() - self._asked > WAITING_NOTE_S:
+                    noted = True  # say it once: the step is not stuck, the cluster is full (or too small)
                     callback("stderr", f"{RAY_NOTE}waiting for a node with {self.gpus} free GPU(s) "
                                        f"(the cluster has {self._free_gpus()} free GPU(s) now, all nodes together)\n".encode())
                 chunks, rc = self._read(0.2)
@@ -192,7 +192,7 @@ class RayProc:
                 for name, data in chunks:
                     callback(name, data)
                 if rc is not None:
-                    self._clean = True
+                    self._clean = not self._ended.is_set()  # ended by itself, not stopped
                     self._end(rc)
                     return
         except StopReading:
