@@ -182,8 +182,10 @@ def doctor(where, timeout):
 @click.option("--gpus", help="CUDA_VISIBLE_DEVICES for every step, e.g. 0 or 0,1; with `run --jobs`, the pool each step takes its own GPUs from.")
 @click.option("--allow-output", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="A folder runs may write into (repeatable). Pipelines and workflows cannot write elsewhere.")
+@click.option("--shared-root", type=click.Path(file_okay=False, path_type=Path),
+              help="For `run --executor ray`: the folder every node of the cluster sees at the same path.")
 @click.option("--force", is_flag=True, help="Replace an existing config file.")
-def init(musubi_dir, python, gpus, allow_output, force):
+def init(musubi_dir, python, gpus, allow_output, shared_root, force):
     """Write the local configuration file. accelerate needs no `accelerate config`: musubi-pipe
     passes explicit `accelerate launch` flags."""
     import os
@@ -197,7 +199,8 @@ def init(musubi_dir, python, gpus, allow_output, force):
     if not (musubi_dir / "src" / "musubi_tuner").is_dir():
         raise click.UsageError(f"{musubi_dir} is not a musubi-tuner checkout (no src/musubi_tuner/)")
     values = {"musubi_tuner_dir": str(musubi_dir), "python": str(python.expanduser().resolve()) if python else None,
-              "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output]}
+              "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output],
+              "shared_root": str(shared_root.expanduser().resolve()) if shared_root else None}
     try:
         path = write_config(config_path(), values, force=force)
     except PipelineError as err:

@@ -206,3 +206,16 @@ def test_a_kept_actor_found_dead_is_replaced_before_the_step_starts():
     proc.stream(lambda name, chunk: said.append(chunk.decode()))
     assert fresh == [1] and proc.wait(0) == 0 and proc.where["node"] == "n2"
     assert said == ["musubi-pipe: ray: step runs on node h2 (n2), GPUs [0], pid 42\n", "done\n"]
+
+
+def test_init_writes_the_shared_root(tmp_path, monkeypatch):
+    from musubi_double import make_fake_checkout
+
+    from musubi_pipe.cli import main
+
+    config = tmp_path / "config.toml"
+    monkeypatch.setenv("MUSUBI_PIPE_CONFIG", str(config))
+    checkout = make_fake_checkout(tmp_path / "musubi-tuner", venv=False)
+    out = CliRunner().invoke(main, ["init", "--musubi-dir", str(checkout), "--shared-root", str(tmp_path / "shared")])
+    assert out.exit_code == 0, out.output
+    assert load_config({"MUSUBI_PIPE_CONFIG": str(config)}).shared_root == (tmp_path / "shared").resolve()
