@@ -6,6 +6,7 @@ fake GPUs each, tests/ray_cluster.py) with the musubi-tuner test double:
 - child line -> listener latency through the step's actor and the driver;
 - output throughput: lines per second one step can stream back to the driver's display and log;
 - cancel -> every process of a running step gone;
+- the driver's CPU while many steps run quietly (polling their actors);
 - a lost node -> its steps recorded as failed.
 
     python benchmarks/bench_ray.py [--steps 10] [--branches 16] [--seconds 2] [--ticks 200] [--lines 20000]
@@ -151,6 +152,27 @@ def cancel(executors: dict, checkout: Path, tmp: Path) -> None:
               f"{(time.perf_counter() - began) * 1000:.0f} ms")
 
 
+def idle_cost(make, checkout: Path, tmp: Path, n: int) -> None:
+    """The driver's own CPU while n steps run on the cluster and print nothing: the price of
+    polling each step's actor (what grows with the number of running steps)."""
+    script = _script(checkout, "_bench_quiet", lines=1, pause=0.01, sleep=8)
+    steps = [Step(id=f"q{i}", kind="convert", family="wan", script=script, args=[], fingerprint=f"q{i}") for i in range(n)]
+    plan = Plan(name="quiet", source=str(tmp / "quiet.toml"), workdir=str(tmp / "quiet"), steps=steps)  # no GPU each
+    started = []
+    t = threading.Thread(target=make().run, args=(plan, [lambda e: e.kind == "log" and "runs on node" in e.data.get("text", "")
+                                                        and started.append(e.step)]), kwargs={"force": True, "jobs": n})
+    t.start()
+    while len(started) < n:
+        time.sleep(0.05)
+    me = psutil.Process()
+    time.sleep(1.0)
+    cpu0, wall0 = sum(me.cpu_times()[:2]), time.perf_counter()
+    time.sleep(3.0)
+    cpu = (sum(me.cpu_times()[:2]) - cpu0) / (time.perf_counter() - wall0)
+    t.join(120)
+    print(f"driver CPU while {n} steps run quietly: {cpu * 100:.0f}% of a core ({cpu / n * 1000:.1f} ms of CPU per step per second)")
+
+
 def lost_node(make, checkout: Path, tmp: Path, cluster) -> None:
     """Four one-GPU steps fill both nodes; the worker's raylet is killed: how long until the steps
     it ran are recorded as failed with their cause."""
@@ -195,6 +217,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="how long each of them works")
     ap.add_argument("--ticks", type=int, default=200, help="log lines for the latency figure")
     ap.add_argument("--lines", type=int, default=20000, help="lines one step floods for the throughput figure")
+    ap.add_argument("--quiet-steps", type=int, default=12, help="steps run at once for the driver's polling cost")
     ap.add_argument("--default-health", action="store_true", help="the cluster with Ray's default node health checks")
     ap.add_argument("--only-lost-node", action="store_true", help="only the lost-node figure")
     args = ap.parse_args()
@@ -224,6 +247,7 @@ def main() -> None:
             latency(executors, checkout, tmp, args.ticks)
             throughput(executors, checkout, tmp, args.lines)
             cancel(executors, checkout, tmp)
+            idle_cost(executors["ray"], checkout, tmp, args.quiet_steps)
             lost_node(executors["ray"], checkout, tmp, cluster)
         finally:
             cluster.stop()

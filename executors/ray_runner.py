@@ -149,6 +149,9 @@ class NodeLost(Exception):
 # The exit code a step gets when its node is lost (as ssh reports a lost connection); the cause is
 # a line of the step's log, which failures.classify reads.
 NODE_LOST_RC = 255
+# How long one read waits on the node for output: it returns as soon as there is some, so this
+# only sets how often a quiet step costs the driver a call (bench_ray.py: driver CPU per step).
+POLL_S = 1.0
 WAITING_NOTE_S = 30.0  # a step not placed after this long says what it waits for
 IDLE_YIELD_S = 2.0  # a step not placed after this long makes the idle actors give their GPUs back
 
@@ -184,7 +187,7 @@ class RayProc:
                     noted = True  # say it once: the step is not stuck, the cluster is full (or too small)
                     callback("stderr", f"{RAY_NOTE}waiting for a node with {self.gpus} free GPU(s) "
                                        f"(the cluster has {self._free_gpus()} free GPU(s) now, all nodes together)\n".encode())
-                chunks, rc = self._read(0.2)
+                chunks, rc = self._read(POLL_S)
                 if placed and self._started is None:  # the log and the display say where it runs
                     w = self.where
                     callback("stderr", f"{RAY_NOTE}step runs on node {w['host']} ({w['node']}), GPUs [{w['gpus']}], "

@@ -31,7 +31,8 @@ CASES = {
                           [rf"child line -> listener event: 5 lines, median {NUMBER} ms",
                            rf"Ctrl-C -> every process of the step dead .*: {NUMBER} ms",
                            rf"fully skipped re-run, 6 steps.*median {NUMBER} ms"]),
-    "bench_ray.py": (["--steps", "2", "--branches", "4", "--seconds", "0.5", "--ticks", "5", "--lines", "200"],
+    "bench_ray.py": (["--steps", "2", "--branches", "4", "--seconds", "0.5", "--ticks", "5", "--lines", "200",
+                                   "--quiet-steps", "2"],
                      [rf"(per step, a chain of 2 steps that do nothing \(median of 3 runs\): local {NUMBER} ms, Ray {NUMBER} ms"
                       r"|Ray is not installed)"]),
     "bench_parallel.py": (["--gpus", "2", "--lrs", "2", "--dims", "1", "--seconds", "0.2"],

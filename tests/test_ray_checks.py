@@ -158,6 +158,7 @@ def test_a_step_waiting_for_gpus_says_so_once_and_stops_cleanly(monkeypatch):
             self.killed.append(actor)
 
     monkeypatch.setattr(ray_runner, "WAITING_NOTE_S", 0.1)
+    monkeypatch.setattr(ray_runner, "POLL_S", 0.05)
     proc = ray_runner.RayProc(FakeRay(), "actor", "started-ref", gpus=2)
     said = []
     reader = threading.Thread(target=proc.stream, args=(lambda name, chunk: said.append(chunk.decode()),))
