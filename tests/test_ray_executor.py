@@ -318,7 +318,6 @@ def test_a_lost_worker_fails_its_steps_with_the_cause_and_the_state_stays_consis
         thread.join(60)
         assert not thread.is_alive() and "error" not in out, out
         state = state_of()
-        print({sid: state.record(sid)["cause"] for sid in lost})
         for sid in lost:
             record = state.record(sid)
             assert record["status"] == "failed" and record["category"] == "node_lost"
