@@ -52,13 +52,17 @@ def _silence_dead_output() -> None:
                    "once with the next memory-saving setting.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
               help="Run up to N steps at once when their dependencies are done, each on its own GPUs from the "
-                   "configuration's `gpus` pool (e.g. gpus = \"0,1,2,3\"). A failed step skips only what depends on it.")
+                   "configuration's `gpus` pool (e.g. gpus = \"0,1,2,3\"). A failed step skips only what depends on it. "
+                   "With --executor ray, the cluster's GPUs are the pool (default N: their number).")
 @click.option("--quiet", is_flag=True, help="Print only failures and the final result.")
 @click.option("--plain", is_flag=True, help="Plain progress lines instead of live bars (automatic when not a terminal or CI=true).")
-@click.option("--executor", type=click.Choice(["local", "dry", "comfy"]), default="local", show_default=True,
-              help="`dry` shows what would run and why, and runs nothing; `comfy` runs the exported workflow in a running ComfyUI.")
+@click.option("--executor", type=click.Choice(["local", "dry", "comfy", "ray"]), default="local", show_default=True,
+              help="`dry` shows what would run and why, and runs nothing; `comfy` runs the exported workflow in a running ComfyUI; "
+                   "`ray` runs the steps on a Ray cluster (needs shared_root in the config).")
 @click.option("--comfy-url", default="http://127.0.0.1:8188", show_default=True, help="The ComfyUI server for --executor comfy.")
-def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor, comfy_url):
+@click.option("--address", envvar="RAY_ADDRESS", metavar="HOST:PORT",
+              help="The Ray cluster's head for --executor ray (default: $RAY_ADDRESS).")
+def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor, comfy_url, address):
     """Run PIPELINE: skip steps that are up to date, run the rest in musubi-tuner's venv, resume
     interrupted training. Ctrl-C stops every process the run started."""
     from ..compiler import compile_file
@@ -69,6 +73,8 @@ def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor
     if executor == "comfy" and (force or only or from_ or until or retry or jobs):
         raise click.UsageError("--force, --only, --from, --until, --retry and --jobs apply to the local executor; "
                                "ComfyUI decides itself which nodes re-run")
+    if executor == "ray" and not address:
+        raise click.UsageError("--executor ray needs the cluster's address: --address HOST:PORT (or set RAY_ADDRESS)")
     try:
         plan = compile_file(pipeline)
         if executor == "comfy":
@@ -79,6 +85,11 @@ def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor
             from .dry import DryExecutor
 
             runner = DryExecutor(load_config())
+        elif executor == "ray":
+            from .ray_runner import RayExecutor, import_ray
+
+            import_ray()  # not installed: say how, before anything else
+            runner = RayExecutor(load_config().require(), address)
         else:
             runner = LocalExecutor(load_config().require())
         from ..dsl.inputs import check_file
@@ -86,7 +97,7 @@ def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor
         # Missing model files, LoRAs or dataset folders stop a local run (and its dry run, which
         # decides the same) before any step starts; ComfyUI may run elsewhere, and --only/--from/
         # --until may skip the steps that read them: there they are warnings.
-        strict = executor in ("local", "dry") and not (only or from_ or until)
+        strict = executor in ("local", "dry", "ray") and not (only or from_ or until)
         missing = check_file(pipeline, "error" if strict else "warning", produced_under=plan.workdir)
         if any(p.severity == "error" for p in missing):
             raise PipelineError(missing)
@@ -118,7 +129,7 @@ def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor
         if executor == "comfy":
             result = runner.run(pipeline, [display])
         else:
-            kw = {"jobs": jobs} if executor == "local" else {}
+            kw = {"jobs": jobs} if executor in ("local", "ray") else {}
             result = runner.run(plan, [display], force=force, only=only or None, from_=from_, until=until,
                                 retry=RetryPolicy(enabled=retry), **kw)
     except PipelineError as err:
@@ -129,7 +140,7 @@ def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor
         for s, handler in old.items():
             signal.signal(s, handler)
     comparison = Path(result.run_dir or ".") / "sweep.txt"
-    if executor == "local" and plan.sweeps and result.run_dir and comparison.is_file():
+    if executor in ("local", "ray") and plan.sweeps and result.run_dir and comparison.is_file():
         try:
             click.echo(comparison.read_text(encoding="utf-8"), nl=False)
         except (OSError, ValueError):
@@ -173,8 +184,10 @@ def doctor(where, timeout):
               help="A folder runs may write into (repeatable). Pipelines and workflows cannot write elsewhere.")
 @click.option("--models-dir", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="A folder holding model files (repeatable): `musubi-pipe new` looks there.")
+@click.option("--shared-root", type=click.Path(file_okay=False, path_type=Path),
+              help="For `run --executor ray`: the folder every node of the cluster sees at the same path.")
 @click.option("--force", is_flag=True, help="Replace an existing config file.")
-def init(musubi_dir, python, gpus, allow_output, models_dir, force):
+def init(musubi_dir, python, gpus, allow_output, models_dir, shared_root, force):
     """Write the local configuration file. accelerate needs no `accelerate config`: musubi-pipe
     passes explicit `accelerate launch` flags."""
     import os
@@ -189,7 +202,8 @@ def init(musubi_dir, python, gpus, allow_output, models_dir, force):
         raise click.UsageError(f"{musubi_dir} is not a musubi-tuner checkout (no src/musubi_tuner/)")
     values = {"musubi_tuner_dir": str(musubi_dir), "python": str(python.expanduser().resolve()) if python else None,
               "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output],
-              "model_dirs": [str(p.expanduser().resolve()) for p in models_dir]}
+              "model_dirs": [str(p.expanduser().resolve()) for p in models_dir],
+              "shared_root": str(shared_root.expanduser().resolve()) if shared_root else None}
     try:
         path = write_config(config_path(), values, force=force)
     except PipelineError as err:

@@ -12,7 +12,7 @@ class Failure:
     cause: str  # one line: what went wrong
     fix: str  # one line: what to change
     category: str  # oom, host_oom, signal, missing_file, dataset, argparse, offline_hf_cache, network_module,
-    #                dtype, config, disk_full, network, unknown
+    #                dtype, config, disk_full, network, node_lost, unknown
     transient: bool = False  # worth retrying unchanged (a hub download, a lost connection)
 
 
@@ -41,6 +41,10 @@ _DTYPE = re.compile(r"DiT weights are in (?P<dtype>fp16|bf16), mixed precision m
 _OPTIMIZER = re.compile(r"AttributeError: module 'torch\.optim' has no attribute '(?P<name>[^']*)'")
 # how accelerate's CalledProcessError reports the script's end: an exit status, or a signal as -N
 _EXIT_STATUS = re.compile(r"returned non-zero exit status (?P<rc>-?\d+)|died with <Signals\.\w+: (?P<sig>\d+)>")
+# how the Ray executor's own lines in a step's log start (ray_runner.py): where the step runs, and
+# that its node went away
+RAY_NOTE = "musubi-pipe: ray: "
+_NODE_LOST = re.compile("^" + re.escape(RAY_NOTE) + r"(?P<cause>.+ lost while the step ran.*)$", re.M)
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(?:\w*(?:Error|Exception|Interrupt|Invalid|Exit))\b.*$", re.M)
 
 SIGNALS = {2: ("interrupted (SIGINT, Ctrl-C)", "signal"), 9: ("killed (SIGKILL)", "host_oom"),
@@ -76,6 +80,11 @@ def classify(log_tail: str, returncode: int, step_kind: str, meta: dict | None =
     if child_rc is not None and rc in (1, 0):
         rc = child_rc
 
+    m = _last(_NODE_LOST, text)
+    if m:  # whatever the step printed last, it did not end by itself
+        return Failure(m["cause"], "run again (--retry does it once by itself): finished steps are skipped and training "
+                                   "resumes from its newest saved state; check the node if it keeps happening",
+                       "node_lost", transient=True)
     m = _last(_OOM, text)
     if m:
         return _oom(text, step_kind, meta)

@@ -22,7 +22,7 @@ PYTHON_ENV = "MUSUBI_PIPE_PYTHON"
 GPUS_ENV = "MUSUBI_PIPE_GPUS"
 APP = "musubi-pipe"
 KEYS = ("musubi_tuner_dir", "python", "gpus", "allowed_output_roots", "cancel_grace_s", "allow_code", "allow_upload",
-        "allowed_imports", "machine_rank", "main_process_ip", "main_process_port", "model_dirs")
+        "allowed_imports", "machine_rank", "main_process_ip", "main_process_port", "model_dirs", "shared_root")
 
 
 def config_path(environ: dict | None = None) -> Path:
@@ -71,6 +71,9 @@ class MusubiConfig:
     machine_rank: int | None = None
     main_process_ip: str = ""
     main_process_port: int | None = None
+    # The folder every machine of a Ray cluster sees at the same path (NFS, a cluster file
+    # system): `run --executor ray` runs only plans whose records and outputs lie inside it.
+    shared_root: Path | None = None
     file: Path | None = None
     origin: dict[str, str] = field(default_factory=dict)
 
@@ -237,6 +240,12 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
             raise PipelineError([Problem(f"expected a host name or IP address, got {ip!r}", path="main_process_ip",
                                          file=str(path), fix='main_process_ip = "10.0.0.1"')])
         cfg.main_process_ip = ip
+    if "shared_root" in data:
+        root = data["shared_root"]
+        if not isinstance(root, str) or not root or not Path(root).expanduser().is_absolute():
+            raise PipelineError([Problem(f"expected an absolute folder path, got {root!r}", path="shared_root",
+                                         file=str(path), fix='shared_root = "/mnt/shared/musubi"')])
+        cfg.shared_root = Path(root).expanduser()
     if "cancel_grace_s" in data:
         grace = data["cancel_grace_s"]
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:

@@ -31,6 +31,10 @@ CASES = {
                           [rf"child line -> listener event: 5 lines, median {NUMBER} ms",
                            rf"Ctrl-C -> every process of the step dead .*: {NUMBER} ms",
                            rf"fully skipped re-run, 6 steps.*median {NUMBER} ms"]),
+    "bench_ray.py": (["--steps", "2", "--branches", "4", "--seconds", "0.5", "--ticks", "5", "--lines", "200",
+                                   "--quiet-steps", "2"],
+                     [rf"(per step, a chain of 2 steps that do nothing \(median of 3 runs\): local {NUMBER} ms, Ray {NUMBER} ms"
+                      r"|Ray is not installed)"]),
     "bench_parallel.py": (["--gpus", "2", "--lrs", "2", "--dims", "1", "--seconds", "0.2"],
                           [rf"2-branch sweep on 2 GPUs, --jobs 4: 6 steps", rf"makespan {NUMBER} s vs ideal {NUMBER} s",
                            rf"launch .*: median {NUMBER} ms", rf"dispatch .*: median {NUMBER} ms", rf"executor.s own part .*: median {NUMBER} ms",
