@@ -1,26 +1,56 @@
-"""ComfyUI's real front end in headless Chromium (Debian's package): the pack's nodes are
-registered and a shipped workflow opens without console errors."""
+"""ComfyUI's real front end in headless Chromium (Debian's package): the pack's nodes and its web
+extension load; every example opens without errors, readable (below the top bar, no overlaps, its
+Note shown) and with its widget values where the server expects them; its thumbnail is served; a
+test-double training run queued from the page draws the trainer's loss chart and shows the
+samples in a Preview Image node, with no warning from this pack.
+
+Screenshots go to $MUSUBI_PIPE_SHOTS (default: the test's temporary folder)."""
 from __future__ import annotations
 
 import base64
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from cdp import Browser, chromium
-from make_examples import REPO
+from make_examples import REPO, all_edits, api_prompt, examples
 from test_comfy_server import PACK_NODES
+
+EXTENSION = "/extensions/musubi-pipe/musubi_pipe.js"
+
+
+def offline(message: str) -> bool:
+    """The front end's failed requests to the internet (this machine is offline), e.g. for
+    api.comfy.org/comfy-nodes/MusubiTuner_.../node."""
+    return "net::ERR_" in message and "https://" in message and "127.0.0.1" not in message
 
 
 def local_errors(page, since: int = 0) -> list[str]:
-    """Errors, less the front end's failed requests to the internet (this machine is offline)."""
-    return [e for e in page.errors()[since:] if not ("net::ERR_" in e and "https://" in e and "127.0.0.1" not in e)]
+    return [e for e in page.errors()[since:] if not offline(e)]
+
+
+def pack_warnings(page) -> list[str]:
+    """Console warnings and errors that come from this pack or its websocket messages."""
+    return [m for m in page.messages(("warning", "error")) if not offline(m) and
+            ("musubi" in m.lower() or "unhandled message" in m.lower() or "unknown message type" in m.lower())]
+
+
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("MUSUBI_PIPE_SHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def screenshot(page, path: Path) -> None:
+    path.write_bytes(base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"]))
 
 
 @pytest.fixture(scope="module")
-def page(comfy):
+def page(comfy, test_root):
+    # test_root first: the model pickers list the test's model files when the page loads
     binary = chromium()
     if binary is None:
         message = "chromium is not installed: bash .ci/comfyui.sh browser"
@@ -38,24 +68,127 @@ def page(comfy):
         browser.close()
 
 
-def test_every_pack_node_is_registered_in_the_editor(page):
+def load(page, workflow: dict) -> None:
+    page.evaluate(f"app.loadGraphData({json.dumps(workflow)})")
+    page.wait_for("app.graph._nodes.length > 0", 10)
+    time.sleep(0.5)  # DOM widgets (the notes) are placed on the next frames
+
+
+def test_every_pack_node_and_the_extension_load(page, comfy):
     registered = set(page.evaluate("Object.keys(LiteGraph.registered_node_types)"))
     assert PACK_NODES <= registered, sorted(PACK_NODES - registered)
+    assert EXTENSION in comfy.get("/extensions")
+    assert page.wait_for("window.musubiPipe && window.musubiPipe.charts", 10), "web/musubi_pipe.js did not run"
+    assert page.evaluate("app.extensions.some(e => e.name === 'musubi_pipe.loss_chart')")
     ours = [e for e in local_errors(page) if "musubi" in e.lower()]
     assert ours == []
 
 
-@pytest.mark.parametrize("name", ["lora_training", "inference_with_lora"])
-def test_a_shipped_workflow_opens_without_errors(page, name, tmp_path):
+def test_every_example_is_a_template_with_a_thumbnail(page, comfy):
+    listed = comfy.get("/workflow_templates")["musubi-pipe"]
+    assert sorted(listed) == sorted(examples())
+    for name in listed:
+        # the URL the template browser builds for a custom node's template (no "-1" suffix, .jpg)
+        found = page.evaluate(f"""fetch('/api/workflow_templates/musubi-pipe/{name}.jpg').then(async r =>
+            r.ok ? createImageBitmap(await r.blob()).then(b => [r.headers.get('content-type'), b.width, b.height]) : r.status)""")
+        assert isinstance(found, list), f"{name}.jpg: HTTP {found}"
+        kind, width, height = found
+        assert kind == "image/jpeg" and width >= 256 and height >= 160, found
+        assert (REPO / "example_workflows" / f"{name}.jpg").stat().st_size < 80_000  # small enough to commit
+
+
+LAYOUT = """(() => {
+  const ds = app.canvas.ds, T = LiteGraph.NODE_TITLE_HEIGHT, rect = app.canvas.canvas.getBoundingClientRect();
+  const screen = (x, y) => [(x + ds.offset[0]) * ds.scale + rect.left, (y + ds.offset[1]) * ds.scale + rect.top];
+  return app.graph._nodes.map(n => {
+    const [left, top] = screen(n.pos[0], n.pos[1] - T), [right] = screen(n.pos[0] + n.size[0], 0);
+    // what the user sees at the title's left, middle and right (the canvas, unless a bar covers it);
+    // titles near the top only: the minimap and zoom controls float over the bottom right
+    const seen = top > 0 && top < 300 ? [left + 8, (left + right) / 2, right - 8]
+      .filter(x => x > 0 && x < innerWidth).map(x => document.elementFromPoint(x, top + 6) === app.canvas.canvas) : [];
+    return {id: n.id, type: n.type, title: n.title, box: [n.pos[0], n.pos[1] - T, n.size[0], n.size[1] + T],
+            size: [...n.size], min: [...n.computeSize()], seen};
+  });
+})()"""
+
+
+@pytest.mark.parametrize("name", sorted(examples()))
+def test_an_example_opens_readable_and_without_errors(page, comfy, name, tmp_path):
     before = len(page.errors())
     workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
-    page.evaluate(f"app.loadGraphData({json.dumps(workflow)})")
+    load(page, workflow)
     types = page.evaluate("app.graph._nodes.map(n => n.type)")
     assert sorted(types) == sorted(n["type"] for n in workflow["nodes"])
     # every link arrived: inputs that the file links are linked in the editor too
     linked = page.evaluate("app.graph._nodes.reduce((s, n) => s + (n.inputs || []).filter(i => i.link != null).length, 0)")
     assert linked == len(workflow["links"])
+    # each widget holds the value the file gives it by the server's input order (what the tests queue)
+    prompt = api_prompt(workflow, comfy.get("/object_info"))
+    shown = page.evaluate("Object.fromEntries(app.graph._nodes.map(n => [n.id, Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]))]))")
+    for node_id, node in prompt.items():
+        for widget, value in node["inputs"].items():
+            if not isinstance(value, list):
+                assert shown[node_id][widget] == value, (node_id, node["class_type"], widget)
+    # the notes show, with their text, in the page
+    notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes, f"{name}: no Note node"
+    page_text = page.evaluate("document.body.innerText")
+    for note in notes:
+        first_line = note["widgets_values"][0].splitlines()[0].lstrip("# ")
+        assert first_line in page_text, f"{name}: the note {first_line!r} is not shown"
+    for edit in all_edits(examples()[name]):
+        assert any(f"`{edit.widget}`" in n["widgets_values"][0] for n in notes), f"{name}: no note names {edit.widget}"
+    # readable: nothing under the top bar or side bar, no overlaps, no widget cut off
+    layout = page.evaluate(LAYOUT)
+    for node in layout:
+        assert all(node["seen"]), f"{name}: {node['title']}'s title is hidden under a bar: {node}"
+        assert node["box"][1] >= 100, f"{name}: {node['title']} starts above y=100"
+        assert node["size"][0] >= node["min"][0] and node["size"][1] >= node["min"][1], f"{name}: {node['title']} is cut off: {node}"
+    for i, a in enumerate(layout):
+        for b in layout[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
+            assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay, f"{name}: {a['title']} overlaps {b['title']}"
     errors = local_errors(page, before)
     assert errors == [], errors
-    shot = page.call("Page.captureScreenshot", format="png")
-    (tmp_path / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
+    assert pack_warnings(page) == []
+    screenshot(page, shots(tmp_path) / f"{name}.png")
+
+
+def _set_widgets(page, values: dict[tuple[str, str], object]) -> None:
+    for (node_id, widget), value in values.items():
+        ok = page.evaluate(f"""(() => {{ const w = app.graph.getNodeById({int(node_id)})?.widgets?.find(w => w.name === {json.dumps(widget)});
+            if (!w) return false; w.value = {json.dumps(value)}; w.callback?.(w.value); return true; }})()""")
+        assert ok, f"no widget {widget} on node {node_id}"
+
+
+def test_a_training_run_draws_the_loss_chart_and_shows_the_samples(page, comfy, clips, record, unique, test_root, tmp_path):
+    from test_comfy_examples import small_settings, user_edits
+
+    workflow = json.loads((REPO / "example_workflows" / "lora_training.json").read_text())
+    load(page, workflow)
+    trainer = next(n["id"] for n in workflow["nodes"] if n["type"].endswith("Trainer"))
+    previews = {n["title"]: n["id"] for n in workflow["nodes"] if n["type"] == "PreviewImage"}
+    # the note's edits, then smaller settings so the double's run is short
+    _set_widgets(page, {**user_edits("lora_training", clips=str(clips)), **small_settings("lora_training", unique, test_root)})
+    page.evaluate("""(() => { window.__ended = null;
+        for (const kind of ['execution_success', 'execution_error', 'execution_interrupted'])
+          window.comfyAPI.api.api.addEventListener(kind, e => { window.__ended = [kind, e.detail]; }); })()""")
+    before = len(page.errors())
+    page.evaluate("app.queuePrompt(0, 1)")
+    assert page.wait_for(f"window.musubiPipe.charts.get('{trainer}')?.points.length > 0", 180), \
+        f"no loss point reached the chart; ended: {page.evaluate('JSON.stringify(window.__ended)')}"
+    screenshot(page, shots(tmp_path) / "training-mid-run.png")
+    assert page.wait_for("window.__ended", 240), "the run did not end"
+    ended = page.evaluate("window.__ended")
+    assert ended[0] == "execution_success", ended
+    chart = page.evaluate(f"""(() => {{ const c = window.musubiPipe.charts.get('{trainer}');
+        const d = c.canvas.getContext('2d').getImageData(0, 0, c.canvas.width, c.canvas.height).data;
+        let line = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 2] > 200 && d[i] < 120) line++;
+        return {{points: c.points.length, line, text: c.text, attached: app.graph.getNodeById({trainer}).widgets.includes(c.widget)}}; }})()""")
+    assert chart["points"] > 1 and chart["line"] > 50 and chart["attached"], chart
+    assert chart["text"].startswith("done"), chart
+    for title, node_id in previews.items():
+        assert page.wait_for(f"app.nodeOutputs['{node_id}']?.images?.length > 0", 20), f"nothing shown in {title}"
+    screenshot(page, shots(tmp_path) / "training-done.png")
+    assert local_errors(page, before) == []
+    assert pack_warnings(page) == []
