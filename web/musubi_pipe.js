@@ -32,8 +32,6 @@ function chartFor(id) {
 
 function attach(node, chart) {
   const canvas = document.createElement("canvas");
-  canvas.width = 480;
-  canvas.height = 180;
   canvas.style.width = "100%";
   canvas.style.height = "100%";
   canvas.dataset.musubiChart = String(node.id);
@@ -57,8 +55,16 @@ function draw(chart) {
   const canvas = chart.canvas;
   if (!canvas) return;
   chart.draws += 1;
+  // the canvas's pixels follow its size on the node, so the text stays sharp
+  const W = Math.max(200, canvas.clientWidth || 400), H = Math.max(100, canvas.clientHeight || 160);
+  const dpr = window.devicePixelRatio || 1;
+  if (canvas.width !== Math.round(W * dpr) || canvas.height !== Math.round(H * dpr)) {
+    canvas.width = Math.round(W * dpr);
+    canvas.height = Math.round(H * dpr);
+  }
   const ctx = canvas.getContext("2d");
-  const W = canvas.width, H = canvas.height, pad = { l: 56, r: 10, t: 22, b: 22 };
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const pad = { l: 56, r: 10, t: 22, b: 22 };
   ctx.fillStyle = "#1b1b1b";
   ctx.fillRect(0, 0, W, H);
   ctx.font = "12px sans-serif";
@@ -91,13 +97,12 @@ function draw(chart) {
   }
 }
 
+// The chart's caption (the pack's progress text under the title says the rest: rate, time left).
 function progressText(e) {
   const parts = [e.step, e.phase].filter(Boolean);
   if (e.epoch != null) parts.push(`epoch ${e.epoch}${e.epochs ? "/" + e.epochs : ""}`);
-  if (e.current != null && e.total) parts.push(`${e.current}/${e.total}`);
+  if (e.current != null && e.total) parts.push(`step ${e.current}/${e.total}`);
   if (e.loss != null) parts.push(`loss ${fmt(e.loss)}`);
-  if (e.rate) parts.push(e.rate >= 1 ? `${e.rate.toFixed(2)} it/s` : `${(1 / e.rate).toFixed(1)} s/it`);
-  if (e.eta_s != null) parts.push(`eta ${Math.round(e.eta_s)} s`);
   return parts.join(" · ");
 }
 
