@@ -36,7 +36,46 @@ def registry():
 
 
 class NodeError(Exception):
-    """A failure shown on the node: one line of cause and fix, no stack trace needed."""
+    """A failure shown on the node: a line of cause and fix per problem, no stack trace needed.
+    `located`: each line already names the node (and widget) to fix."""
+
+    def __init__(self, message: str, located: bool = False):
+        super().__init__(message)
+        self.located = located
+
+
+def node_title(node: Any) -> str:
+    """A node's display name without the pack's "(musubi)" suffix, as error messages name it."""
+    from .nodes import NODE_DISPLAY_NAME_MAPPINGS
+
+    cls = node if isinstance(node, type) else type(node)
+    title = NODE_DISPLAY_NAME_MAPPINGS.get(f"MusubiTuner_{cls.__name__}", cls.__name__)
+    return title.replace(" (musubi)", "").replace(" (musubi, deprecated)", "")
+
+
+def where(node: Any, node_id: Any) -> str:
+    return f"{node_title(node)} (node {node_id})" if node_id is not None else node_title(node)
+
+
+def locate_errors(fn):
+    """Wrap a node's function: a NodeError its own code raises is prefixed, line by line, with the
+    node's name and id ("Dataset Config (node 3): media_folder ..."), so the message says which
+    node to fix even when ComfyUI shows it elsewhere."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except NodeError as err:
+            if err.located:
+                raise
+            prefix = where(self, kw.get("unique_id"))
+            lines = str(err).splitlines() or [""]
+            raise NodeError("\n".join(f"{prefix}: {line}" for line in lines), located=True) from None
+
+    wrapper.__located__ = True
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- widgets
@@ -114,6 +153,28 @@ def has_role(fam, kind: str, role: str) -> bool:
     return fam.flag(role) in contract.options(fam.stages[kind].script)
 
 
+def real_default(fam, kind: str, field: str) -> Any:
+    """What a stage field is when a pipeline does not set it: the family template's default (the
+    registry), else musubi's own default for the option (the recorded parser); None when neither
+    says (musubi then takes it from the task's config)."""
+    import json
+
+    from ..compiler import contract
+
+    spec = fam.stages[kind]
+    option = spec.aliases.get(field, field)
+    if isinstance(option, list):
+        return None
+    if option in spec.defaults:
+        return spec.defaults[option]
+    path = contract.CONTRACT_ROOT / contract.CONTRACT / (spec.script.removesuffix(".py") + ".json")
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["args"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((a.get("default") for a in recorded if a.get("dest") == option), None)
+
+
 def slot_folder(slot: str) -> str:
     """ComfyUI's model folder of a model slot (the registry's [models.<slot>] folder)."""
     for fam in registry().families():
@@ -148,18 +209,56 @@ def union_slots(kind: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def model_inputs(*slots: str, families=None) -> dict[str, tuple]:
-    """A picker over ComfyUI's model folder plus a free path (the path wins when set) per slot;
-    folder and help from the registry (of `families`, default all)."""
+def model_inputs(*slots: str, families=None, legacy: bool = False) -> dict[str, tuple]:
+    """A picker over ComfyUI's model folder per slot; folder and help from the registry (of
+    `families`, default all). A file outside ComfyUI's folders goes in the node's `model_paths`
+    text (model_paths_input). `legacy`: the layout workflows saved before keep (by position):
+    each picker followed by its free path, the DiT's also by its dtype."""
     families = families or registry().families()
     out: dict[str, tuple] = {}
     for slot in slots:
         folder, help_ = slot_folder(slot), slot_help(slot, families)
         out[slot] = ([NONE, *model_files(folder)],
-                     {"default": NONE, "tooltip": f"{help_} ({folder} folder); {NONE} if unused or given as a path"})
-        out[f"{slot}_path"] = ("STRING", {"default": "", "tooltip": f"{help_} as a file path (overrides the picker)"})
-        if slot == "dit":
-            out["dit_dtype"] = (["auto", "bf16", "fp16", "fp32"], {"default": "auto", "tooltip": "dtype of the DiT weights; auto guesses it from the file name"})
+                     {"default": NONE, "tooltip": f"{help_} ({folder} folder); {NONE} if unused or given in model_paths"})
+        if legacy:
+            out[f"{slot}_path"] = ("STRING", {"default": "", "tooltip": f"{help_} as a file path (overrides the picker)"})
+            if slot == "dit":
+                out["dit_dtype"] = (["auto", "bf16", "fp16", "fp32"], {"default": "auto", "tooltip": "dtype of the DiT weights; auto guesses it from the file name"})
+    return out
+
+
+def model_paths_input(slots: tuple[str, ...]) -> tuple:
+    """One text for model files outside ComfyUI's folders (and the DiT's dtype), instead of a path
+    widget beside every picker."""
+    names = ", ".join([*slots, *(["dit_dtype"] if "dit" in slots else [])])
+    return ("STRING", {"multiline": True, "default": "", "tooltip": "model files outside ComfyUI's model folders, one "
+                       f"`slot = path` per line (overrides the picker); slots: {names} (dit_dtype = bf16, fp16 or fp32; "
+                       "default: guessed from the file name)"})
+
+
+def parse_model_paths(text: str, slots: tuple[str, ...], widget: str = "model_paths") -> dict[str, str]:
+    """`slot = path` lines (quotes optional, # comments): {slot: path}; each bad line named."""
+    allowed = [*slots, *(["dit_dtype"] if "dit" in slots else [])]
+    out: dict[str, str] = {}
+    problems = []
+    for number, line in enumerate((text or "").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = (part.strip() for part in line.partition("="))
+        value = value.strip("\"'")
+        if not sep or not value:
+            problems.append(f"{widget} line {number}: write `slot = path` (got {line[:60]!r})")
+        elif name not in allowed:
+            problems.append(f"{widget} line {number}: {name!r} is not a model slot of this node; use one of {', '.join(allowed)}")
+        elif name == "dit_dtype" and value not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"{widget} line {number}: dit_dtype is bf16, fp16, fp32 or auto (got {value!r})")
+        elif name == "dit_dtype" and value == "auto":
+            continue
+        else:
+            out[name] = value
+    if problems:
+        raise NodeError("\n".join(problems))
     return out
 
 
@@ -180,16 +279,20 @@ def model_files(folder: str) -> list[str]:
 
 
 def picked_models(kwargs: dict, slots: tuple[str, ...]) -> dict[str, str]:
+    """The models a node's pickers, its model_paths text (or, in workflows saved before, its
+    `<slot>_path` widgets) name; a path wins over the picker."""
+    paths = parse_model_paths(kwargs.get("model_paths", ""), slots)
     models = {}
     for slot in slots:
-        path = (kwargs.get(f"{slot}_path") or "").strip()
+        path = paths.get(slot) or (kwargs.get(f"{slot}_path") or "").strip()
         name = kwargs.get(slot) or NONE
         if path:
             models[slot] = path
         elif name != NONE:
             models[slot] = full_path(slot_folder(slot), name, slot)
-    if "dit" in slots and kwargs.get("dit_dtype", "auto") != "auto":
-        models["dit_dtype"] = kwargs["dit_dtype"]
+    dtype = paths.get("dit_dtype") or kwargs.get("dit_dtype", "auto")
+    if "dit" in slots and dtype != "auto":
+        models["dit_dtype"] = dtype
     return models
 
 
@@ -214,6 +317,42 @@ def parse_options(text: str, what: str = "options") -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise NodeError(f"{what}: not valid TOML ({exc}); write one `name = value` per line, strings in quotes") from None
+
+
+def format_number(value: float) -> str:
+    """A float as a person writes it: 2e-4, not 0.0002 (which ComfyUI's renderer shows as 0)."""
+    if value and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:.6e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.6g}"
+
+
+def parse_number(value: Any, widget: str, *, integer: bool = False, minimum: float | None = None,
+                 maximum: float | None = None, above: float | None = None) -> float | int | None:
+    """A number typed as text ("2e-4", "0.0002"; "" or "default": not set -> None), checked;
+    a bad value names the widget and says what to write."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        text = str(value or "").strip()
+        if text.lower() in ("", "default", "(default)"):
+            return None
+        try:
+            number = int(text) if integer else float(text)
+        except ValueError:
+            example = "a whole number such as 20" if integer else "a number such as 2e-4 or 0.0002"
+            raise NodeError(f"{widget}: {text!r} is not a number; write {example} (or default)") from None
+    import math
+
+    if not integer and not math.isfinite(number):
+        raise NodeError(f"{widget}: {number} is not a finite number")
+    if above is not None and not number > above:
+        raise NodeError(f"{widget}: {format_number(number)} must be greater than {format_number(above)}")
+    if minimum is not None and number < minimum:
+        raise NodeError(f"{widget}: {format_number(number)} must be at least {format_number(minimum)}")
+    if maximum is not None and number > maximum:
+        raise NodeError(f"{widget}: {format_number(number)} must be at most {format_number(maximum)}")
+    return number
 
 
 def options_text(values: dict[str, Any]) -> str:
@@ -257,6 +396,8 @@ def merge_pipelines(pipe: dict, other: dict | None) -> dict:
     """Stages of `other` that `pipe` lacks are added (a node fed by two branches)."""
     if not other:
         return pipe
+    for key, origin in other.get("nodes", {}).items():
+        pipe.setdefault("nodes", {}).setdefault(key, origin)
     doc, add = pipe["document"], other["document"]
     for key, value in add.items():
         if key == "stages":
@@ -351,6 +492,86 @@ def lora_value(lora: dict | None, *pipes: dict | None, artifact: str = "") -> st
     return lora["path"]
 
 
+# ------------------------------------------------------- which node made which part
+
+# The dataset's fields and the Dataset Config widget that sets each (the last name of a problem's path).
+DATASET_WIDGETS = {"video_directory": "media_folder", "image_directory": "media_folder", "resolution": "width / height",
+                   "target_frames": "target_frames", "frame_extraction": "frame_extraction", "caption_extension":
+                   "caption_extension", "batch_size": "batch_size", "num_repeats": "num_repeats", "enable_bucket":
+                   "enable_bucket", "cache_directory": "cache_folder"}
+
+
+def note_origin(pipe: dict, key: str, node: Any, node_id: Any, widgets: dict[str, str] | None = None, **extra: Any) -> None:
+    """Record which node made a part of the pipeline ("dataset", "stages.<name>",
+    "stages.<name>.<field>", "models.<slot>") and which of its widgets set each field, so that a
+    compiler problem (a field path) is shown as the node and widget to change. Kept beside the
+    document, never in it."""
+    if node_id is None:
+        return
+    pipe.setdefault("nodes", {})[key] = {"node": str(node_id), "title": node_title(node), "widgets": widgets or {}, **extra}
+
+
+def _locate(pipe: dict, path: str, message: str = "") -> tuple[dict, str] | None:
+    """(origin, widget) of a problem's field path, or None when no node is known for it."""
+    import re
+
+    origins = pipe.get("nodes", {})
+    tokens = re.findall(r"[^.\[\]]+", path or "")
+    if not tokens:
+        return None
+    if tokens[0] == "stages" and len(tokens) > 1:
+        field = tokens[2] if len(tokens) > 2 else ""
+        origin = origins.get(f"stages.{tokens[1]}.{field}") or origins.get(f"stages.{tokens[1]}")
+        if not origin:
+            return None
+        widget = origin["widgets"].get(field) or (f"options: {field}" if field in origin.get("from_options", ()) else field)
+        return origin, widget
+    if tokens[0] == "models" and len(tokens) > 1:
+        slot = tokens[1]
+        origin = origins.get(f"models.{slot}")
+        if origin:
+            return origin, origin["widgets"].get(slot, slot)
+        # Not set anywhere: the node of the stage that needs it (the message names the stage), else
+        # the first node that shows its picker.
+        named = re.search(r"stage '([^']+)'", message)
+        shows = [o for k, o in origins.items() if k.count(".") == 1 and k.startswith("stages.") and slot in o.get("slots", ())]
+        origin = origins.get(f"stages.{named.group(1)}") if named else None
+        origin = origin if origin in shows else (shows[0] if shows else None)
+        return (origin, f"{slot} (pick it, or give it in model_paths)") if origin else None
+    if tokens[0] == "dataset":
+        origin = origins.get("dataset")
+        if not origin:
+            return None
+        if origin.get("from_toml"):
+            return origin, "dataset_toml"
+        return origin, next((DATASET_WIDGETS[t] for t in reversed(tokens) if t in DATASET_WIDGETS), "media_folder")
+    return None
+
+
+def describe_problems(err, pipe: dict) -> str:
+    """Every error of a PipelineError (else every warning), one line each, as the node and widget
+    to change where the pipeline knows them: "Wan LoRA Trainer (node 8): learning_rate: ... (fix: ...)"."""
+    problems = [p for p in err.problems if p.severity == "error"] or err.problems
+    if not problems:
+        return str(err)
+    dataset = pipe.get("nodes", {}).get("dataset")
+    lines = []
+    for p in problems:
+        if "needs a dataset" in p.message and dataset and not pipe["document"].get("dataset"):
+            # The pipeline file's "add a [dataset] table" is, in a workflow, an empty Dataset Config.
+            lines.append(f"{dataset['title']} (node {dataset['node']}): media_folder is empty — set it to your folder "
+                         "of clips or images (or give dataset_toml)")
+            continue
+        found = _locate(pipe, p.path, p.message)
+        if found:
+            origin, widget = found
+            head = f"{origin['title']} (node {origin['node']}): {widget}: "
+        else:
+            head = f"{p.path}: " if p.path else ""
+        lines.append(f"{head}{p.message}" + (f" (fix: {p.fix})" if p.fix else ""))
+    return "\n".join(dict.fromkeys(lines))
+
+
 def compile_pipeline(pipe: dict):
     """The plan of the document, through the same loader and compiler as `musubi-pipe plan`."""
     import tomli_w
@@ -371,18 +592,15 @@ def compile_pipeline(pipe: dict):
         pipeline = validate_pipeline(copy.deepcopy(doc), source)
         return compile_(pipeline, source)
     except PipelineError as err:
-        raise NodeError(one_line(err)) from None
+        raise NodeError(describe_problems(err, pipe), located=True) from None
 
 
 def one_line(err) -> str:
-    """A PipelineError as a node shows it: the first error (else warning) with its fix, and how many more."""
+    """A PipelineError as a node shows it: every error (else warning) with its fix, one line each."""
     problems = [p for p in err.problems if p.severity == "error"] or err.problems
     if not problems:
         return str(err)
-    first = problems[0]
-    where = f"{first.path}: " if first.path else ""
-    text = f"{where}{first.message}" + (f" (fix: {first.fix})" if first.fix else "")
-    return text + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+    return "\n".join(f"{p.path + ': ' if p.path else ''}{p.message}" + (f" (fix: {p.fix})" if p.fix else "") for p in problems)
 
 
 def default_base() -> str:
@@ -627,10 +845,25 @@ def set_if(stage: dict, field: str, value: Any, unset: Any = 0) -> None:
         stage[field] = value
 
 
+CONFIG_ORIGIN = "__node__"  # key of a config socket's dict naming the node that made it (see config_origin)
+
+
+def config_origin(config: dict, node: Any, node_id: Any) -> dict:
+    """A config node's settings with the node that made them, so that a problem with one of its
+    fields names that node (build_stage takes the key out again)."""
+    if node_id is not None:
+        config[CONFIG_ORIGIN] = {"node": str(node_id), "title": node_title(node)}
+    return config
+
+
 def build_stage(kw: dict, kind: str, family: str | None, task: str | None, slots: tuple[str, ...],
-                fields: dict[str, Any], *configs: dict | None) -> tuple[dict, str]:
+                fields: dict[str, Any], *configs: dict | None, origin: tuple = (None, None),
+                widgets: dict[str, str] | None = None) -> tuple[dict, str]:
     """The pipeline with this node's stage added: incoming stages, models, config sockets,
-    widget fields, then the options text (later wins). Returns (pipeline, stage name)."""
+    widget fields, then the options text (later wins). Returns (pipeline, stage name).
+    `origin` (node, unique id) and `widgets` (field -> widget, where they differ) let compiler
+    problems name the node and widget that set each field."""
+    node, node_id = origin
     pipe = ensure_pipeline(kw.get("pipeline"), name=kw.get("stage_name") or kind)
     merge_pipelines(pipe, kw.get("more"))
     models = picked_models(kw, slots)
@@ -639,12 +872,30 @@ def build_stage(kw: dict, kind: str, family: str | None, task: str | None, slots
         check_slots(registry().family(family), kind, models)
     set_models(pipe, models)
     stage: dict[str, Any] = {"kind": kind}
+    from_configs: dict[str, dict] = {}
     for config in configs:
-        stage.update(config or {})
+        config = dict(config or {})
+        made_by = config.pop(CONFIG_ORIGIN, None)
+        stage.update(config)
+        for field in config:
+            if made_by:
+                from_configs[field] = made_by
+            else:
+                from_configs.pop(field, None)
     stage.update(fields)
-    stage.update(parse_options(kw.get("options", "")))
+    options = parse_options(kw.get("options", ""))
+    stage.update(options)
     stage["kind"] = kind
     name = add_stage(pipe, kw.get("stage_name", kind), stage)
+    if node_id is not None:
+        for field, made_by in from_configs.items():
+            if field not in fields and field not in options:
+                pipe.setdefault("nodes", {})[f"stages.{name}.{field}"] = {**made_by, "widgets": {}}
+        note_origin(pipe, f"stages.{name}", node, node_id, {f: f for f in fields} | (widgets or {}), from_options=list(options),
+                    slots=list(slots))
+        paths = parse_model_paths(kw.get("model_paths", ""), slots)
+        for slot in models:
+            note_origin(pipe, f"models.{slot}", node, node_id, {slot: "model_paths" if slot in paths else slot})
     return pipe, name
 
 
@@ -679,6 +930,12 @@ class StageNode:
 
     FUNCTION = "run"
     OUTPUT_NODE = True  # runs even when nothing is connected downstream: its product is files
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        run = cls.__dict__.get("run")
+        if run is not None and not getattr(run, "__located__", False):
+            cls.run = locate_errors(run)
 
     @classmethod
     def IS_CHANGED(cls, **kw):

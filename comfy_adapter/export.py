@@ -115,10 +115,12 @@ def pipeline_nodes(path: str | Path, base_folder: str | None = None) -> tuple[li
                 widgets[n] = "pipeline workdir"
             elif n == "to":
                 widgets[n] = fields.pop("to", "comfyui")
-        for slot in list(models):
-            if slot in names and slot not in placed:
-                widgets[slot if slot == "dit_dtype" else f"{slot}_path"] = models[slot]
-                placed.add(slot)
+        if "model_paths" in names:  # the models this node's stage reads, as `slot = path` lines
+            takes = set(_node_slots(class_type))
+            takes |= {"dit_dtype"} if "dit" in takes else set()
+            lines = [f"{slot} = {models[slot]}" for slot in models if slot in takes and slot not in placed]
+            placed |= {line.split(" = ")[0] for line in lines}
+            widgets["model_paths"] = "\n".join(lines)
         widgets["options"] = options_text(fields)
         node_id = str(number)
         nodes.append({"id": node_id, "class_type": class_type, "widgets": widgets})
@@ -144,6 +146,14 @@ def pipeline_nodes(path: str | Path, base_folder: str | None = None) -> tuple[li
         raise PipelineError([_problem(source.file, "models", f"no stage node takes models {', '.join(missing)}",
                                       "remove them from [models]")])
     return nodes, links
+
+
+def _node_slots(class_type: str) -> tuple[str, ...]:
+    """The model slots a node's model_paths text takes."""
+    from .base import union_slots
+
+    cls = _classes()[class_type]
+    return getattr(cls, "SLOTS", ()) or (union_slots("merge") if class_type == KIND_NODES["merge"] else ())
 
 
 def _pipeline_slot(nodes: list[dict], node_id: str) -> int:

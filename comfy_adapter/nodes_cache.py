@@ -8,13 +8,13 @@ says what it is for, as the trainers and generators do."""
 from __future__ import annotations
 
 from .base import (FROM_PIPELINE, PIPELINE, StageNode, accepts, all_task_choices, build_stage, family_classes, family_widget,
-                   finish_stage, model_inputs, node_slots, pipeline_family, registry, set_if, stage_inputs, tip)
+                   finish_stage, model_inputs, model_paths_input, node_slots, pipeline_family, registry, set_if, stage_inputs, tip)
 from .nodes_train import MEMORY_CONFIG
 
 
 def _cache(node, kw: dict, family: str, fields: dict, unique_id, task: str | None = None) -> tuple:
     """Add and run the node's cache stage; return (pipeline, its cache folders)."""
-    pipe, name = node.document(kw, family, fields, task)
+    pipe, name = node.document(kw, family, fields, task, unique_id)
     _, step, _ = finish_stage(pipe, name, unique_id)
     return (pipe, ", ".join(sorted({o.path for o in step.outputs})))
 
@@ -59,14 +59,15 @@ class _Cache(StageNode):
     RETURN_TYPES = (PIPELINE, "STRING")
     RETURN_NAMES = ("pipeline", "cache_folder")
 
-    def document(self, kw: dict, family: str, fields: dict, task: str | None = None) -> tuple[dict, str]:
+    def document(self, kw: dict, family: str, fields: dict, task: str | None = None, unique_id=None) -> tuple[dict, str]:
         """The pipeline with this node's cache stage: (pipeline, stage name)."""
-        return build_stage(kw, self.KIND, family, task, self.SLOTS, fields)
+        return build_stage(kw, self.KIND, family, task, self.SLOTS, fields, origin=(self, unique_id))
 
     @classmethod
     def _inputs(cls) -> tuple[dict, dict, dict]:
         required, optional, hidden = stage_inputs(cls.KIND)
         required.update(model_inputs(*cls.SLOTS, families=[registry().family(cls.FAMILY)]))
+        optional["model_paths"] = model_paths_input(cls.SLOTS)
         return required, optional, hidden
 
 
@@ -133,7 +134,7 @@ def _legacy_inputs(kind: str) -> tuple[dict, dict, dict]:
     required["task"] = ([FROM_PIPELINE, LEGACY_TASK, *all_task_choices()],
                         {"default": FROM_PIPELINE, "tooltip": f"{FROM_PIPELINE} (or empty): the pipeline's task; another "
                          "value must agree with it"})
-    required.update(model_inputs(*LEGACY_SLOTS[kind]))
+    required.update(model_inputs(*LEGACY_SLOTS[kind], legacy=True))
     return required, optional, hidden
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (DEFAULT_TASK, PIPELINE, NodeError, StageNode, all_task_choices, build_stage, default_base, ensure_pipeline,
-                   family_choices, family_widget, finish_stage, image_tensor, new_pipeline, one_line, parse_options,
-                   pipeline_family, registry, stage_inputs, step_files, tip)
+                   family_choices, family_widget, finish_stage, image_tensor, locate_errors, new_pipeline, note_origin,
+                   one_line, parse_options, pipeline_family, registry, stage_inputs, step_files, tip)
 
 
 def _dataset_from_widgets(kw: dict, base: str, name: str) -> dict | str | None:
@@ -77,9 +77,11 @@ class DatasetConfig:
                          "one of the family's (" + "; ".join(f"{f.title}: {', '.join(f.task_names())}" for f in registry().families()
                                                             if f.tasks) + f"); {DEFAULT_TASK}: the family's default"}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def build(self, name, base_folder="", workdir="", family=None, task=DEFAULT_TASK, **kw):
+    @locate_errors
+    def build(self, name, base_folder="", workdir="", family=None, task=DEFAULT_TASK, unique_id=None, **kw):
         from ..dsl.dataset import DatasetConfig as Model
         from ..errors import PipelineError
 
@@ -91,6 +93,8 @@ class DatasetConfig:
         base = base_folder or default_base()
         dataset = _dataset_from_widgets(kw, base, name)
         pipe = new_pipeline(name, base=base, workdir=workdir, dataset=dataset, family=fam.name, task=chosen)
+        # Problems the compiler finds with the dataset later are shown as this node's widgets.
+        note_origin(pipe, "dataset", self, unique_id, from_toml=bool((kw.get("dataset_toml") or "").strip()))
         if dataset is None:
             return (pipe, "no dataset: this pipeline can generate, convert and merge, not cache or train")
         if isinstance(dataset, dict):
@@ -100,8 +104,13 @@ class DatasetConfig:
                 raise NodeError(f"dataset: {str(exc).splitlines()[0]}; check the dataset settings") from None
             errors = [(f, m, x) for f, m, x in config.problems() if not m.startswith("warning: ")]
             if errors:
-                field, message, fix = errors[0]
-                raise NodeError(f"dataset.{field}: {message} (fix: {fix})")
+                from .base import DATASET_WIDGETS
+
+                def widget(field: str) -> str:
+                    if (kw.get("dataset_toml") or "").strip():
+                        return f"dataset_toml: {field}"
+                    return next((DATASET_WIDGETS[t] for t in reversed(field.replace("[", ".").split(".")) if t in DATASET_WIDGETS), field)
+                raise NodeError("\n".join(f"{widget(f)}: {m} (fix: {x})" for f, m, x in errors))
         try:
             from ..tools.dataset import inspect_dataset
 
@@ -174,7 +183,8 @@ class DatasetCheck(StageNode):
 
     def run(self, family, contact_sheet, unique_id=None, **kw):
         fields = {"contact_sheet": True} if contact_sheet else {}
-        pipe, name = build_stage(kw, "check_dataset", pipeline_family(kw.get("pipeline"), family), None, (), fields)
+        pipe, name = build_stage(kw, "check_dataset", pipeline_family(kw.get("pipeline"), family), None, (), fields,
+                                 origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, name, unique_id)
         reports = step_files(step, "report")
         if not reports:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, accepts, build_stage, family_classes, finish_stage, full_path,
-                   has_role, lora_picker, lora_value, model_inputs, node_slots, registry, set_if, stage_inputs,
-                   start_pipeline, step_files, task_widget, tip)
+                   has_role, lora_picker, lora_value, model_inputs, model_paths_input, node_slots, parse_number,
+                   real_default, registry, set_if, stage_inputs, start_pipeline, step_files, task_widget, tip)
 from .nodes_train import MEMORY_CONFIG, memory_fields
 
 PROMPTS = "MUSUBI_PROMPTS"
@@ -100,6 +100,9 @@ LENGTH_FIELDS = ("video_length", "video_seconds")
 # The musubi docs' limit where a task takes any number of control images ("correct operation is
 # confirmed up to 3"): a generator shows this many control IMAGE inputs.
 CONTROL_INPUTS = 3
+# Settings widgets a generator shows when its script takes them: name -> (whole number, what it is).
+SETTINGS = {"infer_steps": (True, "denoising steps"), "guidance_scale": (False, "guidance scale"),
+            "flow_shift": (False, "flow shift")}
 
 
 class _Generator(StageNode):
@@ -127,23 +130,33 @@ class _Generator(StageNode):
         if cls.SIZE:
             step = fam.rule("size_step")
             grid = f"; a multiple of {step}" if step else ""
-            required["width"] = tip("INT", f"{noun} width (0 = the family's default{grid})", default=0, min=0, max=4096, step=16)
-            required["height"] = tip("INT", f"{noun} height (0 = the family's default{grid})", default=0, min=0, max=4096, step=16)
+            size = real_default(fam, "generate", cls.SIZE) or [0, 0]
+            required["width"] = tip("INT", f"{noun} width{grid}", default=size[1], min=0, max=4096, step=16)
+            required["height"] = tip("INT", f"{noun} height{grid}", default=size[0], min=0, max=4096, step=16)
         if cls.LENGTH == "video_length":
             rule = fam.rule("frame_rule") or "see the family's length options"
-            required["video_length"] = tip("INT", f"frames, {rule} (0 = the family's default)", default=0, min=0, max=1025)
+            required["video_length"] = tip("INT", f"frames, {rule}", default=real_default(fam, "generate", "video_length") or 0,
+                                           min=0, max=1025)
         elif cls.LENGTH == "video_seconds":
-            required["video_seconds"] = tip("FLOAT", "video length in seconds (0 = the family's default)", default=0.0, min=0.0,
-                                            max=600.0, step=0.1)
-        settings = {
-            "infer_steps": tip("INT", "denoising steps (0 = the family's default)", default=0, min=0, max=200),
-            "guidance_scale": tip("FLOAT", "guidance scale (0 = the family's default)", default=0.0, min=0.0, max=30.0, step=0.1),
-            "flow_shift": tip("FLOAT", "flow shift (0 = the family's default)", default=0.0, min=0.0, max=100.0, step=0.1),
-            "seed": tip("INT", "seed (-1 = random)", default=-1, min=-1, max=2**31 - 1, control_after_generate=False),
-        }
-        required.update({name: spec for name, spec in settings.items() if name in cls.SETTINGS})
+            required["video_seconds"] = tip("FLOAT", "video length in seconds", default=float(
+                real_default(fam, "generate", "video_seconds") or 0.0), min=0.0, max=600.0, step=0.1)
+        for name, (integer, what) in SETTINGS.items():
+            if name not in cls.SETTINGS:
+                continue
+            known = real_default(fam, "generate", name)
+            if known is not None:
+                required[name] = tip("INT" if integer else "FLOAT", f"{what} ({fam.title}'s default: {known})", default=known,
+                                     min=0, max=200 if integer else 100.0, **({} if integer else {"step": 0.1}))
+            else:  # musubi takes it from the task's own config: a number typed, or "default"
+                required[name] = tip("STRING", f"{what}: a number, or default = musubi's value for the task (from its "
+                                     "task config; the node's text says so)", default="default")
+        if "seed" in cls.SETTINGS:
+            required["seed"] = tip("INT", "seed (-1 = random)", default=-1, min=-1, max=2**31 - 1, control_after_generate=False)
         required["lora_name"] = lora_picker()
         required["lora_strength"] = tip("FLOAT", "multiplier of the picked or connected LoRA", default=1.0, min=-5.0, max=5.0, step=0.05)
+        optional["options"] = tip("STRING", "every other setting in the pipeline language, one `name = value` per line "
+                                  "(e.g. negative_prompt = \"blurry\", flow_shift = 5.0, fp8 = true)", multiline=True, default="")
+        optional["model_paths"] = model_paths_input(cls.SLOTS)
         optional["lora"] = (LORA, {"tooltip": "a LoRA from a trainer, converter or EMA node"})
         if cls.BATCH:
             optional["prompts"] = (PROMPTS, {"tooltip": "many prompts in one run (from Batch Processor)"})
@@ -158,8 +171,7 @@ class _Generator(StageNode):
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, prompt, lora_name, lora_strength, unique_id=None, task=None, lora=None, prompts=None, memory_config=None,
-            image=None, end_image=None, width=0, height=0, video_length=0, video_seconds=0.0, infer_steps=0,
-            guidance_scale=0.0, flow_shift=0.0, seed=-1, **kw):
+            image=None, end_image=None, width=0, height=0, video_length=0, video_seconds=0.0, seed=-1, **kw):
         controls = [kw.pop(name) for name in _control_names(CONTROL_INPUTS) if kw.get(name) is not None]
         pipe = start_pipeline(kw, "comfyui-generate")
         fields: dict = {}
@@ -167,15 +179,26 @@ class _Generator(StageNode):
             fields["prompts"] = prompts
         elif prompt.strip():
             fields["prompt"] = prompt
+        fam = registry().family(self.FAMILY)
         if (width or height) and self.SIZE:
             if not (width and height):
-                raise NodeError("set both width and height, or leave both 0")
-            fields[self.SIZE] = [height, width]
+                raise NodeError("width / height: set both, or leave both at the family's default")
+            if [height, width] != real_default(fam, "generate", self.SIZE):
+                fields[self.SIZE] = [height, width]
         if self.LENGTH:
-            set_if(fields, self.LENGTH, {"video_length": video_length, "video_seconds": video_seconds}[self.LENGTH])
-        set_if(fields, "infer_steps", infer_steps)
-        set_if(fields, "guidance_scale", guidance_scale, 0.0)
-        set_if(fields, "flow_shift", flow_shift, 0.0)
+            value = {"video_length": video_length, "video_seconds": video_seconds}[self.LENGTH]
+            set_if(fields, self.LENGTH, value, real_default(fam, "generate", self.LENGTH) or 0)
+        notes = []
+        for name, (integer, _) in SETTINGS.items():
+            if name not in self.SETTINGS or name not in kw:
+                continue
+            value = parse_number(kw.pop(name), name, integer=integer, minimum=0)
+            known = real_default(fam, "generate", name)
+            if not value:  # "default" (or 0, which workflows saved before used for it)
+                if known is None:
+                    notes.append(f"{name}: default (musubi's value for the task, from its task config)")
+            elif value != known:
+                fields[name] = value
         set_if(fields, "seed", seed, -1)
         if image is not None:
             fields["image_path"] = save_image(image)
@@ -191,7 +214,7 @@ class _Generator(StageNode):
             loras.append({"path": full_path("loras", lora_name, "lora_name"), "multiplier": lora_strength})
         if loras:
             fields["loras"] = loras
-        pipe, stage = build_stage(kw, "generate", self.FAMILY, task, self.SLOTS, fields)
+        pipe, stage = build_stage(kw, "generate", self.FAMILY, task, self.SLOTS, fields, origin=(self, unique_id))
         started = time.time()
         plan, step, run = finish_stage(pipe, stage, unique_id)
         out = self.OUTPUT
@@ -209,7 +232,7 @@ class _Generator(StageNode):
         values, shown = out.result([p for p in newest if p.lower().endswith(out.suffixes)])
         if out.type == "VIDEO":
             shown = files  # every video in the folder, as before
-        return (values[0], pipe, "\n".join(shown), *values[1:])
+        return {"ui": {"text": ["\n".join([*notes, *shown])]}, "result": (values[0], pipe, "\n".join(shown), *values[1:])}
 
     def _batch_result(self, prompts: list[dict], folder: str, since: float | None, pipe: dict) -> dict:
         """Each prompt's file, by tools.prompts' matching rule; one line per prompt in the paths

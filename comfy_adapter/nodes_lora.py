@@ -4,13 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (LORA, NONE, PIPELINE, NodeError, StageNode, build_stage, family_widget, finish_stage, full_path,
-                   lora_picker, lora_value, loras_folder, model_inputs, one_line, parse_options, pipeline_family, set_if,
-                   stage_inputs, start_pipeline, step_files, tip, union_slots)
+                   lora_picker, lora_value, loras_folder, model_inputs, model_paths_input, node_slots, one_line, parse_options, pipeline_family, set_if,
+                   registry, stage_inputs, start_pipeline, step_files, tip, union_slots)
 
 SAVE_TO = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result"})
-# The LoRA Merger's model pickers in the order workflows saved before store their values (by
-# position); pickers of slots added since go after them, at the end of the node.
-MERGER_SLOTS = ("dit", "vae", "t5", "text_encoder1", "text_encoder2", "image_encoder")
 
 
 def lora_format(path: str) -> str:
@@ -96,7 +93,7 @@ class FormatConverter(StageNode):
         if save_to == "loras folder":
             stem = Path(kw["lora"]["path"] if kw.get("lora") else source).stem
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-{to}.safetensors")
-        pipe, stage = build_stage(kw, "convert", family, None, (), fields)
+        pipe, stage = build_stage(kw, "convert", family, None, (), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
 
@@ -132,7 +129,7 @@ class PostHocEMA(StageNode):
         if save_to == "loras folder":
             stem = Path(lora["path"]).stem if lora else kw["pipeline"]["document"].get("name", "lora")
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{stem}-ema.safetensors")
-        pipe, stage = build_stage(kw, "ema", None, None, (), fields)
+        pipe, stage = build_stage(kw, "ema", None, None, (), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
 
@@ -149,12 +146,16 @@ class LoRAMerger(StageNode):
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("merge", pipeline_required=False)
         required["family"] = family_widget("model family of the base model and LoRAs")
-        slots = union_slots("merge")
-        required.update(model_inputs(*[s for s in MERGER_SLOTS if s in slots]))
+        required.update(model_inputs("dit"))
         _lora_inputs(required, optional, count=3)
         required["output_name"] = tip("STRING", "merged model file name", default="merged.safetensors")
         required["save_to"] = (["diffusion_models folder", "pipeline workdir"], {"default": "diffusion_models folder", "tooltip": "where the merged model goes"})
-        optional.update(model_inputs(*[s for s in slots if s not in MERGER_SLOTS]))
+        # The other models a family's merge route reads (its generate script loads them for
+        # Wan): by path, one text instead of a picker per slot of every family.
+        paths = model_paths_input(union_slots("merge"))
+        needs = "; ".join(f"{fam.title}: {', '.join(s for s in node_slots(fam, 'merge') if s != 'dit') or 'none'}"
+                          for fam in registry().families() if "merge" in fam.stages)
+        optional["model_paths"] = (paths[0], {**paths[1], "tooltip": paths[1]["tooltip"] + f". Needed besides the DiT: {needs}"})
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, family, output_name, save_to, unique_id=None, **kw):
@@ -171,7 +172,7 @@ class LoRAMerger(StageNode):
             folders = folder_paths.get_folder_paths("diffusion_models")
             folder = next((f for f in folders if Path(f).name == "diffusion_models"), folders[0])
             fields["output"] = str(Path(folder) / "musubi-pipe" / name)
-        pipe, stage = build_stage(kw, "merge", family, None, union_slots("merge"), fields)
+        pipe, stage = build_stage(kw, "merge", family, None, union_slots("merge"), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return (pipe, _written(step, stage, "model"))
 
@@ -208,7 +209,7 @@ class LoRAMergeStage(StageNode):
         if save_to == "loras folder":
             name = (kw.get("stage_name") or "lora_merge").strip() or "lora_merge"
             fields["output"] = str(Path(loras_folder()) / "musubi-pipe" / f"{pipe['document'].get('name', 'comfyui')}-{name}.safetensors")
-        pipe, stage = build_stage(kw, "lora_merge", family, None, (), fields)
+        pipe, stage = build_stage(kw, "lora_merge", family, None, (), fields, origin=(self, unique_id))
         _, step, _ = finish_stage(pipe, stage, unique_id)
         return _lora_out(pipe, stage, step)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import (LORA, PIPELINE, NodeError, StageNode, build_stage, family_classes, finish_stage, loras_folder,
-                   model_inputs, node_slots, registry, set_if, stage_inputs, step_files, task_widget, tip)
+from .base import (LORA, PIPELINE, NodeError, StageNode, build_stage, config_origin, family_classes, finish_stage,
+                   format_number, locate_errors, loras_folder, model_inputs, model_paths_input, node_slots, parse_number,
+                   registry, set_if, show_text, stage_inputs, step_files, tip)
 
 TRAIN_CONFIG = "MUSUBI_TRAIN_CONFIG"
 OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
@@ -18,6 +19,69 @@ def train_defaults() -> dict:
     """The default family's training defaults (its family file): the config widgets start there, so
     a widget left alone says what a pipeline file that does not set it says."""
     return registry().family(registry().default_family()).stages["train"].defaults
+
+
+def parse_learning_rate(value, widget: str = "learning_rate") -> float:
+    rate = parse_number(value, widget, above=0.0, maximum=1.0)
+    if rate is None:
+        raise NodeError(f"{widget} is empty; write a learning rate such as 2e-4")
+    return float(rate)
+
+
+def _sample_fields() -> dict[str, str]:
+    """Inline option -> prompt field, for the per-sample options the pipeline language takes
+    (the registry's sample_options: musubi's training sample-prompt parser)."""
+    from ..dsl.model import Prompt
+
+    return {option: name for name, option in registry().training()["sample_options"].items() if name in Prompt.model_fields}
+
+
+def sample_options_help() -> str:
+    return ", ".join(f"--{option} {name}" for option, name in _sample_fields().items())
+
+
+def parse_sample_prompts(text: str, widget: str = "sample_prompts") -> list[dict]:
+    """One sample per line: its text, then musubi's inline options (`a fox --w 832 --h 480 --f 33
+    --s 20 --d 42 --g 5`), as the pipeline language's prompt fields. Every bad line is named."""
+    from ..tools.prompts import FLOAT_FIELDS, INT_FIELDS
+
+    fields = _sample_fields()
+    prompts, problems = [], []
+    for number, line in enumerate((text or "").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        first, *parts = line.split(" --")
+        prompt: dict = {"text": first.strip()}
+        if not prompt["text"] or prompt["text"].startswith("--"):
+            problems.append(f"{widget} line {number}: starts with an option; write the prompt text first")
+            continue
+        for part in parts:
+            option, _, value = part.strip().partition(" ")
+            value = value.strip()
+            name = fields.get(option)
+            if name is None:
+                problems.append(f"{widget} line {number}: --{option} is not a sample option; use one of {sample_options_help()}")
+                continue
+            if not value:
+                problems.append(f"{widget} line {number}: --{option} ({name}) has no value")
+                continue
+            if name in INT_FIELDS or name in FLOAT_FIELDS:
+                try:
+                    parsed = parse_number(value, f"{widget} line {number}: --{option} ({name})", integer=name in INT_FIELDS,
+                                          minimum=0)
+                except NodeError as err:
+                    problems.append(str(err))
+                    continue
+                prompt[name] = parsed
+            elif name == "control_images":
+                prompt.setdefault(name, []).append(value)
+            else:
+                prompt[name] = value
+        prompts.append(prompt)
+    if problems:
+        raise NodeError("\n".join(problems))
+    return prompts
 
 
 class TrainingConfig:
@@ -37,7 +101,8 @@ class TrainingConfig:
         return {"required": {
             "network_dim": tip("INT", "LoRA rank: bigger learns more detail and makes a bigger file", default=d["network_dim"], min=1, max=1024),
             "network_alpha": tip("FLOAT", "LoRA alpha: scales the update; often dim/2 or 1", default=float(d["network_alpha"]), min=0.0, max=1024.0, step=0.5),
-            "learning_rate": tip("FLOAT", "learning rate", default=d["learning_rate"], min=0.0, max=1.0, step=1e-6, round=False),
+            "learning_rate": tip("STRING", "learning rate, typed as a number such as 2e-4 or 0.0002 (text: ComfyUI's "
+                                 "number widgets round small values to 0)", default=format_number(d["learning_rate"])),
             "max_train_epochs": tip("INT", "epochs to train (0 = use max_train_steps)", default=d["max_train_epochs"], min=0, max=100000),
             "max_train_steps": tip("INT", "steps to train when epochs is 0", default=0, min=0, max=10000000),
             "save_every_n_epochs": tip("INT", "save a checkpoint every N epochs (0 = the family template's cadence, or with "
@@ -47,12 +112,14 @@ class TrainingConfig:
             "save_state": tip("BOOLEAN", "save optimizer state with each checkpoint, so an interrupted run resumes", default=True),
             "seed": tip("INT", "training seed", default=d["seed"], min=0, max=2**31 - 1, control_after_generate=False),
             "gradient_checkpointing": tip("BOOLEAN", "trade speed for much less VRAM", default=d["gradient_checkpointing"]),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def build(self, **kw):
+    @locate_errors
+    def build(self, unique_id=None, **kw):
         if not kw.get("max_train_epochs") and not kw.get("max_train_steps"):
             raise NodeError("set max_train_epochs or max_train_steps (both are 0)")
         defaults = train_defaults()
+        kw["learning_rate"] = parse_learning_rate(kw["learning_rate"])
         casts = {"network_alpha": float, "learning_rate": float, "save_state": bool, "gradient_checkpointing": bool}
         config: dict = {}
         for key, value in kw.items():
@@ -63,7 +130,7 @@ class TrainingConfig:
             if key == "save_state" and not value:
                 continue  # musubi's default
             config[key] = casts.get(key, lambda v: v)(value)
-        return (config,)
+        return (config_origin(config, self, unique_id),)
 
 
 class OptimizerConfig:
@@ -86,9 +153,10 @@ class OptimizerConfig:
             "lr_scheduler": (cls.SCHEDULERS, {"default": cls.SCHEDULERS[0], "tooltip": "learning-rate schedule"}),
             "lr_warmup_steps": tip("INT", "warmup steps (0 = none)", default=0, min=0, max=1000000),
             "max_grad_norm": tip("FLOAT", "gradient clipping (0 = the template's default)", default=0.0, min=0.0, max=100.0, step=0.1),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def build(self, optimizer_type, custom_optimizer, optimizer_args, lr_scheduler, lr_warmup_steps, max_grad_norm):
+    @locate_errors
+    def build(self, optimizer_type, custom_optimizer, optimizer_args, lr_scheduler, lr_warmup_steps, max_grad_norm, unique_id=None):
         kind = custom_optimizer.strip() if optimizer_type == "custom" else optimizer_type
         if not kind:
             raise NodeError("optimizer_type is custom but custom_optimizer is empty; give a class path such as prodigyopt.Prodigy")
@@ -101,7 +169,7 @@ class OptimizerConfig:
             config["optimizer_args"] = optimizer_args.split()
         set_if(config, "lr_warmup_steps", lr_warmup_steps)
         set_if(config, "max_grad_norm", max_grad_norm, 0.0)
-        return (config,)
+        return (config_origin(config, self, unique_id),)
 
 
 class SamplingConfig:
@@ -119,23 +187,26 @@ class SamplingConfig:
             "timestep_sampling": ([DEFAULT, "shift", "sigmoid", "uniform", "sigma", "flux_shift", "qwen_shift", "logsnr", "qinglong_flux", "qinglong_qwen"],
                                   {"default": DEFAULT, "tooltip": "how training timesteps are drawn"}),
             "discrete_flow_shift": tip("FLOAT", "flow shift for training (0 = the template's default)", default=0.0, min=0.0, max=100.0, step=0.1),
-            "sample_prompts": tip("STRING", "one prompt per line for sample videos during training (empty = none)", multiline=True, default=""),
+            "sample_prompts": tip("STRING", "one prompt per line for samples made during training (empty = none); a line "
+                                  "may end with musubi's per-sample options: " + sample_options_help(), multiline=True, default=""),
             "sample_every_n_epochs": tip("INT", "make samples every N epochs (0 = off)", default=0, min=0, max=100000),
             "sample_every_n_steps": tip("INT", "make samples every N steps (0 = off)", default=0, min=0, max=10000000),
             "sample_at_first": tip("BOOLEAN", "also make samples before training starts", default=False),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def build(self, timestep_sampling, discrete_flow_shift, sample_prompts, sample_every_n_epochs, sample_every_n_steps, sample_at_first):
+    @locate_errors
+    def build(self, timestep_sampling, discrete_flow_shift, sample_prompts, sample_every_n_epochs, sample_every_n_steps,
+              sample_at_first, unique_id=None):
         config: dict = {}
         set_if(config, "timestep_sampling", timestep_sampling, DEFAULT)
         set_if(config, "discrete_flow_shift", discrete_flow_shift, 0.0)
-        prompts = [line.strip() for line in sample_prompts.splitlines() if line.strip()]
+        prompts = parse_sample_prompts(sample_prompts)
         if prompts:
-            config["sample_prompts"] = [{"text": p} for p in prompts]
+            config["sample_prompts"] = prompts
             set_if(config, "sample_every_n_epochs", sample_every_n_epochs)
             set_if(config, "sample_every_n_steps", sample_every_n_steps)
             set_if(config, "sample_at_first", sample_at_first, False)
-        return (config,)
+        return (config_origin(config, self, unique_id),)
 
 
 def memory_fields(memory: dict | None, for_training: bool) -> dict:
@@ -156,19 +227,26 @@ def memory_fields(memory: dict | None, for_training: bool) -> dict:
     return out
 
 
-def sample_previews(output_dir: str, node_id, keep: int = 4) -> list[dict]:
-    """The newest samples musubi made during training, copied where ComfyUI's /view serves them."""
+SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm")
+
+
+def newest_samples(output_dir: str, keep: int = 4) -> list[Path]:
+    """The newest sample files musubi wrote during training (its output_dir/sample), oldest first."""
+    folder = Path(output_dir) / "sample" if output_dir else None
+    if folder is None or not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))[-keep:]
+
+
+def sample_previews(files: list[Path], node_id) -> list[dict]:
+    """Sample files copied where ComfyUI's /view serves them (its temp folder), for the node's preview."""
     import shutil
 
     import folder_paths
 
     from ..files import atomic_path
 
-    folder = Path(output_dir) / "sample"
-    if not output_dir or not folder.is_dir():
-        return []
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".webp", ".mp4", ".webm")),
-                   key=lambda p: p.stat().st_mtime)[-keep:]
     target = Path(folder_paths.get_temp_directory()) / "musubi-pipe" / f"samples-{node_id}"
     shown = []
     for p in files:
@@ -178,61 +256,239 @@ def sample_previews(output_dir: str, node_id, keep: int = 4) -> list[dict]:
     return shown
 
 
+def note_image(text: str, size: int = 64):
+    """A black picture with a short note: what an IMAGE output holds when there is nothing to show
+    (a downstream Preview or Save Image still gets a valid batch)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(text.split("\n")):
+        draw.text((3, 3 + 11 * i), line, fill=(220, 220, 220))
+    return img
+
+
+def samples_image(files: list[Path]):
+    """The samples as one IMAGE batch [B, H, W, 3] (a video's first frame), each resized to the
+    first one's size; a 1x64x64 black picture saying "no samples" when there are none."""
+    from PIL import Image
+
+    from .base import image_tensor
+
+    pictures = []
+    for path in files:
+        try:
+            if path.suffix.lower() in (".mp4", ".webm"):
+                from ..tools.video import grab_frames
+
+                picture = grab_frames(path, [0.0])[0]
+            else:
+                with Image.open(path) as im:
+                    picture = im.convert("RGB")
+        except Exception:  # a sample being written or unreadable: leave it out
+            continue
+        if pictures and picture.size != pictures[0].size:
+            picture = picture.resize(pictures[0].size)
+        pictures.append(picture)
+    if not pictures:
+        return image_tensor(note_image("no\nsamples"))
+    import torch
+
+    return torch.cat([image_tensor(p) for p in pictures])
+
+
+def loss_chart(run_dir: str, stage: str):
+    """The loss chart of this run's training step as a PIL picture (tools.monitor's chart)."""
+    from ..tools.monitor import TrainingMonitor, TrainingStatus, draw_chart
+
+    status = TrainingStatus()
+    if run_dir and Path(run_dir).exists():
+        status = TrainingMonitor(run_dir, step=stage).poll()
+    return draw_chart(status, 640, 320)
+
+
+# Files this pack copied into ComfyUI's loras folder, with their size and mtime when copied: only
+# those may be replaced by a later run; anything else of the same name is the user's.
+PLACED_RECORD = "placed-loras.json"
+
+
+def _placed_record() -> Path:
+    from .base import default_base
+
+    return Path(default_base()) / PLACED_RECORD
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def place_file(source: str, target: Path) -> tuple[Path, str]:
+    """Copy a trained file into ComfyUI's loras folder atomically (a temporary name the pickers do
+    not list, then a rename). A file of the same name that this pack did not put there (or that
+    changed since) is never replaced: the copy gets a -2, -3... suffix and the note says so.
+    Returns (the copy, a note or "")."""
+    import filecmp
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from ..files import write_atomic
+
+    record_path = _placed_record()
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    note = ""
+    chosen = target
+    for n in range(2, 1000):
+        if not chosen.exists():
+            break
+        if record.get(str(chosen)) == _stamp(chosen):
+            break  # ours, unchanged since: a newer run replaces it
+        if filecmp.cmp(source, chosen, shallow=False):
+            return chosen, ""  # the same file is there already
+        chosen = target.with_name(f"{target.stem}-{n}{target.suffix}")
+    else:
+        raise NodeError(f"copy_to_loras: {target} and 998 suffixed names are taken; clear some, or set copy_to_loras to none")
+    if chosen != target:
+        note = f"{target.name} in {target.parent} is not one this pack made: kept it, saved this one as {chosen.name}"
+    chosen.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{chosen.name}.", suffix=".partial", dir=chosen.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, chosen)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    record[str(chosen)] = _stamp(chosen)
+    write_atomic(record_path, json.dumps(record, indent=1) + "\n")
+    return chosen, note
+
+
+COPY_CHOICES = ["final", "final + epochs", "none"]
+MEMORY_PRESETS = {"family template": None, "fit 12 GB": 12.0, "fit 16 GB": 16.0, "fit 24 GB": 24.0, "fit 32 GB": 32.0,
+                  "fit 48 GB": 48.0, "fit 80 GB": 80.0}
+
+
 class _Trainer(StageNode):
     FAMILY = ""
     SLOTS: tuple[str, ...] = ()
     CATEGORY = "MusubiTuner/Train"
-    RETURN_TYPES = (PIPELINE, LORA, "STRING")
-    RETURN_NAMES = ("pipeline", "lora", "lora_path")
+    RETURN_TYPES = (PIPELINE, LORA, "STRING", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("pipeline", "lora", "lora_path", "loss_chart", "samples")
     OUTPUT_TOOLTIPS = ("the pipeline with this stage", "the trained LoRA, for generators, converters and EMA",
-                       "the trained LoRA file (in ComfyUI's loras folder unless save_to says otherwise)")
+                       "the final LoRA file: its copy in ComfyUI's loras folder (copy_to_loras), else the one in the workdir",
+                       "the loss chart of the run (connect Preview Image or Save Image)",
+                       "the newest samples made during training as one IMAGE batch (a black 64x64 picture saying "
+                       "'no samples' when there are none)")
+    # Widgets whose value is a stage field of the same name, left unset at the family template's value.
+    MAIN_FIELDS = ("learning_rate", "max_train_epochs", "network_dim")
 
     @classmethod
     def INPUT_TYPES(cls):
         fam = registry().family(cls.FAMILY)
+        d = fam.stages["train"].defaults
         required, optional, hidden = stage_inputs("train")
-        if fam.tasks:  # kept where saved workflows have it; the pipeline's task is what counts
-            required["task"] = task_widget(fam.task_names(), "what the LoRA is trained for")
         required.update(model_inputs(*cls.SLOTS, families=[fam]))
-        required["output_name"] = tip("STRING", "LoRA file name without extension (empty = the pipeline name)", default="")
-        required["save_to"] = (["loras folder", "pipeline workdir"], {"default": "loras folder", "tooltip": "loras folder: ComfyUI's LoRA loaders list the result (and every checkpoint)"})
-        required["attention"] = ([DEFAULT, *fam.training["attention"]], {"default": DEFAULT, "tooltip": "attention implementation for training"})
+        required["learning_rate"] = tip("STRING", f"learning rate as text, such as 2e-4 (the {fam.title} template's: "
+                                        f"{format_number(d['learning_rate'])})", default=format_number(d["learning_rate"]))
+        required["max_train_epochs"] = tip("INT", "epochs to train", default=d.get("max_train_epochs", 16), min=1, max=100000)
+        required["network_dim"] = tip("INT", "LoRA rank: bigger learns more detail and makes a bigger file",
+                                      default=d.get("network_dim", 32), min=1, max=1024)
+        required["memory_preset"] = (list(MEMORY_PRESETS), {"default": "family template", "tooltip": "memory settings: the "
+                                     "family template's, or the fastest settings (fp8, block swap, checkpointing) that fit a "
+                                     "GPU of this size; a Memory Optimizer on memory_config decides instead when connected"})
+        required["copy_to_loras"] = (COPY_CHOICES, {"default": "final", "tooltip": "what goes to ComfyUI's loras folder "
+                                     "(loras/musubi-pipe/<pipeline name>/): the final LoRA, also each saved epoch's, or "
+                                     "nothing. Checkpoints, states, samples and logs stay in the pipeline's workdir"})
+        required["keep_checkpoints"] = tip("INT", "how many of the newest epoch (or step) checkpoints and states to keep "
+                                           "in the workdir; older ones the run saved are removed as it goes (0 = keep all)",
+                                           default=0, min=0, max=10000)
         if fam.experts:
             two = ", ".join(t.title for t in fam.tasks.values() if t.get("experts"))
             required["expert"] = (["none", *fam.experts["slots"]], {"default": "none", "tooltip": f"{two}: which noise expert "
                                   "this run trains (one trainer node each); none for the other tasks"})
+        optional["options"] = tip("STRING", "every other setting in the pipeline language, one `name = value` per line, "
+                                  "e.g. output_name = \"my-style\", attention = \"flash\", network_alpha = 16, "
+                                  "save_every_n_epochs = 1 (later wins over the widgets and config nodes)", multiline=True, default="")
+        optional["model_paths"] = model_paths_input(cls.SLOTS)
         optional.update({
-            "training_config": (TRAIN_CONFIG, {"tooltip": "from LoRA Training Config"}),
-            "optimizer_config": (OPTIMIZER_CONFIG, {"tooltip": "from Optimizer Config"}),
-            "sampling_config": (SAMPLING_CONFIG, {"tooltip": "from Sampling Config"}),
-            "memory_config": (MEMORY_CONFIG, {"tooltip": "from Memory Optimizer"}),
+            "training_config": (TRAIN_CONFIG, {"tooltip": "advanced: from LoRA Training Config (alpha, cadence, seed...); "
+                                "this node's widgets win where changed from the template's value"}),
+            "optimizer_config": (OPTIMIZER_CONFIG, {"tooltip": "advanced: from Optimizer Config"}),
+            "sampling_config": (SAMPLING_CONFIG, {"tooltip": "advanced: from Sampling Config (sample prompts with per-sample size, "
+                                "frames, steps, seed, guidance)"}),
+            "memory_config": (MEMORY_CONFIG, {"tooltip": "advanced: from Memory Optimizer (wins over memory_preset)"}),
         })
         return {"required": required, "optional": optional, "hidden": hidden}
 
-    def document(self, output_name, save_to, attention, task=None, training_config=None, optimizer_config=None,
-                 sampling_config=None, memory_config=None, expert="none", **kw) -> tuple[dict, str]:
-        """The pipeline with this node's train stage: (pipeline, stage name)."""
+    def document(self, learning_rate=None, max_train_epochs=None, network_dim=None, memory_preset="family template",
+                 keep_checkpoints=0, training_config=None, optimizer_config=None, sampling_config=None, memory_config=None,
+                 expert="none", unique_id=None, copy_to_loras="final", **kw) -> tuple[dict, str]:
+        """The pipeline with this node's train stage: (pipeline, stage name). Family and task are
+        the pipeline's (Dataset Config); the three main widgets set their field only when changed
+        from the family template's value, so that a config node (or the template) decides otherwise."""
+        defaults = registry().family(self.FAMILY).stages["train"].defaults
         fields: dict = {"expert": expert} if expert != "none" else {}
-        set_if(fields, "output_name", output_name.strip(), "")
-        set_if(fields, "attention", attention, DEFAULT)
-        if save_to == "loras folder":
-            name = (kw.get("pipeline") or {}).get("document", {}).get("name", "musubi")
-            fields["output_dir"] = str(Path(loras_folder()) / "musubi-pipe" / name)
-        return build_stage(kw, "train", self.FAMILY, task, self.SLOTS, fields, training_config, optimizer_config,
-                           sampling_config, memory_fields(memory_config, True))
+        values = {"learning_rate": None if learning_rate is None else parse_learning_rate(learning_rate),
+                  "max_train_epochs": max_train_epochs, "network_dim": network_dim}
+        for key, value in values.items():
+            if value is not None and value != defaults.get(key):
+                fields[key] = value
+        gib = MEMORY_PRESETS.get(memory_preset)
+        if memory_preset not in MEMORY_PRESETS:
+            raise NodeError(f"memory_preset: {memory_preset!r} is not one of {', '.join(MEMORY_PRESETS)}")
+        if gib and not memory_config:
+            fields["gpu_memory_gib"] = gib
+        pipe, name = build_stage(kw, "train", self.FAMILY, None, self.SLOTS, fields, training_config, optimizer_config,
+                                 sampling_config, memory_fields(memory_config, True), origin=(self, unique_id),
+                                 widgets={"gpu_memory_gib": "memory_preset"})
+        if keep_checkpoints:
+            stage = pipe["document"]["stages"][name]
+            by_steps = bool(stage.get("save_every_n_steps")) and not stage.get("save_every_n_epochs")
+            unit = "steps" if by_steps else "epochs"
+            keys = [f"save_last_n_{unit}"] + ([f"save_last_n_{unit}_state"] if stage.get("save_state") else [])
+            origin = pipe.get("nodes", {}).get(f"stages.{name}")
+            for key in keys:
+                stage.setdefault(key, keep_checkpoints)
+                if origin:
+                    origin["widgets"][key] = "keep_checkpoints"
+        return pipe, name
 
-    def run(self, unique_id=None, **kw):
-        pipe, stage = self.document(**kw)
-        plan, step, _ = finish_stage(pipe, stage, unique_id, chart=True)
+    def run(self, copy_to_loras="final", unique_id=None, **kw):
+        if copy_to_loras not in COPY_CHOICES:
+            raise NodeError(f"copy_to_loras: {copy_to_loras!r} is not one of {', '.join(COPY_CHOICES)}")
+        pipe, stage = self.document(unique_id=unique_id, **kw)
+        plan, step, run = finish_stage(pipe, stage, unique_id, chart=True)
         files = step_files(step, "lora")
         if not files:
             raise NodeError(f"{stage}: training finished but {step.output('lora').path} is missing; see the run log in {plan.workdir}")
-        path = files[0]
+        final = files[0]
+        path, notes = final, []
+        if copy_to_loras != "none":
+            folder = Path(loras_folder()) / "musubi-pipe" / pipe["document"].get("name", "musubi")
+            path, note = place_file(final, folder / Path(final).name)
+            notes += [note] if note else []
+            if copy_to_loras == "final + epochs":
+                for checkpoint in step_files(step, "checkpoints"):
+                    if checkpoint != final:
+                        _, note = place_file(checkpoint, folder / Path(checkpoint).name)
+                        notes += [note] if note else []
+        path = str(path)
         loras = loras_folder()
         shown = os.path.relpath(path, loras) if Path(path).is_relative_to(loras) else path
-        result = (pipe, {"ref": f"@{stage}.lora", "path": path}, shown)
-        return {"ui": {"images": sample_previews(step.meta.get("output_dir", ""), unique_id), "animated": (True,),
-                       "text": [shown]}, "result": result}
+        samples = newest_samples(step.meta.get("output_dir", ""))
+        chart = loss_chart(run.run_dir, stage)
+        from .base import image_tensor
+
+        status = "\n".join([*notes, f"done: {shown}" if copy_to_loras != "none" else f"done: {path}"])
+        show_text(unique_id, status)  # the node's progress line ends with where the LoRA is, not "saving 18/18"
+        result = (pipe, {"ref": f"@{stage}.lora", "path": path}, path, image_tensor(chart), samples_image(samples))
+        return {"ui": {"images": sample_previews(samples, unique_id), "animated": (True,), "text": [status]}, "result": result}
 
 
 def _trainer_attrs(fam) -> dict:

@@ -77,15 +77,56 @@ def test_stage_nodes_build_the_pipeline_document_without_flags():
         base.parse_options("x = ")
 
 
-def test_compile_errors_become_one_line_with_the_fix(tmp_path):
+def test_compile_errors_name_the_node_and_widget_to_fix_and_list_every_problem(tmp_path):
+    """A problem the compiler finds with a field path is shown as the node (title and id) and
+    widget that set it; every problem gets its line (no "+N more")."""
     from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_data import DatasetConfig
+    from musubi_pipe.comfy_adapter.nodes_train import TrainingConfig
+    from musubi_pipe.pipelines import registry
 
-    pipe = base.new_pipeline("p", base=str(tmp_path))
-    pipe["document"].update({"family": "wan", "stages": {"train": {"kind": "train", "max_train_epochs": 1}}})
+    fam = registry.family("wan")
+    # the training example run unmodified: media_folder empty
+    pipe = DatasetConfig().build(name="p", media_folder="", base_folder=str(tmp_path), family=fam.name, unique_id="3")[0]
+    trainer = _node("train", fam)()
+    built, _ = trainer.document(pipeline=pipe, stage_name="train", unique_id="8")
     with pytest.raises(base.NodeError) as err:
-        base.compile_pipeline(pipe)
+        base.compile_pipeline(built)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "Dataset Config (node 3): media_folder is empty — set it to your folder of clips or images (or give dataset_toml)"
+    assert "Wan LoRA Trainer (node 8): dit (pick it, or give it in model_paths): " in str(err.value)  # the missing DiT
+    assert len(lines) >= 2 and not any("(+" in line or "[dataset] table" in line for line in lines)
+
+    # a field from a config node names that node; a field from options names options
+    (tmp_path / "clips").mkdir()
+    pipe = DatasetConfig().build(name="p", media_folder="clips", base_folder=str(tmp_path), family=fam.name, unique_id="3",
+                                 width=96, height=64, target_frames="1", frame_extraction="head", caption_extension=".txt",
+                                 batch_size=1, num_repeats=1, enable_bucket=False)[0]
+    config = TrainingConfig().build(network_dim=8, network_alpha=4.0, learning_rate="1e-4", max_train_epochs=2, max_train_steps=0,
+                                    save_every_n_epochs=5, save_every_n_steps=0, save_state=True, seed=1,
+                                    gradient_checkpointing=True, unique_id="4")[0]
+    built, _ = trainer.document(pipeline=pipe, stage_name="train", unique_id="8", training_config=config,
+                                options="save_last_n_epochs = 0\nnetwork_args = 3", model_paths="dit = /m/dit.safetensors")
+    with pytest.raises(base.NodeError) as err:
+        base.compile_pipeline(built)
     message = str(err.value)
-    assert "\n" not in message and "fix:" in message
+    assert "Wan LoRA Trainer (node 8): options: network_args: " in message, message
+    assert "Wan LoRA Trainer (node 8): options: save_last_n_epochs: " in message and "(+" not in message
+
+
+def test_numbers_typed_as_text_are_checked_with_the_widget_named():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_train import TrainingConfig
+
+    widgets = dict(network_dim=8, network_alpha=4.0, max_train_epochs=3, max_train_steps=0, save_every_n_epochs=1,
+                   save_every_n_steps=0, save_state=False, seed=5, gradient_checkpointing=True)
+    assert TrainingConfig().build(learning_rate=" 5e-5 ", **widgets)[0]["learning_rate"] == 5e-5
+    for bad, why in (("2e-4x", "is not a number; write a number such as 2e-4"), ("0", "must be greater than 0"),
+                     ("", "is empty"), ("nan", "not a finite number")):
+        with pytest.raises(base.NodeError) as err:
+            TrainingConfig().build(learning_rate=bad, unique_id="4", **widgets)
+        assert str(err.value).startswith("LoRA Training Config (node 4): learning_rate") and why in str(err.value), str(err.value)
+    assert base.format_number(2e-4) == "2e-4" and base.format_number(1.5e-5) == "1.5e-5" and base.format_number(0.05) == "0.05"
 
 
 def test_memory_optimizer_plans_from_the_pipeline_with_the_memory_planner(tmp_path):
@@ -175,10 +216,11 @@ def _node(kind_or_id: str, family=None):
 
 
 def _picker_slots(cls) -> set[str]:
-    """The model slots a node shows: inputs with a free-path twin."""
+    """The model slots a node shows: pickers whose tooltip names a ComfyUI model folder (one
+    model_paths text takes files outside those folders)."""
     types = cls.INPUT_TYPES()
     names = {**types["required"], **types.get("optional", {})}
-    return {n for n in names if f"{n}_path" in names}
+    return {n for n, spec in names.items() if isinstance(spec[0], list) and " folder); " in spec[1].get("tooltip", "")}
 
 
 FAMILY_KINDS = ("cache_latents", "cache_text_encoder", "train", "generate")
@@ -204,7 +246,9 @@ def test_every_registry_family_has_its_nodes_showing_only_its_model_slots(family
         assert fam.comfy_name in NODE_DISPLAY_NAME_MAPPINGS[node_id]
         types = cls.INPUT_TYPES()["required"]
         assert "family" not in types  # the pipeline socket carries it
-        if kind in ("train", "generate"):
+        if kind == "train":  # the trainer always extends a pipeline: its family and task, chosen on Dataset Config
+            assert fam.title in cls.DESCRIPTION and "task" not in types
+        elif kind == "generate":  # a generator also runs on its own, so it may name a task
             assert fam.title in cls.DESCRIPTION
             if fam.tasks:  # a dropdown of the family's tasks that defaults to the pipeline's
                 assert types["task"][0] == [base.FROM_PIPELINE, *fam.task_names()]
@@ -257,12 +301,13 @@ def test_family_and_task_are_chosen_once_and_flow_down_the_pipeline(tmp_path):
         DatasetConfig().build(**start, family=fam.name, task=other.task_names()[0])
 
     trainer = _node("train", fam)()
-    widgets = dict(stage_name="train", output_name="", save_to="pipeline workdir", attention="(default)")
-    built, _ = trainer.document(pipeline=pipe, **widgets)  # the task widget at (from pipeline)
+    widgets = dict(stage_name="train", copy_to_loras="none")
+    built, _ = trainer.document(pipeline=pipe, **widgets)  # the trainer has no task widget: the pipeline's
     assert built["document"]["task"] == task and built["document"]["family"] == fam.name
-    built, _ = trainer.document(pipeline=pipe, task=task, **widgets)  # a task widget that agrees
+    # a generator (which also runs on its own) has one: it may only agree
+    base.build_stage({"pipeline": pipe, "stage_name": "g"}, "generate", fam.name, task, (), {})
     with pytest.raises(base.NodeError, match=rf"task is {fam.default_task} here but the pipeline's task is {task}"):
-        trainer.document(pipeline=pipe, task=fam.default_task, **widgets)
+        base.build_stage({"pipeline": pipe, "stage_name": "g"}, "generate", fam.name, fam.default_task, (), {})
     with pytest.raises(base.NodeError, match=rf"this node is for {other.title}, but the pipeline it extends is {fam.name}"):
         _node("train", other)().document(pipeline=pipe, **widgets)
     # a node of several families confirms the pipeline's, or names the widget that contradicts it
@@ -429,7 +474,8 @@ def test_training_config_left_at_its_defaults_trains_what_the_cli_pipeline_train
 
     training = at_defaults(TrainingConfig)
     for key in ("network_dim", "network_alpha", "learning_rate", "max_train_epochs", "save_every_n_epochs", "seed"):
-        assert training[key] == defaults[key], key  # the family file's, not the node's own
+        value = float(training[key]) if key == "learning_rate" else training[key]  # typed as text: "2e-4"
+        assert value == defaults[key], key  # the family file's, not the node's own
     dataset_toml = 'general = { resolution = [96, 64], caption_extension = ".txt", batch_size = 1 }\n' \
                    'datasets = [{ video_directory = "clips", cache_directory = "cache", target_frames = [1, 9] }]\n'
     pipe = DatasetConfig().build(name="style", media_folder="", dataset_toml=dataset_toml, base_folder=str(tmp_path),
@@ -440,8 +486,12 @@ def test_training_config_left_at_its_defaults_trains_what_the_cli_pipeline_train
         pipe, _ = node.document({"pipeline": pipe, "stage_name": kind, **paths}, fam.name, {})
     trainer = _node("train", fam)()
     paths = {f"{slot}_path": path for slot, path in models.items() if slot in trainer.SLOTS}
-    pipe, _ = trainer.document(pipeline=pipe, stage_name="train", output_name="", save_to="pipeline workdir",
-                               attention="(default)", training_config=TrainingConfig().build(**training)[0],
+    from musubi_pipe.comfy_adapter.export import _is_widget
+
+    trainer_widgets = {n: _widget_default(spec) for n, spec in type(trainer).INPUT_TYPES()["required"].items()
+                       if _is_widget(spec)}  # the trainer's own widgets left at theirs too
+    pipe, _ = trainer.document(pipeline=pipe, **{**trainer_widgets, "stage_name": "train"},
+                               training_config=TrainingConfig().build(**training)[0],
                                optimizer_config=OptimizerConfig().build(**at_defaults(OptimizerConfig))[0], **paths)
     assert pipe["document"]["stages"]["train"] == {"kind": "train", "save_state": True}
 
