@@ -21,7 +21,6 @@ LEFT = 90.0  # clears the side bar
 COLUMN_GAP, ROW_GAP = 60.0, 70.0
 TITLE = 30.0  # LiteGraph's title bar, drawn above a node's position
 NOTE_WIDTH = 460.0
-PREVIEW_SIZE = [420.0, 380.0]
 SCALE = 1.0  # the saved zoom: the notes' 10-pixel text (ComfyUI's default) stays readable; the note and
 #               three columns fit a 1920-pixel window
 
@@ -42,27 +41,34 @@ class Example:
     columns: list[list[str]]  # node ids, left to right, top to bottom (notes and previews included)
     intro: str  # the notes' first paragraph
     edits: list[Edit]
-    models: dict[str, tuple[str, str]] = field(default_factory=dict)  # slot -> (family, node id whose picker takes it)
-    previews: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # id -> (source node, output slot, title)
+    models: list[tuple[str, str, str]] = field(default_factory=list)  # (family, slot, node id whose picker takes it)
+    previews: dict[str, tuple[str, int, str, str]] = field(default_factory=dict)  # id -> (core node, source node, output slot, title)
     after: str = ""  # the notes' last paragraph: what comes out and where
 
 
-def _model_edits(models: dict[str, tuple[str, str]], titles: dict[str, str]) -> tuple[list[Edit], list[str]]:
-    """One picker edit per model slot and the download lines, from the registry (folder, help, file names)."""
+# The core nodes an example shows results with: (input name, input type, size).
+PREVIEWS = {"PreviewImage": ("images", "IMAGE", [420.0, 360.0]), "PreviewAny": ("source", "*", [420.0, 140.0])}
+
+
+def _model_edits(example: Example) -> tuple[list[Edit], list[str]]:
+    """One picker edit per model slot and node, and one download line per file, from the registry
+    (its folder, help and, where the family publishes them, file names)."""
     from musubi_pipe.pipelines import registry
 
-    edits, lines = [], []
-    for slot, (family, node) in models.items():
+    edits, lines = [], {}
+    for family, slot, node in example.models:
         spec = registry.family(family).models[slot]
         files = getattr(spec, "files", ()) or ()
         name = " or ".join(f"`{f}`" for f in files) if files else f"the {spec.help} file"
-        lines.append(f"- **{spec.help}**: {name} → `ComfyUI/models/{spec.folder}/`")
-        edits.append(Edit(node, slot, f"pick the {spec.help} file you put in models/{spec.folder}", f"model:{slot}"))
-    return edits, lines
+        first = (family, slot) not in lines
+        lines.setdefault((family, slot), f"- **{spec.help}**: {name} → `ComfyUI/models/{spec.folder}/`")
+        what = f"pick the {spec.help} file you put in models/{spec.folder}" if first else "pick the same file"
+        edits.append(Edit(node, slot, what, f"model:{slot}"))
+    return edits, list(lines.values())
 
 
 def note_text(example: Example, titles: dict[str, str]) -> str:
-    model_edits, downloads = _model_edits(example.models, titles)
+    model_edits, downloads = _model_edits(example)
     parts = [f"## {example.title}", example.intro]
     if downloads:
         parts.append("### 1. Download\n" + "\n".join(downloads) + "\n\nThen press **R** (refresh) so the pickers list them.")
@@ -73,34 +79,35 @@ def note_text(example: Example, titles: dict[str, str]) -> str:
 
 
 def all_edits(example: Example) -> list[Edit]:
-    return [*example.edits, *_model_edits(example.models, {})[0]]
+    return [*example.edits, *_model_edits(example)[0]]
 
 
 def examples() -> dict[str, Example]:
     training = Example(
         title="Train a Wan 2.1 LoRA from a folder of clips",
-        intro="Trains a LoRA on Wan 2.1 T2V 1.3B (the smallest Wan model: fits a 12 GB GPU) from short clips, "
-              "each with a caption file of the same name (`clip1.mp4` + `clip1.txt`).",
+        intro="Trains a LoRA on Wan 2.1 T2V 1.3B (the smallest Wan model) from short clips, each with a caption "
+              "file of the same name (`clip1.mp4` + `clip1.txt`). The loss chart and the samples show on the right "
+              "while it trains.",
         nodes=[
             {"id": "1", "class_type": "MusubiTuner_DatasetConfig", "widgets": {"name": "my-wan-lora", "target_frames": "1, 25, 45",
                                                                              "family": "wan", "task": "t2v-1.3B"}},
             {"id": "2", "class_type": "MusubiTuner_WanLatentCache", "widgets": {}},
             {"id": "3", "class_type": "MusubiTuner_WanTextEncoderCache", "widgets": {}},
-            {"id": "4", "class_type": "MusubiTuner_TrainingConfig", "widgets": {}},
-            {"id": "5", "class_type": "MusubiTuner_OptimizerConfig", "widgets": {}},
-            {"id": "6", "class_type": "MusubiTuner_SamplingConfig", "widgets": {"timestep_sampling": "shift", "discrete_flow_shift": 3.0}},
-            {"id": "7", "class_type": "MusubiTuner_MemoryOptimizer", "widgets": {}},
-            {"id": "8", "class_type": "MusubiTuner_WanTrainer", "widgets": {"attention": "sdpa"}},
+            {"id": "4", "class_type": "MusubiTuner_SamplingConfig", "widgets": {
+                "sample_prompts": "a person walking along a beach at sunset --w 832 --h 480 --f 33 --s 20 --d 42",
+                "sample_every_n_epochs": 4}},
+            {"id": "5", "class_type": "MusubiTuner_WanTrainer", "widgets": {}},
         ],
-        links=[("1", 0, "2", "pipeline"), ("2", 0, "3", "pipeline"), ("3", 0, "8", "pipeline"),
-               ("4", 0, "8", "training_config"), ("5", 0, "8", "optimizer_config"),
-               ("6", 0, "8", "sampling_config"), ("1", 0, "7", "pipeline"), ("7", 0, "2", "memory_config"),
-               ("7", 0, "8", "memory_config")],
-        columns=[["100"], ["1"], ["7", "2", "3"], ["4", "5", "6"], ["8"]],
+        links=[("1", 0, "2", "pipeline"), ("2", 0, "3", "pipeline"), ("3", 0, "5", "pipeline"), ("4", 0, "5", "sampling_config")],
+        previews={"6": ("PreviewImage", "5", 3, "Loss chart"), "7": ("PreviewImage", "5", 4, "Samples"),
+                  "8": ("PreviewAny", "5", 2, "Your LoRA")},
+        columns=[["100"], ["1"], ["2", "3", "4"], ["5"], ["6", "7", "8"]],
         edits=[Edit("1", "media_folder", "the folder of your clips and their .txt captions", "clips")],
-        models={"vae": ("wan", "2"), "t5": ("wan", "3"), "dit": ("wan", "8")},
-        after="The LoRA goes to `ComfyUI/models/loras/musubi-pipe/<name>.safetensors` (press **R** to see it in "
-              "the LoRA pickers); checkpoints, logs and samples stay in the run folder.",
+        models=[("wan", "vae", "2"), ("wan", "t5", "3"), ("wan", "dit", "5")],
+        after="Only the final LoRA goes to `ComfyUI/models/loras/musubi-pipe/<name>/` (press **R** to see it in the "
+              "LoRA pickers; **Your LoRA** shows its path); checkpoints, logs and samples stay in the run folder. "
+              "Optional: describe your subject in `sample_prompts`, change the trainer's `learning_rate`, "
+              "`max_train_epochs` or `memory_preset` (e.g. fit 12 GB).",
     )
     inference = Example(
         title="Make a video with your LoRA",
@@ -108,14 +115,14 @@ def examples() -> dict[str, Example]:
         nodes=[
             {"id": "1", "class_type": "MusubiTuner_WanGenerator", "widgets": {
                 "task": "t2v-1.3B", "prompt": "a lighthouse on a cliff at dusk, in the trained style", "width": 832,
-                "height": 480, "video_length": 33, "infer_steps": 20, "seed": 42, "lora_strength": 1.0}},
+                "height": 480, "video_length": 33, "seed": 42, "lora_strength": 1.0}},
             {"id": "2", "class_type": "SaveVideo", "widgets": {"filename_prefix": "musubi/video"}},
         ],
         links=[("1", 0, "2", "video")],
         columns=[["100"], ["1"], ["2"]],
-        edits=[Edit("1", "lora_name", "your LoRA (musubi-pipe/<name>.safetensors)", "lora"),
+        edits=[Edit("1", "lora_name", "your LoRA (musubi-pipe/<name>/<name>.safetensors)", "lora"),
                Edit("1", "prompt", "what the video shows", "prompt")],
-        models={"dit": ("wan", "1"), "vae": ("wan", "1"), "t5": ("wan", "1")},
+        models=[("wan", "dit", "1"), ("wan", "vae", "1"), ("wan", "t5", "1")],
         after="The video goes to `ComfyUI/output/musubi/`.",
     )
     merging = Example(
@@ -130,7 +137,7 @@ def examples() -> dict[str, Example]:
         edits=[Edit("1", "lora_name_1", "the first LoRA", "lora_1"), Edit("1", "lora_name_2", "the second LoRA", "lora_2"),
                Edit("1", "output_name", "a new file name for the mixed LoRA", "mixed"),
                Edit("2", "output_name", "a new file name for the merged model", "merged")],
-        models={"dit": ("hunyuan_video", "2")},
+        models=[("hunyuan_video", "dit", "2")],
         after="The merged DiT goes to `ComfyUI/models/diffusion_models/musubi-pipe/`, the mixed LoRA to `models/loras/musubi-pipe/`.",
     )
     conversion = Example(
@@ -149,8 +156,6 @@ def _height(node: dict) -> float:
     """A node's body height, generous: ComfyUI's own computeSize is 5-15 % smaller (checked in the browser test)."""
     from musubi_pipe.comfy_adapter.export import _inputs, _is_widget
 
-    if node["type"] == "PreviewImage":
-        return PREVIEW_SIZE[1]
     specs = _inputs(node["type"])
     widgets = [s for _, s, _ in specs if _is_widget(s)]
     multiline = sum(1 for s in widgets if len(s) > 1 and s[1].get("multiline"))
@@ -177,14 +182,15 @@ def render(example: Example) -> dict:
     titles = {node_id: n["title"] for node_id, n in by_id.items()}
     order = len(by_id)
     link_id = workflow["last_link_id"]
-    for preview_id, (src, slot, title) in example.previews.items():
+    for preview_id, (kind, src, slot, title) in example.previews.items():
         link_id += 1
         source = by_id[src]
+        name, socket, size = PREVIEWS[kind]
         workflow["links"].append([link_id, int(src), slot, int(preview_id), 0, source["outputs"][slot]["type"]])
         source["outputs"][slot]["links"].append(link_id)
-        by_id[preview_id] = {"id": int(preview_id), "type": "PreviewImage", "pos": [0, 0], "size": PREVIEW_SIZE, "flags": {},
-                             "order": order, "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": link_id}],
-                             "outputs": [], "title": title, "properties": {"Node name for S&R": "PreviewImage"}, "widgets_values": []}
+        by_id[preview_id] = {"id": int(preview_id), "type": kind, "pos": [0, 0], "size": size, "flags": {},
+                             "order": order, "mode": 0, "inputs": [{"name": name, "type": socket, "link": link_id}],
+                             "outputs": [], "title": title, "properties": {"Node name for S&R": kind}, "widgets_values": []}
         order += 1
     text = note_text(example, titles)
     by_id["100"] = {"id": 100, "type": "MarkdownNote", "pos": [0, 0], "size": [NOTE_WIDTH, _note_height(text, NOTE_WIDTH)],
@@ -196,7 +202,7 @@ def render(example: Example) -> dict:
         width = max(NOTE_WIDTH if by_id[i]["type"] == "MarkdownNote" else by_id[i]["size"][0] for i in column)
         for node_id in column:
             node = by_id[node_id]
-            if node["type"] not in ("MarkdownNote", "PreviewImage"):
+            if node["type"] != "MarkdownNote" and node["type"] not in PREVIEWS:
                 node["size"] = [node["size"][0], _height(node)]
             node["pos"] = [x, y]
             y += node["size"][1] + TITLE + ROW_GAP
@@ -269,7 +275,8 @@ def thumbnail(workflow: dict, title: str):
     for link in workflow["links"]:
         (sx, sy, sw, _), (tx, ty, _, _) = boxes[link[1]], boxes[link[3]]
         draw.line([at(sx + sw, sy + 50 + 20 * link[2]), at(tx, ty + 50 + 20 * link[4])], fill="#8a8a8a", width=2)
-    colors = {"MarkdownNote": ("#665533", "#443322"), "Note": ("#665533", "#443322"), "PreviewImage": ("#2f5a3a", "#1f3a26")}
+    colors = {"MarkdownNote": ("#665533", "#443322"), "Note": ("#665533", "#443322"),
+              **{kind: ("#2f5a3a", "#1f3a26") for kind in PREVIEWS}}
     for node in workflow["nodes"]:
         x, y, w, h = boxes[node["id"]]
         body, bar = colors.get(node["type"], ("#353535", "#2a4466"))

@@ -177,6 +177,7 @@ def test_a_training_run_draws_the_loss_chart_and_shows_the_samples(page, comfy, 
     page.evaluate("app.queuePrompt(0, 1)")
     assert page.wait_for(f"window.musubiPipe.charts.get('{trainer}')?.points.length > 0", 180), \
         f"no loss point reached the chart; ended: {page.evaluate('JSON.stringify(window.__ended)')}"
+    page.evaluate(f"app.canvas.centerOnNode(app.graph.getNodeById({trainer}))")  # for the screenshots
     screenshot(page, shots(tmp_path) / "training-mid-run.png")
     assert page.wait_for("window.__ended", 240), "the run did not end"
     ended = page.evaluate("window.__ended")

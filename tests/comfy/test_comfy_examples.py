@@ -38,9 +38,9 @@ def small_settings(name: str, unique: str, test_root: Path) -> dict[tuple[str, s
     """Not a user's edit: smaller sizes so the double runs in seconds, and a name no earlier test used."""
     if name == "lora_training":
         return {("1", "name"): unique, ("1", "width"): 96, ("1", "height"): 64, ("1", "target_frames"): "1, 9",
-                ("4", "max_train_epochs"): 2, ("1", "base_folder"): str(test_root / "work" / unique)}
+                ("5", "max_train_epochs"): 2, ("4", "sample_every_n_epochs"): 1, ("1", "base_folder"): str(test_root / "work" / unique)}
     if name == "inference_with_lora":
-        return {("1", "width"): 96, ("1", "height"): 64, ("1", "video_length"): 9, ("1", "infer_steps"): 2}
+        return {("1", "width"): 96, ("1", "height"): 64, ("1", "video_length"): 9, ("1", "infer_steps"): "2"}
     return {}
 
 
@@ -60,6 +60,7 @@ def test_the_four_examples_run_after_the_edits_their_notes_name(comfy, comfy_dir
     assert outcome.ended == "execution_success", outcome.error()
     lora = f"musubi-pipe/{unique}/{unique}.safetensors"
     assert (comfy_dir / "models" / "loras" / lora).is_file()
+    assert outcome.outputs("8")["text"][0].endswith(f"{unique}.safetensors")  # "Your LoRA" shows its path
 
     edits = user_edits("inference_with_lora", lora=lora, prompt="a fox in the trained style")
     outcome = comfy.run(prepared(comfy, "inference_with_lora", edits, unique, test_root), timeout=120)
@@ -80,9 +81,11 @@ def test_the_four_examples_run_after_the_edits_their_notes_name(comfy, comfy_dir
     edits = user_edits("merge_loras", lora_1=names[0], lora_2=names[1], mixed=f"{unique}-mixed.safetensors",
                        merged=f"{unique}-merged.safetensors")
     # The merger serves every family: a model the family does not use here is refused, by name.
-    outcome = comfy.run(prepared(comfy, "merge_loras", {**edits, ("2", "vae"): MODELS["vae"]}), timeout=120)
+    vae = f"vae = {comfy_dir / 'models' / 'vae' / MODELS['vae']}"
+    outcome = comfy.run(prepared(comfy, "merge_loras", {**edits, ("2", "model_paths"): vae}), timeout=120)
     assert outcome.ended == "execution_error"
-    assert "vae: HunyuanVideo does not use it here (merge); set vae to (none)" in outcome.error()["exception_message"]
+    assert outcome.error()["exception_message"].startswith(
+        "LoRA Merger (node 2): vae: HunyuanVideo does not use it here (merge); set vae to (none)"), outcome.error()
     outcome = comfy.run(prepared(comfy, "merge_loras", edits), timeout=120)
     assert outcome.ended == "execution_success", outcome.error()
     assert (comfy_dir / "models" / "loras" / "musubi-pipe" / f"{unique}-mixed.safetensors").is_file()
