@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-EVENT_MESSAGE = "musubi_pipe.event"  # websocket message carrying an executor Event
+EVENT_MESSAGE = "musubi_pipe.event"  # websocket message carrying an executor Event (format: event_message)
+PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second per node (see Run._forward)
 PIPELINE = "MUSUBI_PIPELINE"  # {"document": pipeline dict, "base": folder relative paths resolve against}
 LORA = "MUSUBI_LORA"  # {"ref": "@stage.lora" or "", "path": file}
 NONE = "(none)"
@@ -459,8 +460,8 @@ def check_slots(fam, kind: str, models: dict[str, str]) -> None:
     allowed = set(node_slots(fam, kind)) | {"dit_dtype"}
     for slot in models:
         if slot not in allowed:
-            raise NodeError(f"{slot}: {fam.title} does not use it here ({kind}); set {slot} to {NONE} and clear "
-                            f"{slot}_path (this family's models: {', '.join(node_slots(fam, kind)) or 'none'})")
+            raise NodeError(f"{slot}: {fam.title} does not use it here ({kind}); set {slot} to {NONE} or take it out of "
+                            f"model_paths (this family's models: {', '.join(node_slots(fam, kind)) or 'none'})")
 
 
 def set_models(pipe: dict, models: dict[str, str]) -> None:
@@ -681,6 +682,36 @@ def show_text(node_id: str | None, text: str) -> None:
         pass
 
 
+def event_message(node_id: str | None, e) -> dict:
+    """The `musubi_pipe.event` websocket message for one executor event (what a front-end
+    extension listens to with `api.addEventListener("musubi_pipe.event", ({detail}) => ...)`):
+
+        {"node":  "8",            # the UNIQUE_ID of the node running the plan (trainer, cache, ...)
+         "event": {...},          # executors.events.Event.to_dict(): every field that is set
+         "chart": {...}}          # progress events only: the point a loss chart needs
+
+    "event" keys: kind (plan, step_start, step_skipped, progress, output, step_end, run_end),
+    step (the plan step id, e.g. "train"), time (unix seconds), and for progress: phase
+    (loading, caching, training, sampling, saving, generating, ...), current, total, epoch,
+    epochs, loss, rate (it/s), eta_s; data holds the rest (step_end: status, cause, fix, log;
+    output: name, path; plan: steps, run_dir). Log lines are never sent.
+
+    "chart" (progress only): {"stage": plan step id, "phase", "step": current, "total", "epoch",
+    "epochs", "loss", "time"}; a value not known is null (loss is null outside training; step
+    counts restart per phase). The node's own messages arrive in order.
+
+    Volume: progress is throttled to one message per PROGRESS_INTERVAL_S (0.25 s) per node; the
+    first of each phase and epoch and the last (step == total) always come; other kinds are one
+    each per step. A run of N steps sends at most a few messages a second, plus about 4 per step."""
+    from ..executors import events as ev
+
+    message: dict[str, Any] = {"node": node_id, "event": e.to_dict()}
+    if e.kind == ev.PROGRESS:
+        message["chart"] = {"stage": e.step, "phase": e.phase or None, "step": e.current, "total": e.total,
+                            "epoch": e.epoch, "epochs": e.epochs, "loss": e.loss, "time": e.time}
+    return message
+
+
 class Run:
     """One run of a plan inside ComfyUI: progress bar, progress text, loss chart, cancel."""
 
@@ -696,6 +727,9 @@ class Run:
         self._executor = None
         self._chart_failed = False
         self.interrupted = False
+        self._last_key: tuple | None = None  # (step, phase, epoch) of the last progress message sent
+        self._last_sent = 0.0
+        self._held = None  # the newest progress event held back by the throttle
 
     def listener(self, e) -> None:
         from ..executors import events as ev
@@ -729,12 +763,31 @@ class Run:
             self._text(f"{e.step}: skipped ({e.data.get('reason', '')})")
 
     def _forward(self, e) -> None:
-        """The executor's event as a websocket message, for `musubi-pipe run --executor comfy`."""
+        """Send the event to the browser and to `musubi-pipe run --executor comfy`. Progress is
+        throttled to one message per PROGRESS_INTERVAL_S per node: the first of a phase, a new
+        epoch and the last (current == total) always go; a progress held back goes out before the
+        next other event, so the chart ends on the run's last point."""
+        from ..executors import events as ev
+
+        if e.kind == ev.PROGRESS:
+            now = time.monotonic()
+            key = (e.step, e.phase, e.epoch)
+            final = e.total is not None and e.current == e.total
+            if key == self._last_key and not final and now - self._last_sent < PROGRESS_INTERVAL_S:
+                self._held = e
+                return
+            self._last_key, self._last_sent, self._held = key, now, None
+        elif self._held is not None:
+            held, self._held = self._held, None
+            self._send(held)
+        self._send(e)
+
+    def _send(self, e) -> None:
         try:
             from server import PromptServer
 
             server = PromptServer.instance
-            server.send_sync(EVENT_MESSAGE, {"node": self.node_id, "event": e.to_dict()}, server.client_id)
+            server.send_sync(EVENT_MESSAGE, event_message(self.node_id, e), server.client_id)
         except Exception:
             pass
 

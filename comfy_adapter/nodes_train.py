@@ -448,15 +448,15 @@ class _Trainer(StageNode):
                                  sampling_config, memory_fields(memory_config, True), origin=(self, unique_id),
                                  widgets={"gpu_memory_gib": "memory_preset"})
         if keep_checkpoints:
+            # musubi removes its own older checkpoints as it saves new ones, and the states with
+            # them (save_last_n_*_state defaults to save_last_n_*): nothing else in the folder is touched.
             stage = pipe["document"]["stages"][name]
             by_steps = bool(stage.get("save_every_n_steps")) and not stage.get("save_every_n_epochs")
-            unit = "steps" if by_steps else "epochs"
-            keys = [f"save_last_n_{unit}"] + ([f"save_last_n_{unit}_state"] if stage.get("save_state") else [])
+            key = "save_last_n_steps" if by_steps else "save_last_n_epochs"
+            stage.setdefault(key, keep_checkpoints)
             origin = pipe.get("nodes", {}).get(f"stages.{name}")
-            for key in keys:
-                stage.setdefault(key, keep_checkpoints)
-                if origin:
-                    origin["widgets"][key] = "keep_checkpoints"
+            if origin:
+                origin["widgets"][key] = "keep_checkpoints"
         return pipe, name
 
     def run(self, copy_to_loras="final", unique_id=None, **kw):
@@ -479,6 +479,10 @@ class _Trainer(StageNode):
                         _, note = place_file(checkpoint, folder / Path(checkpoint).name)
                         notes += [note] if note else []
         path = str(path)
+        from .base import _MADE, remember_outputs
+
+        # A copy deleted from the loras folder makes the node run again (IS_CHANGED), which copies it back.
+        remember_outputs(unique_id, [*_MADE.get(str(unique_id), []), path])
         loras = loras_folder()
         shown = os.path.relpath(path, loras) if Path(path).is_relative_to(loras) else path
         samples = newest_samples(step.meta.get("output_dir", ""))

@@ -520,3 +520,64 @@ def test_export_links_a_stage_after_a_generator_to_its_pipeline_output(tmp_path)
     nodes, links = pipeline_nodes(path, "")
     assert links == [("1", 0, "2", "pipeline"), ("2", 1, "3", "pipeline")]
     assert to_api(nodes, links)["3"]["inputs"]["pipeline"] == ["2", 1]
+
+
+def test_progress_messages_are_throttled_and_carry_what_a_chart_needs():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.executors import events as ev
+
+    run = base.Run("8")
+    sent: list = []
+    run._send = lambda e: sent.append(base.event_message("8", e))
+    run._forward(ev.Event(ev.STEP_START, step="train"))
+    for i in range(1, 1001):  # 1,000 steps in a few milliseconds, two epochs
+        run._forward(ev.Event(ev.PROGRESS, step="train", phase="training", current=i, total=1000, epoch=1 + i // 501,
+                              epochs=2, loss=1.0 / i))
+    run._forward(ev.Event(ev.STEP_END, step="train", data={"status": "succeeded"}))
+    progress = [m for m in sent if m["event"]["kind"] == ev.PROGRESS]
+    assert 3 <= len(progress) <= 10  # the first, the new epoch, the last (and what 0.25 s lets through)
+    assert progress[-1]["chart"] == {"stage": "train", "phase": "training", "step": 1000, "total": 1000, "epoch": 2,
+                                     "epochs": 2, "loss": 1.0 / 1000, "time": progress[-1]["chart"]["time"]}
+    assert {m["node"] for m in sent} == {"8"} and sent[-1]["event"]["kind"] == ev.STEP_END
+    # a progress held back goes out before the next other event
+    run = base.Run("8")
+    sent.clear()
+    run._send = lambda e: sent.append(base.event_message("8", e))
+    for i in (1, 2, 3):
+        run._forward(ev.Event(ev.PROGRESS, step="train", phase="training", current=i, total=10, epoch=1, loss=0.5))
+    run._forward(ev.Event(ev.STEP_END, step="train", data={"status": "failed"}))
+    assert [m["chart"]["step"] for m in sent if "chart" in m] == [1, 3]
+
+
+def test_sample_prompt_lines_carry_per_sample_settings_and_bad_lines_are_named():
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_train import SamplingConfig, parse_sample_prompts
+
+    prompts = parse_sample_prompts("a fox in snow --w 832 --h 480 --f 33 --s 20 --d 42 --g 5.5\n\n# a comment\n a cat ")
+    assert prompts == [{"text": "a fox in snow", "width": 832, "height": 480, "frames": 33, "steps": 20, "seed": 42,
+                        "guidance": 5.5}, {"text": "a cat"}]
+    with pytest.raises(base.NodeError) as err:
+        SamplingConfig().build("(default)", 0.0, "ok --w 512\nbad --w wide\nworse --zz 3\n--s 4", 1, 0, False, unique_id="6")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and all(line.startswith("Sampling Config (node 6): sample_prompts line ") for line in lines)
+    assert "line 2: --w (width): 'wide' is not a number" in lines[0] and "line 3: --zz is not a sample option" in lines[1]
+    assert "line 4: starts with an option" in lines[2]
+
+
+def test_the_final_lora_is_copied_atomically_and_a_users_file_is_never_replaced(tmp_path, monkeypatch):
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.comfy_adapter.nodes_train import place_file
+
+    monkeypatch.setattr(base, "default_base", lambda: str(tmp_path / "base"))
+    trained = tmp_path / "work" / "style.safetensors"
+    trained.parent.mkdir()
+    trained.write_bytes(b"run one")
+    target = tmp_path / "loras" / "musubi-pipe" / "style" / "style.safetensors"
+    assert place_file(str(trained), target) == (target, "") and target.read_bytes() == b"run one"
+    trained.write_bytes(b"run two")  # a later run replaces the copy this pack made
+    assert place_file(str(trained), target) == (target, "") and target.read_bytes() == b"run two"
+    target.write_bytes(b"the user's own file")  # changed since: the user's now
+    copy, note = place_file(str(trained), target)
+    assert copy == target.with_name("style-2.safetensors") and copy.read_bytes() == b"run two"
+    assert target.read_bytes() == b"the user's own file" and "kept it, saved this one as style-2.safetensors" in note
+    assert sorted(p.name for p in target.parent.iterdir()) == ["style-2.safetensors", "style.safetensors"]  # no temporary left

@@ -134,19 +134,31 @@ def _real_shaped_lora(path: Path, seed: int) -> None:
 
 def test_a_workflow_saved_before_the_registry_nodes_loads_and_names_what_to_change(comfy, clips, record, unique, test_root):
     """The shipped training example as it was before family and task moved to Dataset Config (the
-    generic cache nodes, task widgets everywhere): it loads (widget values by position, as the editor
-    reads them); its cache nodes' task disagrees with the new Dataset Config default and the error
-    says which widget to set; set there, it runs."""
-    from musubi_pipe.comfy_adapter.export import ui_to_api
+    generic cache nodes, task widgets everywhere). Its cache nodes still load (widget values by
+    position, as the editor reads them); its trainer's widgets have changed since (the main
+    settings on the node, the rest behind options and the config nodes), so ComfyUI refuses the
+    old values and names the trainer's widgets; with a new trainer node and the task set on Dataset
+    Config (the cache nodes' task disagrees and the error says so), it runs."""
+    from musubi_pipe.comfy_adapter.export import _inputs, _is_widget, _widget_default, ui_to_api
 
     saved = json.loads((Path(__file__).parent / "saved" / "lora_training-before-registry.json").read_text())
     prompt = _fill(ui_to_api(saved), None, slots=("dit", "vae", "t5"), media_folder=str(clips), name=unique, width=96, height=64, target_frames="1, 9",
                    max_train_epochs=2, base_folder=str(test_root / "work" / unique))
     assert "family" not in prompt["1"]["inputs"] and prompt["2"]["class_type"] == "MusubiTuner_VAELatentCache"
+    status, answer = comfy.post("/prompt", {"prompt": prompt})
+    assert set(answer.get("node_errors", {})) == {"8"}, answer  # only the trainer: its widgets by position no longer fit
+    assert record.read_text() == ""  # nothing ran
+
+    trainer = prompt["8"]["inputs"]
+    prompt["8"]["inputs"] = {n: _widget_default(spec) for n, spec, _ in _inputs("MusubiTuner_WanTrainer") if _is_widget(spec)}
+    prompt["8"]["inputs"].update({k: v for k, v in trainer.items() if isinstance(v, list)})  # the links
+    prompt["8"]["inputs"].update(dit="musubi-test-dit_bf16.safetensors", vae="musubi-test-vae.safetensors",
+                                 t5="musubi-test-t5.safetensors", max_train_epochs=2)
     outcome = comfy.run(prompt, timeout=120)
     assert outcome.ended == "execution_error"
     message = outcome.error()["exception_message"]
-    assert message.startswith("task is t2v-1.3B here but the pipeline's task is t2v-14B (chosen on Dataset Config)"), message
+    assert message.startswith("Memory Optimizer (node 7): task is t2v-1.3B here but the pipeline's task is t2v-14B "
+                              "(chosen on Dataset Config)"), message
     assert record.read_text() == ""  # nothing ran
     prompt["1"]["inputs"]["task"] = "t2v-1.3B"
     outcome = comfy.run(prompt, timeout=240)

@@ -259,7 +259,7 @@ def test_a_broken_dataset_fails_the_check_node_before_caching(comfy, clips, reco
     assert outcome.ended == "execution_error"
     error = outcome.error()
     assert error["node_id"] == "2" and error["exception_type"].endswith("NodeError")  # the check node, one line
-    assert error["exception_message"].startswith("check:"), error["exception_message"]
+    assert error["exception_message"].startswith("Dataset Check (node 2): check:"), error["exception_message"]
     assert record.read_text() == ""  # musubi never started
 
 

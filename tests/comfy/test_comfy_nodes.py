@@ -333,8 +333,9 @@ def _family_workflow(family: str, name: str, clips: Path, base: Path) -> dict:
             "optimizer_type": "adamw8bit", "custom_optimizer": "", "optimizer_args": "", "lr_scheduler": "constant",
             "lr_warmup_steps": 0, "max_grad_norm": 0.0}},
         "6": {"class_type": f"MusubiTuner_{title}Trainer", "inputs": {
-            "pipeline": ["3", 0], "stage_name": "train", "output_name": "", "save_to": "pipeline workdir", "attention": "sdpa",
-            "training_config": ["4", 0], "optimizer_config": ["5", 0], **({"task": "(from pipeline)"} if task else {}),
+            "pipeline": ["3", 0], "stage_name": "train", "learning_rate": "1e-4", "max_train_epochs": 2, "network_dim": 4,
+            "memory_preset": "family template", "copy_to_loras": "none", "keep_checkpoints": 0, "options": 'attention = "sdpa"',
+            "training_config": ["4", 0], "optimizer_config": ["5", 0],
             **model_widgets(*slots, **picked)}},
         "7": {"class_type": f"MusubiTuner_{title}Generator", "inputs": {
             "pipeline": ["6", 0], "lora": ["6", 1], "stage_name": "generate", "prompt": "a lighthouse at dusk",

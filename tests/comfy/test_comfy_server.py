@@ -71,12 +71,19 @@ def test_training_workflow_runs_reports_progress_and_lands_in_loras(comfy, comfy
     cached = [m for m in again.messages if m.get("type") == "execution_cached"]
     assert "6" in cached[0]["data"]["nodes"]
 
-    # The LoRA deleted: the trainer node runs again (its IS_CHANGED notices), caches stay skipped.
+    # The copy in the loras folder deleted: the trainer node runs again (its IS_CHANGED notices) and
+    # copies the final LoRA from the workdir again; nothing is retrained.
     lora.unlink()
     third = comfy.run(wan_training(str(clips), unique, base_folder=base), timeout=180)
     assert third.ended == "execution_success", third.error()
+    assert records(record) == []
+    assert lora.is_file(), [m for m in third.messages if m.get("type") in ("execution_cached", "executing")]
+
+    # The final LoRA deleted from the workdir: training runs again, caches stay skipped.
+    next(Path(base).rglob(f"musubi-out/**/{unique}.safetensors")).unlink()
+    fourth = comfy.run(wan_training(str(clips), unique, base_folder=base), timeout=180)
+    assert fourth.ended == "execution_success", fourth.error()
     assert [r["script"] for r in records(record)] == ["wan_train_network"]
-    assert lora.is_file()
 
 
 def test_generator_returns_a_video_that_save_video_accepts(comfy, comfy_dir, test_root, record, unique):
@@ -104,6 +111,70 @@ def test_generator_returns_a_video_that_save_video_accepts(comfy, comfy_dir, tes
     assert probe(video).frames >= 1
 
 
+def _lora_picker(comfy) -> set[str]:
+    """What ComfyUI's LoRA loader lists (folder_paths.get_filename_list("loras"))."""
+    return set(comfy.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0])
+
+
+def test_a_16_epoch_run_adds_one_lora_to_the_picker_and_keeps_the_rest_in_the_workdir(comfy, comfy_dir, clips, record,
+                                                                                     unique, test_root):
+    """Only the final LoRA goes to ComfyUI's loras folder; epoch checkpoints, states and samples
+    stay in the workdir, the newest keep_checkpoints of them; the trainer's IMAGE outputs (loss
+    chart, samples) feed Preview Image; its text ends with the LoRA's path."""
+    before = _lora_picker(comfy)
+    base = test_root / "work" / unique
+    prompt = wan_training(str(clips), unique, epochs=16, save_every=1, save_state=True, keep=3, base_folder=str(base))
+    prompt["7"]["inputs"]["sample_prompts"] = "a fox --w 96 --h 64 --f 9 --s 2 --d 7\na cat"
+    prompt["8"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 3]}}
+    prompt["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 4]}}
+    messages: list = []
+    outcome = comfy.run(prompt, timeout=600, on_message=messages.append)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert _lora_picker(comfy) - before == {f"musubi-pipe/{unique}/{unique}.safetensors"}
+    assert [p.name for p in (comfy_dir / "models" / "loras" / "musubi-pipe" / unique).iterdir()] == [f"{unique}.safetensors"]
+    train = next(base.rglob(f"{unique}.safetensors")).parent  # the train step's output folder in the workdir
+    kept = sorted(p.name for p in train.iterdir() if p.name.startswith(f"{unique}-") and p.suffix != ".json")
+    assert kept == sorted([f"{unique}-{e:06d}{suffix}" for e in (13, 14, 15) for suffix in (".safetensors", "-state")]
+                          + [f"{unique}-state"]), kept  # the newest 3 epochs' checkpoints and states, and the final state
+    assert (train / "sample").is_dir()
+    # per-sample settings reached musubi's prompt file
+    argv = [r for r in records(record) if r["script"] == "wan_train_network"][0]["argv"]
+    samples = json.loads(Path(argv[argv.index("--sample_prompts") + 1]).read_text())
+    assert samples == [{"prompt": "a fox", "seed": 7, "width": 96, "height": 64, "frame_count": 9, "sample_steps": 2},
+                       {"prompt": "a cat"}]
+    # IMAGE outputs: the chart and the samples, previewed by core nodes
+    assert outcome.outputs("8")["images"] and outcome.outputs("9")["images"]
+    texts = outcome.texts("6")
+    assert texts[-1].endswith(f"done: musubi-pipe/{unique}/{unique}.safetensors"), texts[-3:]
+    # the pack's websocket messages: bounded, each progress with what a chart needs
+    events = [m["data"] for m in messages if m.get("type") == "musubi_pipe.event"]
+    charts = [e["chart"] for e in events if "chart" in e]
+    assert charts and all(e["node"] in ("2", "3", "6") for e in events)
+    training = [c for c in charts if c["stage"] == "train" and c["phase"] == "training"]
+    assert training[-1]["step"] == training[-1]["total"] and training[-1]["loss"] is not None and training[-1]["epoch"] == 16
+    assert len(events) < 300
+
+    # A second run with other settings replaces the copy this pack made; a user's file is kept.
+    mine = comfy_dir / "models" / "loras" / "musubi-pipe" / unique / f"{unique}.safetensors"
+    mine.write_bytes(b"the user's own file")
+    prompt["6"]["inputs"]["learning_rate"] = "1e-4"
+    outcome = comfy.run(prompt, timeout=600)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert mine.read_bytes() == b"the user's own file"
+    assert mine.with_name(f"{unique}-2.safetensors").is_file()
+    assert "kept it, saved this one as" in outcome.texts("6")[-1]
+
+
+def test_an_empty_media_folder_names_the_dataset_node_and_widget(comfy, clips, record, unique, test_root):
+    prompt = wan_training("", unique, base_folder=str(test_root / "work" / unique))
+    outcome = comfy.run(prompt, timeout=60)
+    assert outcome.ended == "execution_error"
+    message = outcome.error()["exception_message"]
+    assert message.splitlines()[0] == ("Dataset Config (node 1): media_folder is empty — set it to your folder of clips or "
+                                       "images (or give dataset_toml)"), message
+    assert "[dataset]" not in message and "(+" not in message and record.read_text() == ""
+
+
 def test_bad_settings_fail_with_one_line_cause_and_fix(comfy, clips, record, unique, test_root):
     prompt = wan_training(str(clips), unique, base_folder=str(test_root / "work" / unique))
     prompt["5"]["inputs"]["optimizer_type"] = "custom"  # and no class path given
@@ -118,11 +189,11 @@ def test_bad_settings_fail_with_one_line_cause_and_fix(comfy, clips, record, uni
 def test_musubi_failure_shows_the_executors_cause(comfy, clips, record, unique, test_root):
     prompt = wan_training(str(clips), unique, base_folder=str(test_root / "work" / unique))
     prompt["6"]["inputs"]["dit"] = "(none)"
-    prompt["6"]["inputs"]["dit_path"] = str(clips / "no-such-dit_bf16.safetensors")
+    prompt["6"]["inputs"]["model_paths"] = f"dit = {clips / 'no-such-dit_bf16.safetensors'}"
     outcome = comfy.run(prompt, timeout=120)
     assert outcome.ended == "execution_error"
     message = outcome.error()["exception_message"]
-    assert message.startswith("train:"), message
+    assert message.startswith("Wan LoRA Trainer (node 6): train:"), message
     assert "no-such-dit" in message and "fix:" in message, message
 
 

@@ -47,6 +47,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -669,7 +670,8 @@ def training_items(datasets: list[dict], arch: str) -> list[tuple[int, int]]:
 TRAIN_FIELDS = ("dataset_config", "dit", "config_file", "mixed_precision", "resume", "network_module", "optimizer_type",
                 "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "network_dim", "network_alpha",
                 "output_name", "output_dir", "learning_rate", "save_precision", "save_state", "save_state_on_train_end",
-                "save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "sample_prompts",
+                "save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state",
+                "save_last_n_epochs_state", "sample_prompts",
                 "sample_at_first", "sample_every_n_steps", "sample_every_n_epochs", "lr_scheduler", "lr_warmup_steps",
                 "logging_dir", "log_prefix")
 
@@ -835,6 +837,18 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
         if os.path.exists(path):
             log(tb, f"removing old checkpoint: {path}")
             os.remove(path)
+        # musubi's train_utils.save_and_remove_state_*: states follow save_last_n_*_state, else
+        # save_last_n_* (the epoch one with the checkpoints' rule, the step one with its own).
+        keep_state = (args.save_last_n_steps_state if kind == "step" else args.save_last_n_epochs_state) or keep
+        if kind == "step":
+            old_state = current - keep_state - 1
+            old_state -= old_state % every
+        else:
+            old_state = current - every * keep_state
+        state = os.path.join(args.output_dir, f"{args.output_name}{'-step%08d' % old_state if kind == 'step' else '-%06d' % old_state}-state")
+        if old_state > 0 and os.path.isdir(state):
+            log(tb, f"removing old state: {state}")
+            shutil.rmtree(state)
 
     def sample(step: int, epoch: int, by_epoch: bool) -> None:
         if not args.sample_prompts:
