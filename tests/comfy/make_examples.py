@@ -41,7 +41,9 @@ class Example:
     columns: list[list[str]]  # node ids, left to right, top to bottom (notes and previews included)
     intro: str  # the notes' first paragraph
     edits: list[Edit]
-    models: list[tuple[str, str, str]] = field(default_factory=list)  # (family, slot, node id whose picker takes it)
+    family: str = ""  # the family and task whose model files the notes name
+    task: str | None = None
+    models: list[tuple[str, str]] = field(default_factory=list)  # (slot, node id whose picker takes it)
     previews: dict[str, tuple[str, int, str, str]] = field(default_factory=dict)  # id -> (core node, source node, output slot, title)
     after: str = ""  # the notes' last paragraph: what comes out and where
 
@@ -51,18 +53,19 @@ PREVIEWS = {"PreviewImage": ("images", "IMAGE", [420.0, 360.0]), "PreviewAny": (
 
 
 def _model_edits(example: Example) -> tuple[list[Edit], list[str]]:
-    """One picker edit per model slot and node, and one download line per file, from the registry
-    (its folder, help and, where the family publishes them, file names)."""
+    """One picker edit per model slot and node, and one download line per slot, from the registry:
+    its folder and help, and the file names and page the family publishes (where it does)."""
     from musubi_pipe.pipelines import registry
 
     edits, lines = [], {}
-    for family, slot, node in example.models:
-        spec = registry.family(family).models[slot]
-        files = getattr(spec, "files", ()) or ()
-        name = " or ".join(f"`{f}`" for f in files) if files else f"the {spec.help} file"
-        first = (family, slot) not in lines
-        lines.setdefault((family, slot), f"- **{spec.help}**: {name} → `ComfyUI/models/{spec.folder}/`")
-        what = f"pick the {spec.help} file you put in models/{spec.folder}" if first else "pick the same file"
+    for slot, node in example.models:
+        spec = registry.family(example.family).models[slot]
+        files, page = spec.published(example.task) if hasattr(spec, "published") else ((), "")
+        name = f"`{files[0]}`" + "".join(f" (or `{f}`)" for f in files[1:2]) if files else f"the {spec.help} file"
+        where = f" from [its download page]({page})" if page else ""
+        first = slot not in lines
+        lines.setdefault(slot, f"- **{spec.help}**: {name}{where} → `ComfyUI/models/{spec.folder}/`")
+        what = f"pick {files[0] if files else 'the file'} (in models/{spec.folder})" if first else "pick the same file"
         edits.append(Edit(node, slot, what, f"model:{slot}"))
     return edits, list(lines.values())
 
@@ -103,7 +106,7 @@ def examples() -> dict[str, Example]:
                   "8": ("PreviewAny", "5", 2, "Your LoRA")},
         columns=[["100"], ["1"], ["2", "3", "4"], ["5"], ["6", "7", "8"]],
         edits=[Edit("1", "media_folder", "the folder of your clips and their .txt captions", "clips")],
-        models=[("wan", "vae", "2"), ("wan", "t5", "3"), ("wan", "dit", "5")],
+        family="wan", task="t2v-1.3B", models=[("vae", "2"), ("t5", "3"), ("dit", "5")],
         after="Only the final LoRA goes to `ComfyUI/models/loras/musubi-pipe/<name>/` (press **R** to see it in the "
               "LoRA pickers; **Your LoRA** shows its path); checkpoints, logs and samples stay in the run folder. "
               "Optional: describe your subject in `sample_prompts`, change the trainer's `learning_rate`, "
@@ -122,7 +125,7 @@ def examples() -> dict[str, Example]:
         columns=[["100"], ["1"], ["2"]],
         edits=[Edit("1", "lora_name", "your LoRA (musubi-pipe/<name>/<name>.safetensors)", "lora"),
                Edit("1", "prompt", "what the video shows", "prompt")],
-        models=[("wan", "dit", "1"), ("wan", "vae", "1"), ("wan", "t5", "1")],
+        family="wan", task="t2v-1.3B", models=[("dit", "1"), ("vae", "1"), ("t5", "1")],
         after="The video goes to `ComfyUI/output/musubi/`.",
     )
     merging = Example(
@@ -137,7 +140,7 @@ def examples() -> dict[str, Example]:
         edits=[Edit("1", "lora_name_1", "the first LoRA", "lora_1"), Edit("1", "lora_name_2", "the second LoRA", "lora_2"),
                Edit("1", "output_name", "a new file name for the mixed LoRA", "mixed"),
                Edit("2", "output_name", "a new file name for the merged model", "merged")],
-        models=[("hunyuan_video", "dit", "2")],
+        family="hunyuan_video", models=[("dit", "2")],
         after="The merged DiT goes to `ComfyUI/models/diffusion_models/musubi-pipe/`, the mixed LoRA to `models/loras/musubi-pipe/`.",
     )
     conversion = Example(
