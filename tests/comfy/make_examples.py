@@ -254,10 +254,10 @@ def thumbnail(workflow: dict, title: str):
     previews green, links grey), drawn from the saved layout so it always matches the workflow."""
     from PIL import Image, ImageDraw, ImageFont
 
-    W, H, top, pad = 512, 288, 58, 12
+    W, H, pad = 400, 225, 10  # shown about 210 pixels wide: the title must stay large
     image = Image.new("RGB", (W, H), "#1e1e1e")
     draw = ImageDraw.Draw(image)
-    big, small = ImageFont.load_default(size=21), ImageFont.load_default(size=11)
+    big, small = ImageFont.load_default(size=24), ImageFont.load_default(size=10)
     words, lines = title.split(), [""]
     for word in words:  # wrap the title into at most two lines
         candidate = f"{lines[-1]} {word}".strip()
@@ -265,8 +265,10 @@ def thumbnail(workflow: dict, title: str):
             lines.append(word)
         else:
             lines[-1] = candidate
-    for i, line in enumerate(lines[:2]):
-        draw.text((pad, 6 + 24 * i), line, font=big, fill="#f0f0f0")
+    lines = lines[:2]
+    for i, line in enumerate(lines):
+        draw.text((pad, 6 + 27 * i), line, font=big, fill="#f0f0f0")
+    top = 16 + 27 * len(lines)
     boxes = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE, n["size"][0], n["size"][1] + TITLE) for n in workflow["nodes"]}
     x0, y0 = min(b[0] for b in boxes.values()), min(b[1] for b in boxes.values())
     x1, y1 = max(b[0] + b[2] for b in boxes.values()), max(b[1] + b[3] for b in boxes.values())

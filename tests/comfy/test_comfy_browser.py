@@ -68,6 +68,20 @@ def page(comfy, test_root):
         browser.close()
 
 
+def reload(page) -> None:
+    page.evaluate("window.__stale = true")
+    page.call("Page.reload")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if page.evaluate("!window.__stale && Boolean(window.app && window.app.graph && window.LiteGraph && window.musubiPipe)"):
+                return
+        except RuntimeError:  # the old page's context went away mid-call
+            pass
+        time.sleep(0.25)
+    raise AssertionError("the ComfyUI app did not start again after a reload")
+
+
 def load(page, workflow: dict) -> None:
     page.evaluate(f"app.loadGraphData({json.dumps(workflow)})")
     page.wait_for("app.graph._nodes.length > 0", 10)
@@ -84,7 +98,7 @@ def test_every_pack_node_and_the_extension_load(page, comfy):
     assert ours == []
 
 
-def test_every_example_is_a_template_with_a_thumbnail(page, comfy):
+def test_every_example_is_a_template_with_a_thumbnail(page, comfy, tmp_path):
     listed = comfy.get("/workflow_templates")["musubi-pipe"]
     assert sorted(listed) == sorted(examples())
     for name in listed:
@@ -95,6 +109,15 @@ def test_every_example_is_a_template_with_a_thumbnail(page, comfy):
         kind, width, height = found
         assert kind == "image/jpeg" and width >= 256 and height >= 160, found
         assert (REPO / "example_workflows" / f"{name}.jpg").stat().st_size < 80_000  # small enough to commit
+    # and the template browser itself shows them: Templates -> musubi-pipe, one loaded card image each
+    page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    assert page.wait_for("[...document.querySelectorAll('span')].some(e => e.textContent.trim() === 'musubi-pipe')", 20)
+    page.evaluate("[...document.querySelectorAll('span')].find(e => e.textContent.trim() === 'musubi-pipe').click()")
+    cards = "[...document.querySelectorAll('[role=dialog] img')]"  # the front end shows them as blob: URLs
+    assert page.wait_for(f"{cards}.length === {len(listed)} && {cards}.every(i => i.complete && i.naturalWidth > 0)", 20), \
+        page.evaluate(f"{cards}.map(i => [i.src, i.alt, i.complete, i.naturalWidth])")
+    screenshot(page, shots(tmp_path) / "template-browser.png")
+    reload(page)  # closes the dialog (it has no labelled close button to press)
 
 
 LAYOUT = """(() => {
