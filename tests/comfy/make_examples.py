@@ -123,7 +123,7 @@ def examples() -> dict[str, Example]:
         ],
         links=[("1", 0, "2", "video")],
         columns=[["100"], ["1"], ["2"]],
-        edits=[Edit("1", "lora_name", "your LoRA (musubi-pipe/<name>/<name>.safetensors)", "lora"),
+        edits=[Edit("1", "lora_name", "your LoRA (`musubi-pipe/<name>/<name>.safetensors`)", "lora"),
                Edit("1", "prompt", "what the video shows", "prompt")],
         family="wan", task="t2v-1.3B", models=[("dit", "1"), ("vae", "1"), ("t5", "1")],
         after="The video goes to `ComfyUI/output/musubi/`.",

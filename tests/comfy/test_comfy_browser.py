@@ -161,6 +161,7 @@ def test_an_example_opens_readable_and_without_errors(page, comfy, name, tmp_pat
         assert first_line in page_text, f"{name}: the note {first_line!r} is not shown"
     for edit in all_edits(examples()[name]):
         assert any(f"`{edit.widget}`" in n["widgets_values"][0] for n in notes), f"{name}: no note names {edit.widget}"
+        assert edit.what.replace("`", "") in page_text, f"{name}: the note's {edit.widget!r} line does not show as written"
     # readable: nothing under the top bar or side bar, no overlaps, no widget cut off
     layout = page.evaluate(LAYOUT)
     for node in layout:
