@@ -46,6 +46,7 @@ class Example:
     models: list[tuple[str, str]] = field(default_factory=list)  # (slot, node id whose picker takes it)
     previews: dict[str, tuple[str, int, str, str]] = field(default_factory=dict)  # id -> (core node, source node, output slot, title)
     after: str = ""  # the notes' last paragraph: what comes out and where
+    musubi: bool = True  # runs musubi-tuner's scripts (the notes say how to set it up)
 
 
 # The core nodes an example shows results with: (input name, input type, size).
@@ -70,15 +71,23 @@ def _model_edits(example: Example) -> tuple[list[Edit], list[str]]:
     return edits, list(lines.values())
 
 
+MUSUBI_SETUP = ("Install [musubi-tuner](https://github.com/kohya-ss/musubi-tuner) with its venv in `.venv`, then tell "
+                "the pack where it is: `musubi-pipe init --musubi-dir ~/musubi-tuner` in a terminal, or start ComfyUI "
+                "with `MUSUBI_TUNER_DIR=~/musubi-tuner` (README: Set up once).")
+
+
 def note_text(example: Example, titles: dict[str, str]) -> str:
     model_edits, downloads = _model_edits(example)
-    parts = [f"## {example.title}", example.intro]
+    sections = []
+    if example.musubi:
+        sections.append(("Once per machine", MUSUBI_SETUP))
     if downloads:
-        parts.append("### 1. Download\n" + "\n".join(downloads) + "\n\nThen press **R** (refresh) so the pickers list them.")
+        sections.append(("Download", "\n".join(downloads) + "\n\nThen press **R** (refresh) so the pickers list them."))
     steps = [f"- **{titles[e.node]}** → `{e.widget}`: {e.what}" for e in [*example.edits, *model_edits]]
-    parts.append(f"### {2 if downloads else 1}. Edit (nothing else is needed)\n" + "\n".join(steps))
-    parts.append(f"### {3 if downloads else 2}. Run\nPress **Run**. {example.after}".rstrip())
-    return "\n\n".join(parts)
+    sections.append(("Edit (nothing else is needed)", "\n".join(steps)))
+    sections.append(("Run", f"Press **Run**. {example.after}".rstrip()))
+    return "\n\n".join([f"## {example.title}", example.intro,
+                         *(f"### {i}. {head}\n{body}" for i, (head, body) in enumerate(sections, start=1))])
 
 
 def all_edits(example: Example) -> list[Edit]:
@@ -149,7 +158,7 @@ def examples() -> dict[str, Example]:
         nodes=[{"id": "1", "class_type": "MusubiTuner_FormatConverter", "widgets": {"family": "wan", "to": "auto"}}],
         links=[],
         columns=[["100"], ["1"]],
-        edits=[Edit("1", "lora_name", "the LoRA to convert", "lora")],
+        edits=[Edit("1", "lora_name", "the LoRA to convert", "lora")], musubi=False,
         after="The converted LoRA goes beside it, named `<name>-comfyui.safetensors`.",
     )
     return {"lora_training": training, "inference_with_lora": inference, "merge_loras": merging, "format_conversion": conversion}
