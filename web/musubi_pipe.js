@@ -1,6 +1,7 @@
 // musubi-pipe's front end: a live loss chart on the node that trains, drawn from the pack's
-// `musubi_pipe.event` websocket messages ({node, event}; event = an executor Event as a dict:
-// kind, step, phase, current, total, epoch, epochs, loss, rate, eta_s, data).
+// `musubi_pipe.event` websocket messages ({node, event, chart}: the format is documented in
+// comfy_adapter/base.py, event_message; event is an executor Event: kind, step, phase, current,
+// total, epoch, epochs, loss, ...).
 // Plain JS, no build step. Registering the listener is also what keeps ComfyUI from warning
 // "Unhandled message" for this pack's messages.
 import { app } from "../../scripts/app.js";
@@ -113,7 +114,7 @@ function onEvent({ detail }) {
   const id = String(detail.node);
   switch (e.kind) {
     case "plan": // a new run on this node: start a new chart
-      if (charts.has(id)) Object.assign(charts.get(id), { points: [], text: "" });
+      if (charts.has(id)) draw(Object.assign(charts.get(id), { points: [], text: "" }));
       return;
     case "progress": {
       // only training steps carry the training loss (sampling/caching steps count other things)
