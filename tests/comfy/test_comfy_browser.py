@@ -185,7 +185,19 @@ def _set_widgets(page, values: dict[tuple[str, str], object]) -> None:
         assert ok, f"no widget {widget} on node {node_id}"
 
 
-def test_a_training_run_draws_the_loss_chart_and_shows_the_samples(page, comfy, clips, record, unique, test_root, tmp_path):
+VUE_NODES = "Comfy.VueNodes.Enabled"  # the front end's new node renderer ("Nodes 2.0"), off by default
+
+
+@pytest.mark.parametrize("renderer", ["litegraph", "vue"])
+def test_a_training_run_draws_the_loss_chart_and_shows_the_samples(page, comfy, clips, record, unique, test_root, tmp_path, renderer):
+    page.evaluate(f"app.extensionManager.setting.set('{VUE_NODES}', {json.dumps(renderer == 'vue')})")
+    try:
+        _training_run(page, comfy, clips, unique, test_root, shots(tmp_path), "" if renderer == "litegraph" else "-vue")
+    finally:  # a setting of the server's user: the next tests (and people) get the default renderer
+        page.evaluate(f"app.extensionManager.setting.set('{VUE_NODES}', false)")
+
+
+def _training_run(page, comfy, clips, unique, test_root, folder: Path, suffix: str) -> None:
     from test_comfy_examples import small_settings, user_edits
 
     workflow = json.loads((REPO / "example_workflows" / "lora_training.json").read_text())
@@ -202,7 +214,7 @@ def test_a_training_run_draws_the_loss_chart_and_shows_the_samples(page, comfy, 
     assert page.wait_for(f"window.musubiPipe.charts.get('{trainer}')?.points.length > 0", 180), \
         f"no loss point reached the chart; ended: {page.evaluate('JSON.stringify(window.__ended)')}"
     page.evaluate(f"app.canvas.centerOnNode(app.graph.getNodeById({trainer}))")  # for the screenshots
-    screenshot(page, shots(tmp_path) / "training-mid-run.png")
+    screenshot(page, folder / f"training-mid-run{suffix}.png")
     assert page.wait_for("window.__ended", 240), "the run did not end"
     ended = page.evaluate("window.__ended")
     assert ended[0] == "execution_success", ended
@@ -214,6 +226,12 @@ def test_a_training_run_draws_the_loss_chart_and_shows_the_samples(page, comfy, 
     assert chart["text"].startswith("done"), chart
     for title, node_id in previews.items():
         assert page.wait_for(f"app.nodeOutputs['{node_id}']?.images?.length > 0", 20), f"nothing shown in {title}"
-    screenshot(page, shots(tmp_path) / "training-done.png")
+    # the Samples preview shows the samples the trainer made (their size), not the "no samples" note
+    sizes = page.evaluate(f"""(async () => {{
+        const size = async i => {{ const r = await fetch(`/view?filename=${{encodeURIComponent(i.filename)}}&subfolder=${{encodeURIComponent(i.subfolder)}}&type=${{i.type}}`);
+                                   const b = await createImageBitmap(await r.blob()); return [b.width, b.height]; }};
+        return [await size(app.nodeOutputs['{previews["Samples"]}'].images[0]), await size(app.nodeOutputs['{trainer}'].images[0])]; }})()""")
+    assert sizes[0] == sizes[1], f"the Samples preview is {sizes[0]}, the trainer's samples {sizes[1]}"
+    screenshot(page, folder / f"training-done{suffix}.png")
     assert local_errors(page, before) == []
     assert pack_warnings(page) == []
