@@ -62,18 +62,18 @@ def _model_edits(example: Example) -> tuple[list[Edit], list[str]]:
     for slot, node in example.models:
         spec = registry.family(example.family).models[slot]
         files, page = spec.published(example.task) if hasattr(spec, "published") else ((), "")
-        name = f"`{files[0]}`" + "".join(f" (or `{f}`)" for f in files[1:2]) if files else f"the {spec.help} file"
+        name = f"**{files[0]}**" + "".join(f" (or {f})" for f in files[1:2]) if files else f"the {spec.help} file"
         where = f" from [its download page]({page})" if page else ""
         first = slot not in lines
-        lines.setdefault(slot, f"- **{spec.help}**: {name}{where} → `ComfyUI/models/{spec.folder}/`")
+        lines.setdefault(slot, f"- **{spec.help}**: {name}{where} → ComfyUI/models/{spec.folder}/")
         what = f"pick {files[0] if files else 'the file'} (in models/{spec.folder})" if first else "pick the same file"
         edits.append(Edit(node, slot, what, f"model:{slot}"))
     return edits, list(lines.values())
 
 
-MUSUBI_SETUP = ("Install [musubi-tuner](https://github.com/kohya-ss/musubi-tuner) with its venv in `.venv`, then tell "
-                "the pack where it is: `musubi-pipe init --musubi-dir ~/musubi-tuner` in a terminal, or start ComfyUI "
-                "with `MUSUBI_TUNER_DIR=~/musubi-tuner` (README: Set up once).")
+MUSUBI_SETUP = ("Install [musubi-tuner](https://github.com/kohya-ss/musubi-tuner) with its venv in .venv, then tell "
+                "the pack where it is: **musubi-pipe init --musubi-dir ~/musubi-tuner** in a terminal, or start ComfyUI "
+                "with **MUSUBI_TUNER_DIR=~/musubi-tuner** (README: Set up once).")
 
 
 def note_text(example: Example, titles: dict[str, str]) -> str:
@@ -83,7 +83,7 @@ def note_text(example: Example, titles: dict[str, str]) -> str:
         sections.append(("Once per machine", MUSUBI_SETUP))
     if downloads:
         sections.append(("Download", "\n".join(downloads) + "\n\nThen press **R** (refresh) so the pickers list them."))
-    steps = [f"- **{titles[e.node]}** → `{e.widget}`: {e.what}" for e in [*example.edits, *model_edits]]
+    steps = [f"- **{titles[e.node]}** → *{e.widget}*: {e.what}" for e in [*example.edits, *model_edits]]
     sections.append(("Edit (nothing else is needed)", "\n".join(steps)))
     sections.append(("Run", f"Press **Run**. {example.after}".rstrip()))
     return "\n\n".join([f"## {example.title}", example.intro,
@@ -98,7 +98,7 @@ def examples() -> dict[str, Example]:
     training = Example(
         title="Train a Wan 2.1 LoRA from a folder of clips",
         intro="Trains a LoRA on Wan 2.1 T2V 1.3B (the smallest Wan model) from short clips, each with a caption "
-              "file of the same name (`clip1.mp4` + `clip1.txt`). The loss chart and the samples show on the right "
+              "file of the same name (clip1.mp4 + clip1.txt). The loss chart and the samples show on the right "
               "while it trains.",
         nodes=[
             {"id": "1", "class_type": "MusubiTuner_DatasetConfig", "widgets": {"name": "my-wan-lora", "target_frames": "1, 25, 45",
@@ -116,10 +116,10 @@ def examples() -> dict[str, Example]:
         columns=[["100"], ["1"], ["2", "3", "4"], ["5"], ["6", "7", "8"]],
         edits=[Edit("1", "media_folder", "the folder of your clips and their .txt captions", "clips")],
         family="wan", task="t2v-1.3B", models=[("vae", "2"), ("t5", "3"), ("dit", "5")],
-        after="Only the final LoRA goes to `ComfyUI/models/loras/musubi-pipe/<name>/` (press **R** to see it in the "
+        after="Only the final LoRA goes to ComfyUI/models/loras/musubi-pipe/NAME/ (NAME: Dataset Config's *name*; press **R** to see it in the "
               "LoRA pickers; **Your LoRA** shows its path); checkpoints, logs and samples stay in the run folder. "
-              "Optional: describe your subject in `sample_prompts`, change the trainer's `learning_rate`, "
-              "`max_train_epochs` or `memory_preset` (e.g. fit 12 GB).",
+              "Optional: describe your subject in *sample_prompts*, change the trainer's *learning_rate*, "
+              "*max_train_epochs* or *memory_preset* (e.g. fit 12 GB).",
     )
     inference = Example(
         title="Make a video with your LoRA",
@@ -132,10 +132,10 @@ def examples() -> dict[str, Example]:
         ],
         links=[("1", 0, "2", "video")],
         columns=[["100"], ["1"], ["2"]],
-        edits=[Edit("1", "lora_name", "your LoRA (`musubi-pipe/<name>/<name>.safetensors`)", "lora"),
+        edits=[Edit("1", "lora_name", "your LoRA (musubi-pipe/NAME/NAME.safetensors)", "lora"),
                Edit("1", "prompt", "what the video shows", "prompt")],
         family="wan", task="t2v-1.3B", models=[("dit", "1"), ("vae", "1"), ("t5", "1")],
-        after="The video goes to `ComfyUI/output/musubi/`.",
+        after="The video goes to ComfyUI/output/musubi/.",
     )
     merging = Example(
         title="Merge two HunyuanVideo LoRAs",
@@ -150,7 +150,7 @@ def examples() -> dict[str, Example]:
                Edit("1", "output_name", "a new file name for the mixed LoRA", "mixed"),
                Edit("2", "output_name", "a new file name for the merged model", "merged")],
         family="hunyuan_video", models=[("dit", "2")],
-        after="The merged DiT goes to `ComfyUI/models/diffusion_models/musubi-pipe/`, the mixed LoRA to `models/loras/musubi-pipe/`.",
+        after="The merged DiT goes to ComfyUI/models/diffusion_models/musubi-pipe/, the mixed LoRA to models/loras/musubi-pipe/.",
     )
     conversion = Example(
         title="Convert a LoRA for ComfyUI",
@@ -159,7 +159,7 @@ def examples() -> dict[str, Example]:
         links=[],
         columns=[["100"], ["1"]],
         edits=[Edit("1", "lora_name", "the LoRA to convert", "lora")], musubi=False,
-        after="The converted LoRA goes beside it, named `<name>-comfyui.safetensors`.",
+        after="The converted LoRA goes beside it, named NAME-comfyui.safetensors.",
     )
     return {"lora_training": training, "inference_with_lora": inference, "merge_loras": merging, "format_conversion": conversion}
 
@@ -205,6 +205,8 @@ def render(example: Example) -> dict:
                              "outputs": [], "title": title, "properties": {"Node name for S&R": kind}, "widgets_values": []}
         order += 1
     text = note_text(example, titles)
+    # No code spans: the new node renderer draws them blue on blue over the note's brown; no <...>: markdown drops it.
+    assert "`" not in text and "<" not in text, f"{example.title}: write the note without code spans or <...>"
     by_id["100"] = {"id": 100, "type": "MarkdownNote", "pos": [0, 0], "size": [NOTE_WIDTH, _note_height(text, NOTE_WIDTH)],
                     "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [], "title": "Start here",
                     "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"}

@@ -20,6 +20,7 @@ from make_examples import REPO, all_edits, api_prompt, examples
 from test_comfy_server import PACK_NODES
 
 EXTENSION = "/extensions/musubi-pipe/musubi_pipe.js"
+VUE_NODES = "Comfy.VueNodes.Enabled"  # the front end's new node renderer ("Nodes 2.0"), off by default
 
 
 def offline(message: str) -> bool:
@@ -160,8 +161,8 @@ def test_an_example_opens_readable_and_without_errors(page, comfy, name, tmp_pat
         first_line = note["widgets_values"][0].splitlines()[0].lstrip("# ")
         assert first_line in page_text, f"{name}: the note {first_line!r} is not shown"
     for edit in all_edits(examples()[name]):
-        assert any(f"`{edit.widget}`" in n["widgets_values"][0] for n in notes), f"{name}: no note names {edit.widget}"
-        assert edit.what.replace("`", "") in page_text, f"{name}: the note's {edit.widget!r} line does not show as written"
+        assert any(f"*{edit.widget}*" in n["widgets_values"][0] for n in notes), f"{name}: no note names {edit.widget}"
+        assert edit.what in page_text, f"{name}: the note's {edit.widget!r} line does not show as written"
     # readable: nothing under the top bar or side bar, no overlaps, no widget cut off
     layout = page.evaluate(LAYOUT)
     for node in layout:
@@ -178,14 +179,37 @@ def test_an_example_opens_readable_and_without_errors(page, comfy, name, tmp_pat
     screenshot(page, shots(tmp_path) / f"{name}.png")
 
 
+VUE_LAYOUT = """[...document.querySelectorAll('[data-node-id]')].map(e => {
+  const r = e.getBoundingClientRect(), hit = document.elementFromPoint(r.left + 12, r.top + 6);
+  return {id: e.dataset.nodeId, box: [r.left, r.top, r.right, r.bottom], seen: r.top > 300 || r.left + 12 > innerWidth || hit?.closest('[data-node-id]') === e};
+})"""
+
+
+def test_the_examples_are_readable_in_the_new_node_renderer(page, tmp_path):
+    """Nodes 2.0 sizes nodes to their content (the notes' text is larger there): still no overlaps,
+    no title under a bar."""
+    page.evaluate(f"app.extensionManager.setting.set('{VUE_NODES}', true)")
+    try:
+        for name in sorted(examples()):
+            workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+            load(page, workflow)
+            assert page.wait_for(f"document.querySelectorAll('[data-node-id]').length === {len(workflow['nodes'])}", 10)
+            layout = page.evaluate(VUE_LAYOUT)
+            for i, a in enumerate(layout):
+                assert a["seen"], f"{name}: node {a['id']}'s title is hidden under a bar"
+                for b in layout[i + 1:]:
+                    (al, at, ar, ab), (bl, bt, br, bb) = a["box"], b["box"]
+                    assert ar <= bl or br <= al or ab <= bt or bb <= at, f"{name}: nodes {a['id']} and {b['id']} overlap"
+            screenshot(page, shots(tmp_path) / f"{name}-vue.png")
+    finally:
+        page.evaluate(f"app.extensionManager.setting.set('{VUE_NODES}', false)")
+
+
 def _set_widgets(page, values: dict[tuple[str, str], object]) -> None:
     for (node_id, widget), value in values.items():
         ok = page.evaluate(f"""(() => {{ const w = app.graph.getNodeById({int(node_id)})?.widgets?.find(w => w.name === {json.dumps(widget)});
             if (!w) return false; w.value = {json.dumps(value)}; w.callback?.(w.value); return true; }})()""")
         assert ok, f"no widget {widget} on node {node_id}"
-
-
-VUE_NODES = "Comfy.VueNodes.Enabled"  # the front end's new node renderer ("Nodes 2.0"), off by default
 
 
 @pytest.mark.parametrize("renderer", ["litegraph", "vue"])
