@@ -154,7 +154,8 @@ def examples() -> dict[str, Example]:
     )
     conversion = Example(
         title="Convert a LoRA for ComfyUI",
-        intro="Converts a LoRA saved by musubi-tuner to the format ComfyUI's LoRA loaders read (or back).",
+        intro="Converts a Wan LoRA saved by musubi-tuner (such as the training example's) to the format ComfyUI's LoRA "
+              "loaders read, or back. For another model, set *family* too.",
         nodes=[{"id": "1", "class_type": "MusubiTuner_FormatConverter", "widgets": {"family": "wan", "to": "auto"}}],
         links=[],
         columns=[["100"], ["1"]],
