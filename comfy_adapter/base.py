@@ -20,6 +20,9 @@ from typing import Any
 
 EVENT_MESSAGE = "musubi_pipe.event"  # websocket message carrying an executor Event (format: event_message)
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second per node (see Run._forward)
+# OUTPUT events executors.progress reads from musubi's log while a step runs (each saved checkpoint):
+# throttled with progress; the step's result files come as other OUTPUT events at its end.
+SAVED_WHILE_RUNNING = ("checkpoint", "file")
 PIPELINE = "MUSUBI_PIPELINE"  # {"document": pipeline dict, "base": folder relative paths resolve against}
 LORA = "MUSUBI_LORA"  # {"ref": "@stage.lora" or "", "path": file}
 NONE = "(none)"
@@ -71,9 +74,15 @@ def locate_errors(fn):
         except NodeError as err:
             if err.located:
                 raise
+            import re
+
             prefix = where(self, kw.get("unique_id"))
             lines = str(err).splitlines() or [""]
-            raise NodeError("\n".join(f"{prefix}: {line}" for line in lines), located=True) from None
+            # A line that names its node already (a compiler problem traced to the node that set
+            # the field) keeps it; the others are this node's.
+            named = re.compile(r"^[^:\n]+ \(node [^)]+\): ")
+            raise NodeError("\n".join(line if named.match(line) else f"{prefix}: {line}" for line in lines),
+                            located=True) from None
 
     wrapper.__located__ = True
     return wrapper
@@ -157,18 +166,23 @@ def has_role(fam, kind: str, role: str) -> bool:
 def real_default(fam, kind: str, field: str) -> Any:
     """What a stage field is when a pipeline does not set it: the family template's default (the
     registry), else musubi's own default for the option (the recorded parser); None when neither
-    says (musubi then takes it from the task's config)."""
-    import json
-
-    from ..compiler import contract
-
+    says (musubi then takes it from the task's config, or the dataset's)."""
     spec = fam.stages[kind]
     option = spec.aliases.get(field, field)
     if isinstance(option, list):
         return None
     if option in spec.defaults:
         return spec.defaults[option]
-    path = contract.CONTRACT_ROOT / contract.CONTRACT / (spec.script.removesuffix(".py") + ".json")
+    return recorded_default(spec.script, option)
+
+
+def recorded_default(script: str, option: str) -> Any:
+    """musubi's argparse default of an option, from the recorded parser (None when it has none)."""
+    import json
+
+    from ..compiler import contract
+
+    path = contract.CONTRACT_ROOT / contract.CONTRACT / (script.removesuffix(".py") + ".json")
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))["args"]
     except (OSError, ValueError, KeyError):
@@ -538,7 +552,11 @@ def _locate(pipe: dict, path: str, message: str = "") -> tuple[dict, str] | None
         shows = [o for k, o in origins.items() if k.count(".") == 1 and k.startswith("stages.") and slot in o.get("slots", ())]
         origin = origins.get(f"stages.{named.group(1)}") if named else None
         origin = origin if origin in shows else (shows[0] if shows else None)
-        return (origin, f"{slot} (pick it, or give it in model_paths)") if origin else None
+        if not origin:
+            return None
+        if slot in origin.get("pickers", ()):
+            return origin, f"{slot} (pick it, or give it in model_paths)"
+        return origin, f"model_paths: {slot} (or pick it on the cache node that uses it)"
     if tokens[0] == "dataset":
         origin = origins.get("dataset")
         if not origin:
@@ -593,7 +611,7 @@ def compile_pipeline(pipe: dict):
         pipeline = validate_pipeline(copy.deepcopy(doc), source)
         return compile_(pipeline, source)
     except PipelineError as err:
-        raise NodeError(describe_problems(err, pipe), located=True) from None
+        raise NodeError(describe_problems(err, pipe)) from None
 
 
 def one_line(err) -> str:
@@ -700,9 +718,11 @@ def event_message(node_id: str | None, e) -> dict:
     "epochs", "loss", "time"}; a value not known is null (loss is null outside training; step
     counts restart per phase). The node's own messages arrive in order.
 
-    Volume: progress is throttled to one message per PROGRESS_INTERVAL_S (0.25 s) per node; the
-    first of each phase and epoch and the last (step == total) always come; other kinds are one
-    each per step. A run of N steps sends at most a few messages a second, plus about 4 per step."""
+    Volume: progress is throttled to one message per PROGRESS_INTERVAL_S (0.25 s) per node: the
+    newest progress waits for the interval (or goes out before the step's end), training's last
+    point (step == total) always comes; checkpoint outputs seen while training share that budget.
+    Other kinds are a few per plan step (start, skipped, result outputs, end). So a node sends at
+    most about 4 messages a second while a step runs, whatever musubi prints."""
     from ..executors import events as ev
 
     message: dict[str, Any] = {"node": node_id, "event": e.to_dict()}
@@ -727,8 +747,8 @@ class Run:
         self._executor = None
         self._chart_failed = False
         self.interrupted = False
-        self._last_key: tuple | None = None  # (step, phase, epoch) of the last progress message sent
-        self._last_sent = 0.0
+        self._last_sent = 0.0  # when the last progress message went out (time.monotonic)
+        self._last_shown = 0.0  # when the node's bar and text last changed
         self._held = None  # the newest progress event held back by the throttle
 
     def listener(self, e) -> None:
@@ -745,6 +765,11 @@ class Run:
             self.failure = {"step": e.step, **e.data}
         elif e.kind == ev.PROGRESS:
             total = e.total or 0
+            # ComfyUI's own bar and text messages, as bounded as ours: 4 a second, and the end.
+            now = time.monotonic()
+            if now - self._last_shown < PROGRESS_INTERVAL_S and not (e.phase == "training" and total and e.current == total):
+                return
+            self._last_shown = now
             preview = self._chart(e) if self.chart and e.phase == "training" and total else None
             if self._pbar is not None and total:
                 try:
@@ -764,19 +789,23 @@ class Run:
 
     def _forward(self, e) -> None:
         """Send the event to the browser and to `musubi-pipe run --executor comfy`. Progress is
-        throttled to one message per PROGRESS_INTERVAL_S per node: the first of a phase, a new
-        epoch and the last (current == total) always go; a progress held back goes out before the
-        next other event, so the chart ends on the run's last point."""
+        throttled to one message per PROGRESS_INTERVAL_S per node (the newest is held back and
+        goes out when the interval has passed or before the next other event); training's last
+        point (current == total) always goes, so the chart ends where the run did."""
         from ..executors import events as ev
 
+        now = time.monotonic()
         if e.kind == ev.PROGRESS:
-            now = time.monotonic()
-            key = (e.step, e.phase, e.epoch)
-            final = e.total is not None and e.current == e.total
-            if key == self._last_key and not final and now - self._last_sent < PROGRESS_INTERVAL_S:
+            last_point = e.phase == "training" and e.total is not None and e.current == e.total
+            if now - self._last_sent < PROGRESS_INTERVAL_S and not last_point:
                 self._held = e
                 return
-            self._last_key, self._last_sent, self._held = key, now, None
+            self._last_sent, self._held = now, None
+        elif e.kind == ev.OUTPUT and e.data.get("name") in SAVED_WHILE_RUNNING:
+            # a checkpoint saved each epoch: shares the progress budget (the run's events.jsonl keeps them all)
+            if now - self._last_sent < PROGRESS_INTERVAL_S:
+                return
+            self._last_sent = now
         elif self._held is not None:
             held, self._held = self._held, None
             self._send(held)
@@ -811,8 +840,9 @@ class Run:
                 print(f"musubi-pipe: no loss chart: {type(exc).__name__}: {exc}", file=sys.stderr)
             return None
 
-    def execute(self, plan, force: bool = False):
-        """Run the plan (steps already done are skipped); raise NodeError on failure."""
+    def execute(self, plan, force: bool = False, pipe: dict | None = None):
+        """Run the plan (steps already done are skipped); raise NodeError on failure. With the
+        pipeline it was compiled from, problems found before a step starts name node and widget."""
         import comfy.model_management as mm
         import comfy.utils
 
@@ -831,7 +861,7 @@ class Run:
             try:
                 box["result"] = executor.run(plan, [self.listener], force=force)
             except PipelineError as err:
-                box["error"] = one_line(err)
+                box["error"] = describe_problems(err, pipe) if pipe else one_line(err)
             except Exception as exc:  # shown on the node, not lost in a thread
                 box["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -945,7 +975,7 @@ def build_stage(kw: dict, kind: str, family: str | None, task: str | None, slots
             if field not in fields and field not in options:
                 pipe.setdefault("nodes", {})[f"stages.{name}.{field}"] = {**made_by, "widgets": {}}
         note_origin(pipe, f"stages.{name}", node, node_id, {f: f for f in fields} | (widgets or {}), from_options=list(options),
-                    slots=list(slots))
+                    slots=list(slots), pickers=[s for s in slots if s in type(node).INPUT_TYPES().get("required", {})])
         paths = parse_model_paths(kw.get("model_paths", ""), slots)
         for slot in models:
             note_origin(pipe, f"models.{slot}", node, node_id, {slot: "model_paths" if slot in paths else slot})
@@ -956,7 +986,7 @@ def finish_stage(pipe: dict, name: str, node_id, chart: bool = False):
     """Compile and run the pipeline (steps already done are skipped); return (plan, step, run)."""
     plan = compile_pipeline(pipe)
     run = Run(node_id, chart=chart)
-    run.execute(plan)
+    run.execute(plan, pipe=pipe)
     step = plan.step(name)
     made = [o.path for o in step.outputs if o.kind == "file"] + run.outputs.get(name, [])
     remember_outputs(node_id, made)

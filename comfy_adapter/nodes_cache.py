@@ -8,7 +8,7 @@ says what it is for, as the trainers and generators do."""
 from __future__ import annotations
 
 from .base import (FROM_PIPELINE, PIPELINE, StageNode, accepts, all_task_choices, build_stage, family_classes, family_widget,
-                   finish_stage, model_inputs, model_paths_input, node_slots, pipeline_family, registry, set_if, stage_inputs, tip)
+                   finish_stage, model_inputs, model_paths_input, node_slots, pipeline_family, real_default, registry, set_if, stage_inputs, tip)
 from .nodes_train import MEMORY_CONFIG
 
 
@@ -23,30 +23,38 @@ def _tiling_default(fam) -> bool:
     return bool(fam.stages[_LatentCache.KIND].defaults.get("vae_tiling", False))
 
 
-def _latent_widgets(required: dict, optional: dict, tiling: bool, tiling_default: bool = False) -> None:
-    required["batch_size"] = tip("INT", "items encoded at once; 0 = the family template's default", default=0, min=0, max=64)
+def _batch_widget(what: str, default: int | None, most: int) -> tuple:
+    """batch_size showing the real default (the family template's or musubi's); 0 where musubi
+    takes it from the dataset config (its batch size)."""
+    if default:
+        return tip("INT", f"{what} encoded at once (default {default})", default=default, min=0, max=most)
+    return tip("INT", f"{what} encoded at once; 0 = the dataset's batch size (musubi's default)", default=0, min=0, max=most)
+
+
+def _latent_widgets(required: dict, optional: dict, tiling: bool, tiling_default: bool = False, batch: int | None = None) -> None:
+    required["batch_size"] = _batch_widget("items", batch, 64)
     if tiling:
         required["vae_tiling"] = tip("BOOLEAN", "encode in tiles to save VRAM", default=tiling_default)
     optional["memory_config"] = (MEMORY_CONFIG, {"tooltip": "from Memory Optimizer: VAE tiling, chunk size or CPU cache for this GPU"})
 
 
-def _latent_fields(batch_size, vae_tiling, memory_config, tiling_default: bool = False) -> dict:
-    """The widgets as stage fields; vae_tiling at the family template's default is left to it."""
+def _latent_fields(batch_size, vae_tiling, memory_config, tiling_default: bool = False, batch: int | None = None) -> dict:
+    """The widgets as stage fields; values at the family template's default are left to it."""
     fields: dict = dict((memory_config or {}).get("cache_latents", {}))
-    set_if(fields, "batch_size", batch_size)
+    set_if(fields, "batch_size", 0 if batch_size == batch else batch_size)
     set_if(fields, "vae_tiling", vae_tiling, tiling_default)
     return fields
 
 
-def _text_widgets(required: dict, fp8: bool = True) -> None:
-    required["batch_size"] = tip("INT", "captions encoded at once; 0 = the family template's default", default=0, min=0, max=256)
+def _text_widgets(required: dict, fp8: bool = True, batch: int | None = None) -> None:
+    required["batch_size"] = _batch_widget("captions", batch, 256)
     if fp8:
         required["fp8_text_encoder"] = tip("BOOLEAN", "load the text encoder in fp8 to save VRAM", default=False)
 
 
-def _text_fields(batch_size, fp8_text_encoder) -> dict:
+def _text_fields(batch_size, fp8_text_encoder, batch: int | None = None) -> dict:
     fields: dict = {}
-    set_if(fields, "batch_size", batch_size)
+    set_if(fields, "batch_size", 0 if batch_size == batch else batch_size)
     set_if(fields, "fp8_text_encoder", fp8_text_encoder, False)
     return fields
 
@@ -79,12 +87,15 @@ class _LatentCache(_Cache):
     def INPUT_TYPES(cls):
         fam = registry().family(cls.FAMILY)
         required, optional, hidden = cls._inputs()
-        _latent_widgets(required, optional, accepts(fam, cls.KIND, "vae_tiling"), _tiling_default(fam))
+        _latent_widgets(required, optional, accepts(fam, cls.KIND, "vae_tiling"), _tiling_default(fam),
+                        real_default(fam, cls.KIND, "batch_size"))
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, batch_size, vae_tiling=None, unique_id=None, memory_config=None, **kw):
-        default = _tiling_default(registry().family(self.FAMILY))
-        fields = _latent_fields(batch_size, default if vae_tiling is None else vae_tiling, memory_config, default)
+        fam = registry().family(self.FAMILY)
+        default = _tiling_default(fam)
+        fields = _latent_fields(batch_size, default if vae_tiling is None else vae_tiling, memory_config, default,
+                                real_default(fam, self.KIND, "batch_size"))
         return _cache(self, kw, self.FAMILY, fields, unique_id)
 
 
@@ -95,11 +106,13 @@ class _TextEncoderCache(_Cache):
     @classmethod
     def INPUT_TYPES(cls):
         required, optional, hidden = cls._inputs()
-        _text_widgets(required, accepts(registry().family(cls.FAMILY), cls.KIND, "fp8_text_encoder"))
+        fam = registry().family(cls.FAMILY)
+        _text_widgets(required, accepts(fam, cls.KIND, "fp8_text_encoder"), real_default(fam, cls.KIND, "batch_size"))
         return {"required": required, "optional": optional, "hidden": hidden}
 
     def run(self, batch_size, fp8_text_encoder=False, unique_id=None, **kw):
-        return _cache(self, kw, self.FAMILY, _text_fields(batch_size, fp8_text_encoder), unique_id)
+        batch = real_default(registry().family(self.FAMILY), self.KIND, "batch_size")
+        return _cache(self, kw, self.FAMILY, _text_fields(batch_size, fp8_text_encoder, batch), unique_id)
 
 
 def _models_text(fam, kind: str) -> str:

@@ -101,8 +101,8 @@ LENGTH_FIELDS = ("video_length", "video_seconds")
 # confirmed up to 3"): a generator shows this many control IMAGE inputs.
 CONTROL_INPUTS = 3
 # Settings widgets a generator shows when its script takes them: name -> (whole number, what it is).
-SETTINGS = {"infer_steps": (True, "denoising steps"), "guidance_scale": (False, "guidance scale"),
-            "flow_shift": (False, "flow shift")}
+# (flow_shift and the rest go in the options text: few people change them.)
+SETTINGS = {"infer_steps": (True, "denoising steps"), "guidance_scale": (False, "guidance scale")}
 
 
 class _Generator(StageNode):
@@ -114,7 +114,7 @@ class _Generator(StageNode):
     BATCH = True  # a prompts input (the script has a batch mode)
     SIZE = "video_size"  # the field width and height set ("" = no size widgets)
     LENGTH = "video_length"  # the field the length widget sets ("" = none)
-    SETTINGS: tuple[str, ...] = ("infer_steps", "guidance_scale", "flow_shift", "seed")  # widgets the script takes
+    SETTINGS: tuple[str, ...] = ("infer_steps", "guidance_scale", "seed")  # widgets the script takes
     OUTPUT = OUTPUTS["video"]
     CATEGORY = "MusubiTuner/Generate"
 

@@ -115,15 +115,26 @@ class BatchProcessor:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "prompts": tip("STRING", "one prompt per line; empty lines are skipped", multiline=True, default=""),
+            "prompts": tip("STRING", "one prompt per line (empty lines are skipped); a line may end with musubi's "
+                           "per-prompt options: " + _prompt_options_help() + ", e.g. a fox --w 832 --h 480 --s 20 --d 7",
+                           multiline=True, default=""),
             "seed": tip("INT", "seed of the first prompt; the next ones count up (-1 = random each)", default=-1, min=-1, max=2**31 - 1, control_after_generate=False),
         }}
 
     def build(self, prompts, seed):
-        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
-        if not lines:
-            raise NodeError("no prompts: write one prompt per line")
-        return ([{"text": t, **({"seed": seed + i} if seed >= 0 else {})} for i, t in enumerate(lines)],)
+        from .nodes_train import parse_sample_prompts
+
+        parsed = parse_sample_prompts(prompts, "prompts")
+        if not parsed:
+            raise NodeError("prompts: none given; write one prompt per line")
+        # A line's own --d wins over the counted seed.
+        return ([{**({"seed": seed + i} if seed >= 0 else {}), **p} for i, p in enumerate(parsed)],)
+
+
+def _prompt_options_help() -> str:
+    from .nodes_train import sample_options_help
+
+    return sample_options_help()
 
 
 NODES = {

@@ -98,6 +98,13 @@ class FormatConverter(StageNode):
         return _lora_out(pipe, stage, step)
 
 
+def ema_beta() -> float:
+    """musubi's default EMA beta (the recorded parser of the EMA script, from the registry)."""
+    from .base import recorded_default
+
+    return recorded_default(registry().family(registry().default_family()).stages["ema"].script, "beta") or 0.0
+
+
 class PostHocEMA(StageNode):
     DESCRIPTION = ("Averages a training run's saved checkpoints into a smoother LoRA (post-hoc EMA): a fixed beta, a "
                    "beta range, or the power-function profile sigma_rel.")
@@ -110,7 +117,7 @@ class PostHocEMA(StageNode):
     def INPUT_TYPES(cls):
         required, optional, hidden = stage_inputs("ema")
         optional["lora"] = (LORA, {"tooltip": "the LoRA of a trainer node: its checkpoints are averaged (or list checkpoints in options)"})
-        required["beta"] = tip("FLOAT", "EMA decay (0 = the template's default)", default=0.0, min=0.0, max=0.99999, step=0.001)
+        required["beta"] = tip("FLOAT", f"EMA decay (musubi's default: {ema_beta()})", default=ema_beta(), min=0.0, max=0.99999, step=0.001)
         required["beta2"] = tip("FLOAT", "end of a beta range (0 = a fixed beta)", default=0.0, min=0.0, max=0.99999, step=0.001)
         required["sigma_rel"] = tip("FLOAT", "power-function EMA width (0 = off; overrides beta)", default=0.0, min=0.0, max=1.0, step=0.01)
         required["save_to"] = SAVE_TO
@@ -123,7 +130,8 @@ class PostHocEMA(StageNode):
         if not lora and "checkpoints" not in parse_options(kw.get("options", "")):
             raise NodeError("connect a trainer's LoRA, or list checkpoints = [...] in options, oldest first")
         fields: dict = {"checkpoints": checkpoints} if checkpoints else {}
-        set_if(fields, "beta", beta, 0.0)
+        if beta not in (0.0, ema_beta()):  # 0: what workflows saved before wrote for the default
+            fields["beta"] = beta
         set_if(fields, "beta2", beta2, 0.0)
         set_if(fields, "sigma_rel", sigma_rel, 0.0)
         if save_to == "loras folder":

@@ -133,6 +133,12 @@ class TrainingConfig:
         return (config_origin(config, self, unique_id),)
 
 
+def default_grad_norm() -> float:
+    from .base import real_default
+
+    return real_default(registry().family(registry().default_family()), "train", "max_grad_norm") or 0.0
+
+
 class OptimizerConfig:
     DESCRIPTION = "Optimizer type and arguments, learning-rate scheduler and warmup, for a trainer node."
     CATEGORY = "MusubiTuner/Train"
@@ -152,7 +158,9 @@ class OptimizerConfig:
             "optimizer_args": tip("STRING", "optimizer arguments as key=value, space separated (e.g. weight_decay=0.01)", default=""),
             "lr_scheduler": (cls.SCHEDULERS, {"default": cls.SCHEDULERS[0], "tooltip": "learning-rate schedule"}),
             "lr_warmup_steps": tip("INT", "warmup steps (0 = none)", default=0, min=0, max=1000000),
-            "max_grad_norm": tip("FLOAT", "gradient clipping (0 = the template's default)", default=0.0, min=0.0, max=100.0, step=0.1),
+            "max_grad_norm": tip("FLOAT", f"gradient clipping (musubi's default: {default_grad_norm()}; 0 also leaves it to "
+                                 "the default, as workflows saved before wrote it)",
+                                 default=default_grad_norm(), min=0.0, max=100.0, step=0.1),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @locate_errors
@@ -168,7 +176,8 @@ class OptimizerConfig:
         if optimizer_args.split():
             config["optimizer_args"] = optimizer_args.split()
         set_if(config, "lr_warmup_steps", lr_warmup_steps)
-        set_if(config, "max_grad_norm", max_grad_norm, 0.0)
+        if max_grad_norm not in (0.0, default_grad_norm()):
+            config["max_grad_norm"] = max_grad_norm
         return (config_origin(config, self, unique_id),)
 
 
@@ -186,7 +195,9 @@ class SamplingConfig:
         return {"required": {
             "timestep_sampling": ([DEFAULT, "shift", "sigmoid", "uniform", "sigma", "flux_shift", "qwen_shift", "logsnr", "qinglong_flux", "qinglong_qwen"],
                                   {"default": DEFAULT, "tooltip": "how training timesteps are drawn"}),
-            "discrete_flow_shift": tip("FLOAT", "flow shift for training (0 = the template's default)", default=0.0, min=0.0, max=100.0, step=0.1),
+            "discrete_flow_shift": tip("STRING", "flow shift for training: a number, or default = the family template's "
+                                       "(it depends on the family chosen on Dataset Config; the trainer's text says what it "
+                                       "resolved to)", default="default"),
             "sample_prompts": tip("STRING", "one prompt per line for samples made during training (empty = none); a line "
                                   "may end with musubi's per-sample options: " + sample_options_help(), multiline=True, default=""),
             "sample_every_n_epochs": tip("INT", "make samples every N epochs (0 = off)", default=0, min=0, max=100000),
@@ -199,7 +210,9 @@ class SamplingConfig:
               sample_at_first, unique_id=None):
         config: dict = {}
         set_if(config, "timestep_sampling", timestep_sampling, DEFAULT)
-        set_if(config, "discrete_flow_shift", discrete_flow_shift, 0.0)
+        shift = parse_number(discrete_flow_shift, "discrete_flow_shift", above=0.0) if discrete_flow_shift not in (0, 0.0) else None
+        if shift is not None:  # 0 is what workflows saved before wrote for the default
+            config["discrete_flow_shift"] = float(shift)
         prompts = parse_sample_prompts(sample_prompts)
         if prompts:
             config["sample_prompts"] = prompts
@@ -297,13 +310,18 @@ def samples_image(files: list[Path]):
     return torch.cat([image_tensor(p) for p in pictures])
 
 
-def loss_chart(run_dir: str, stage: str):
-    """The loss chart of this run's training step as a PIL picture (tools.monitor's chart)."""
+def loss_chart(runs: Path, stage: str):
+    """The loss chart of the training step as a PIL picture (tools.monitor's chart): from the newest
+    run folder (named by start time) in `runs` that trained it, so a step that was up to date
+    shows the run that made its LoRA."""
     from ..tools.monitor import TrainingMonitor, TrainingStatus, draw_chart
 
     status = TrainingStatus()
-    if run_dir and Path(run_dir).exists():
-        status = TrainingMonitor(run_dir, step=stage).poll()
+    folders = sorted((p for p in runs.iterdir() if p.is_dir()), reverse=True) if runs.is_dir() else []
+    for folder in folders[:20]:
+        status = TrainingMonitor(folder, step=stage).poll()
+        if status.loss_series().values:
+            break
     return draw_chart(status, 640, 320)
 
 
@@ -369,6 +387,27 @@ def place_file(source: str, target: Path) -> tuple[Path, str]:
     return chosen, note
 
 
+# The settings the trainer's text reports, each as set or as the template's default resolved.
+REPORTED = ("learning_rate", "max_train_epochs", "network_dim", "network_alpha", "optimizer_type", "timestep_sampling",
+            "discrete_flow_shift")
+
+
+def settings_line(family: str, stage: dict) -> str:
+    """What the run trained with: each reported setting as set, or "(default)" where the family
+    template (or musubi) decided, e.g. "learning_rate 2e-4 (default), discrete_flow_shift 3 (default)"."""
+    from .base import real_default
+
+    fam = registry().family(family)
+    parts = []
+    for key in REPORTED:
+        value = stage.get(key, real_default(fam, "train", key))
+        if value is None:
+            continue
+        shown = format_number(value) if isinstance(value, float) else str(value)
+        parts.append(f"{key} {shown}" + ("" if key in stage else " (default)"))
+    return "settings: " + ", ".join(parts)
+
+
 COPY_CHOICES = ["final", "final + epochs", "none"]
 MEMORY_PRESETS = {"family template": None, "fit 12 GB": 12.0, "fit 16 GB": 16.0, "fit 24 GB": 24.0, "fit 32 GB": 32.0,
                   "fit 48 GB": 48.0, "fit 80 GB": 80.0}
@@ -376,7 +415,8 @@ MEMORY_PRESETS = {"family template": None, "fit 12 GB": 12.0, "fit 16 GB": 16.0,
 
 class _Trainer(StageNode):
     FAMILY = ""
-    SLOTS: tuple[str, ...] = ()
+    SLOTS: tuple[str, ...] = ()  # every model the stage reads (model_paths takes each)
+    PICKERS: tuple[str, ...] = ()  # those with a picker: what training itself loads (the DiT, each expert's)
     CATEGORY = "MusubiTuner/Train"
     RETURN_TYPES = (PIPELINE, LORA, "STRING", "IMAGE", "IMAGE")
     RETURN_NAMES = ("pipeline", "lora", "lora_path", "loss_chart", "samples")
@@ -393,7 +433,7 @@ class _Trainer(StageNode):
         fam = registry().family(cls.FAMILY)
         d = fam.stages["train"].defaults
         required, optional, hidden = stage_inputs("train")
-        required.update(model_inputs(*cls.SLOTS, families=[fam]))
+        required.update(model_inputs(*cls.PICKERS, families=[fam]))
         required["learning_rate"] = tip("STRING", f"learning rate as text, such as 2e-4 (the {fam.title} template's: "
                                         f"{format_number(d['learning_rate'])})", default=format_number(d["learning_rate"]))
         required["max_train_epochs"] = tip("INT", "epochs to train", default=d.get("max_train_epochs", 16), min=1, max=100000)
@@ -471,6 +511,8 @@ class _Trainer(StageNode):
         path, notes = final, []
         if copy_to_loras != "none":
             folder = Path(loras_folder()) / "musubi-pipe" / pipe["document"].get("name", "musubi")
+            if not folder.resolve().is_relative_to(Path(loras_folder()).resolve()):  # the compiler checked the name; be sure
+                raise NodeError(f"copy_to_loras: {folder} is outside ComfyUI's loras folder; give the pipeline a plain name")
             path, note = place_file(final, folder / Path(final).name)
             notes += [note] if note else []
             if copy_to_loras == "final + epochs":
@@ -486,10 +528,11 @@ class _Trainer(StageNode):
         loras = loras_folder()
         shown = os.path.relpath(path, loras) if Path(path).is_relative_to(loras) else path
         samples = newest_samples(step.meta.get("output_dir", ""))
-        chart = loss_chart(run.run_dir, stage)
+        chart = loss_chart(Path(run.run_dir).parent if run.run_dir else Path(plan.workdir) / "runs", stage)
         from .base import image_tensor
 
-        status = "\n".join([*notes, f"done: {shown}" if copy_to_loras != "none" else f"done: {path}"])
+        status = "\n".join([*notes, settings_line(self.FAMILY, pipe["document"]["stages"][stage]),
+                            f"done: {shown}" if copy_to_loras != "none" else f"done: {path}"])
         show_text(unique_id, status)  # the node's progress line ends with where the LoRA is, not "saving 18/18"
         result = (pipe, {"ref": f"@{stage}.lora", "path": path}, path, image_tensor(chart), samples_image(samples))
         return {"ui": {"images": sample_previews(samples, unique_id), "animated": (True,), "text": [status]}, "result": result}
@@ -497,9 +540,15 @@ class _Trainer(StageNode):
 
 def _trainer_attrs(fam) -> dict:
     tasks = ", ".join(t.title for t in fam.tasks.values()) or fam.title
-    return {"SLOTS": node_slots(fam, "train"),
+    slots = node_slots(fam, "train")
+    roles = fam.stages["train"].models
+    experts = set(fam.experts.get("slots", {}).values())
+    return {"SLOTS": slots,
+            # The models only samples need (VAE, text encoders) come with the pipeline from the cache nodes.
+            "PICKERS": tuple(s for s in slots if s in experts or not str(roles.get(s, "")).startswith("sampling")),
             "DESCRIPTION": f"Trains a {fam.title} LoRA ({tasks}) on the cached dataset, with live loss chart, progress and "
-                           "cancel. Family and task come from the pipeline (Dataset Config)."}
+                           "cancel. Family and task come from the pipeline (Dataset Config); the models samples need "
+                           "(VAE, text encoders) from the cache nodes. Only the final LoRA goes to ComfyUI's loras folder."}
 
 
 NODES = {

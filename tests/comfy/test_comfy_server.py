@@ -72,12 +72,23 @@ def test_training_workflow_runs_reports_progress_and_lands_in_loras(comfy, comfy
     assert "6" in cached[0]["data"]["nodes"]
 
     # The copy in the loras folder deleted: the trainer node runs again (its IS_CHANGED notices) and
-    # copies the final LoRA from the workdir again; nothing is retrained.
+    # copies the final LoRA from the workdir again; nothing is retrained, and the loss chart is the
+    # earlier run's (not an empty one).
     lora.unlink()
-    third = comfy.run(wan_training(str(clips), unique, base_folder=base), timeout=180)
+    prompt = wan_training(str(clips), unique, base_folder=base)
+    prompt["8"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 3]}}
+    third = comfy.run(prompt, timeout=180)
     assert third.ended == "execution_success", third.error()
     assert records(record) == []
     assert lora.is_file(), [m for m in third.messages if m.get("type") in ("execution_cached", "executing")]
+    import numpy as np
+    from PIL import Image
+
+    from musubi_pipe.tools.monitor import TrainingStatus, draw_chart
+
+    shown = third.outputs("8")["images"][0]
+    chart = np.asarray(Image.open(comfy_dir.joinpath("temp", shown["subfolder"], shown["filename"])).convert("RGB"))
+    assert chart.shape == (320, 640, 3) and not np.array_equal(chart, np.asarray(draw_chart(TrainingStatus(), 640, 320)))
 
     # The final LoRA deleted from the workdir: training runs again, caches stay skipped.
     next(Path(base).rglob(f"musubi-out/**/{unique}.safetensors")).unlink()
@@ -143,7 +154,7 @@ def test_a_16_epoch_run_adds_one_lora_to_the_picker_and_keeps_the_rest_in_the_wo
     assert samples == [{"prompt": "a fox", "seed": 7, "width": 96, "height": 64, "frame_count": 9, "sample_steps": 2},
                        {"prompt": "a cat"}]
     # IMAGE outputs: the chart and the samples, previewed by core nodes
-    assert outcome.outputs("8")["images"] and outcome.outputs("9")["images"]
+    assert len(outcome.outputs("8")["images"]) == 1 and len(outcome.outputs("9")["images"]) == 4  # the newest 4 samples
     texts = outcome.texts("6")
     assert texts[-1].endswith(f"done: musubi-pipe/{unique}/{unique}.safetensors"), texts[-3:]
     # the pack's websocket messages: bounded, each progress with what a chart needs
@@ -163,6 +174,25 @@ def test_a_16_epoch_run_adds_one_lora_to_the_picker_and_keeps_the_rest_in_the_wo
     assert mine.read_bytes() == b"the user's own file"
     assert mine.with_name(f"{unique}-2.safetensors").is_file()
     assert "kept it, saved this one as" in outcome.texts("6")[-1]
+
+
+def test_copy_to_loras_final_and_epochs_or_none(comfy, comfy_dir, clips, record, unique, test_root):
+    folder = comfy_dir / "models" / "loras" / "musubi-pipe" / unique
+    prompt = wan_training(str(clips), unique, epochs=3, save_every=1, copy="final + epochs",
+                          base_folder=str(test_root / "work" / unique))
+    outcome = comfy.run(prompt, timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert sorted(p.name for p in folder.iterdir()) == [f"{unique}-000001.safetensors", f"{unique}-000002.safetensors",
+                                                        f"{unique}.safetensors"]
+    name = unique + "-none"
+    prompt = wan_training(str(clips), name, epochs=2, copy="none", base_folder=str(test_root / "work" / name))
+    outcome = comfy.run(prompt, timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert not (folder.parent / name).exists()
+    text = outcome.texts("6")[-1]  # what it trained with, then where the LoRA is (the workdir: nothing copied)
+    assert text.startswith("settings: learning_rate 1e-4, max_train_epochs 2, network_dim 4, network_alpha 2, ") and \
+        "discrete_flow_shift 3\n" in text, text
+    assert text.endswith(f"done: {test_root}/work/{name}/musubi-out/{name}/train/{name}.safetensors"), text
 
 
 def test_an_empty_media_folder_names_the_dataset_node_and_widget(comfy, clips, record, unique, test_root):

@@ -864,8 +864,7 @@ def train(script: str, arch: str, args, fail: str | None) -> None:
             sbar.update(1)
         sbar.close()
         with open(os.path.join(d, f"{args.output_name}_{tag}_00_{stamp}.png"), "wb") as fh:
-            # a readable picture (TINY_PNG's data does not decode), its colour changing with the step
-            fh.write(png_bytes(64, 36, (40 + 25 * (step % 8), 150, 90)))
+            fh.write(png_bytes(16, 16, (200, 120, 40)))  # a picture that decodes, as musubi's samples do
 
     if args.sample_at_first:
         sample(0, 0, False)
