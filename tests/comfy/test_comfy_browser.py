@@ -228,8 +228,10 @@ def _training_run(page, comfy, clips, unique, test_root, folder: Path, suffix: s
     load(page, workflow)
     trainer = next(n["id"] for n in workflow["nodes"] if n["type"].endswith("Trainer"))
     previews = {n["title"]: n["id"] for n in workflow["nodes"] if n["type"] == "PreviewImage"}
-    # the note's edits, then smaller settings so the double's run is short
-    _set_widgets(page, {**user_edits("lora_training", clips=str(clips)), **small_settings("lora_training", unique, test_root)})
+    # the note's edits, then smaller settings so the double's run is short; but long enough (about 2 s
+    # of training) that the pack's progress messages, 4 a second at most, carry several chart points
+    _set_widgets(page, {**user_edits("lora_training", clips=str(clips)), **small_settings("lora_training", unique, test_root),
+                        ("1", "num_repeats"): 20})
     page.evaluate("""(() => { window.__ended = null;
         for (const kind of ['execution_success', 'execution_error', 'execution_interrupted'])
           window.comfyAPI.api.api.addEventListener(kind, e => { window.__ended = [kind, e.detail]; }); })()""")
