@@ -64,6 +64,8 @@ def page(comfy, test_root):
             browser.call(domain)
         browser.call("Page.navigate", url=comfy.url + "/")
         assert browser.wait_for("window.app && window.app.graph && window.LiteGraph", 90), "the ComfyUI app never started"
+        # the default renderer, even if an interrupted session left the new one on (a server-side user setting)
+        browser.evaluate(f"app.extensionManager.setting.set('{VUE_NODES}', false)")
         yield browser
     finally:
         browser.close()
