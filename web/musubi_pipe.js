@@ -48,8 +48,10 @@ function attach(node, chart) {
   node.setDirtyCanvas(true, true);
 }
 
+// 4 significant digits: 0.08312, 1.250, 382.0; tiny values as 3.1e-5
 function fmt(x) {
-  return x == null ? "" : Math.abs(x) >= 0.01 || x === 0 ? x.toFixed(4) : x.toExponential(2);
+  if (x == null) return "";
+  return x === 0 || Math.abs(x) >= 0.001 ? String(Number(x.toPrecision(4))) : x.toExponential(1);
 }
 
 function draw(chart) {
