@@ -241,6 +241,7 @@ def _training_run(page, comfy, clips, unique, test_root, folder: Path, suffix: s
     page.evaluate("app.queuePrompt(0, 1)")
     assert page.wait_for(f"window.musubiPipe.charts.get('{trainer}')?.points.length > 0", 180), \
         f"no loss point reached the chart; ended: {page.evaluate('JSON.stringify(window.__ended)')}"
+    page.wait_for(f"window.musubiPipe.charts.get('{trainer}').points.length >= 4 || window.__ended", 30)  # a line to look at
     page.evaluate(f"app.canvas.centerOnNode(app.graph.getNodeById({trainer}))")  # for the screenshots
     screenshot(page, folder / f"training-mid-run{suffix}.png")
     assert page.wait_for("window.__ended", 240), "the run did not end"
