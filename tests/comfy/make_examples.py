@@ -228,6 +228,7 @@ def render(example: Example) -> dict:
     workflow["last_node_id"] = max(n["id"] for n in workflow["nodes"])
     workflow["last_link_id"] = link_id
     workflow["extra"]["ds"] = {"scale": SCALE, "offset": [0, 0]}
+    workflow["extra"]["musubi_pipe"] = {"generated_by": "tests/comfy/make_examples.py"}
     return workflow
 
 
