@@ -12,6 +12,7 @@ from . import __version__
 # The short help is written here so that `--help` imports no subcommand's module;
 # tests/test_startup.py checks it against each command's own docstring.
 COMMANDS = {
+    "new": (".tools.new_command:new", "Look at a folder of clips or images and write a commented pipeline for it."),
     "validate": (".compiler.commands:validate", "Check a pipeline file; print every problem with its place and fix."),
     "plan": (".compiler.commands:plan",
              "Show the plan: the exact musubi-tuner commands, in order, and what each needs and makes."),

@@ -658,7 +658,10 @@ class _Compiler:
 
     def plan_memory(self, name: str, stage, values: dict) -> dict[str, str]:
         """Fill the memory options the user did not set with the planner's fastest setting that
-        fits `gpu_memory_gib`, for the dataset's largest training sample."""
+        fits `gpu_memory_gib`, for the dataset's largest training sample. This is per GPU whatever
+        num_processes says: under accelerate's data parallelism every rank holds the whole model and
+        its own batch (musubi's batch_size is per GPU), and a LoRA's gradients, which DDP mirrors,
+        are a few MiB."""
         from ..tools.memory import largest_sample, plan_memory
 
         if self.dataset is None:

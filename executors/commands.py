@@ -50,12 +50,15 @@ def _silence_dead_output() -> None:
 @click.option("--retry", is_flag=True,
               help="Retry transient failures (hub downloads, lost connections) and an out-of-memory failure "
                    "once with the next memory-saving setting.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Run up to N steps at once when their dependencies are done, each on its own GPUs from the "
+                   "configuration's `gpus` pool (e.g. gpus = \"0,1,2,3\"). A failed step skips only what depends on it.")
 @click.option("--quiet", is_flag=True, help="Print only failures and the final result.")
 @click.option("--plain", is_flag=True, help="Plain progress lines instead of live bars (automatic when not a terminal or CI=true).")
 @click.option("--executor", type=click.Choice(["local", "dry", "comfy"]), default="local", show_default=True,
               help="`dry` shows what would run and why, and runs nothing; `comfy` runs the exported workflow in a running ComfyUI.")
 @click.option("--comfy-url", default="http://127.0.0.1:8188", show_default=True, help="The ComfyUI server for --executor comfy.")
-def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comfy_url):
+def run(pipeline, force, only, from_, until, retry, jobs, quiet, plain, executor, comfy_url):
     """Run PIPELINE: skip steps that are up to date, run the rest in musubi-tuner's venv, resume
     interrupted training. Ctrl-C stops every process the run started."""
     from ..compiler import compile_file
@@ -63,8 +66,8 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
     from .musubi_env import load_config
     from .terminal import TerminalDisplay, choose_mode
 
-    if executor == "comfy" and (force or only or from_ or until or retry):
-        raise click.UsageError("--force, --only, --from, --until and --retry apply to the local executor; "
+    if executor == "comfy" and (force or only or from_ or until or retry or jobs):
+        raise click.UsageError("--force, --only, --from, --until, --retry and --jobs apply to the local executor; "
                                "ComfyUI decides itself which nodes re-run")
     try:
         plan = compile_file(pipeline)
@@ -91,6 +94,9 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         _fail(err)
     for w in plan.warnings:
         _say(f"warning: {w}")
+    if jobs and jobs > 1 and executor == "local" and not runner.config.gpus:
+        _say("note: no GPU pool configured (`gpus` in the configuration or MUSUBI_PIPE_GPUS): steps that use a GPU "
+             "run one at a time; set e.g. gpus = \"0,1,2,3\" to run branches side by side")
     for problem in missing:
         _say(str(problem))
     display = TerminalDisplay(choose_mode(quiet, plain))
@@ -99,7 +105,7 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
     def stop(signum, frame):
         runner.cancel()  # first: the message may fail, and nothing may skip the cancel
         got.append(signum)
-        _say("\nmusubi-pipe: stopping the running step…")
+        _say("\nmusubi-pipe: stopping the running step(s)…")
 
     # Ctrl-C, `kill`, and SIGHUP from a closed SSH session or terminal all cancel the run. A signal
     # the caller ignores (nohup, a background job) stays ignored.
@@ -112,8 +118,9 @@ def run(pipeline, force, only, from_, until, retry, quiet, plain, executor, comf
         if executor == "comfy":
             result = runner.run(pipeline, [display])
         else:
+            kw = {"jobs": jobs} if executor == "local" else {}
             result = runner.run(plan, [display], force=force, only=only or None, from_=from_, until=until,
-                                retry=RetryPolicy(enabled=retry))
+                                retry=RetryPolicy(enabled=retry), **kw)
     except PipelineError as err:
         display.close()
         _fail(err)
@@ -161,11 +168,13 @@ def doctor(where, timeout):
               help="Your musubi-tuner checkout (default: $MUSUBI_TUNER_DIR).")
 @click.option("--python", "python", type=click.Path(dir_okay=False, path_type=Path),
               help="musubi-tuner's Python (default: .venv or venv inside the checkout, found at run time).")
-@click.option("--gpus", help="CUDA_VISIBLE_DEVICES for every step, e.g. 0 or 0,1.")
+@click.option("--gpus", help="CUDA_VISIBLE_DEVICES for every step, e.g. 0 or 0,1; with `run --jobs`, the pool each step takes its own GPUs from.")
 @click.option("--allow-output", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="A folder runs may write into (repeatable). Pipelines and workflows cannot write elsewhere.")
+@click.option("--models-dir", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder holding model files (repeatable): `musubi-pipe new` looks there.")
 @click.option("--force", is_flag=True, help="Replace an existing config file.")
-def init(musubi_dir, python, gpus, allow_output, force):
+def init(musubi_dir, python, gpus, allow_output, models_dir, force):
     """Write the local configuration file. accelerate needs no `accelerate config`: musubi-pipe
     passes explicit `accelerate launch` flags."""
     import os
@@ -179,7 +188,8 @@ def init(musubi_dir, python, gpus, allow_output, force):
     if not (musubi_dir / "src" / "musubi_tuner").is_dir():
         raise click.UsageError(f"{musubi_dir} is not a musubi-tuner checkout (no src/musubi_tuner/)")
     values = {"musubi_tuner_dir": str(musubi_dir), "python": str(python.expanduser().resolve()) if python else None,
-              "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output]}
+              "gpus": gpus, "allowed_output_roots": [str(p.expanduser().resolve()) for p in allow_output],
+              "model_dirs": [str(p.expanduser().resolve()) for p in models_dir]}
     try:
         path = write_config(config_path(), values, force=force)
     except PipelineError as err:

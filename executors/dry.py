@@ -36,6 +36,11 @@ class DryExecutor:
         check_owner(plan)
         chosen = select_steps(plan, only, from_, until)
         to_run, stale, reasons = decide(plan, StateFile(state_path(plan)), chosen, force, made_by_plan(plan))
+        if self.config is not None:  # a step the GPU pool cannot hold is refused as a real run refuses it
+            from .schedule import check_gpus, gpu_pool
+
+            check_gpus([s for s in plan.steps if s.id in to_run], gpu_pool(self.config.gpus), plan.source,
+                       str(self.config.file or "") or "MUSUBI_PIPE_GPUS")
         emit(ev.Event(ev.PLAN, data={"steps": to_run, "skipped": [s.id for s in plan.steps if s.id not in to_run],
                                      "reasons": reasons, "run_dir": ""}))
         result = RunResult(DRY, None)

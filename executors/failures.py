@@ -18,6 +18,8 @@ class Failure:
 
 # ---------------------------------------------------------------- classification
 
+# a failed dataset check names its problems up to a screenful; the log has them all
+DATASET_PROBLEMS_SHOWN = 20
 _OOM = re.compile(r"(?:torch\.(?:cuda\.)?OutOfMemoryError: )?CUDA out of memory\.(?P<rest>[^\n]*)|CUDA error: out of memory|"
                   r"HIP out of memory|MPS backend out of memory")
 _OOM_DETAIL = re.compile(r"Tried to allocate (?P<want>[\d.]+ [GMK]iB)\. GPU (?P<gpu>\d+) has a total capacity of "
@@ -152,12 +154,15 @@ def classify(log_tail: str, returncode: int, step_kind: str, meta: dict | None =
     if step_kind == "check_dataset":
         # `musubi-pipe dataset inspect` lists each problem as "    - <item>: <what>"
         problems = [ln.strip()[2:] for ln in text.split("\n") if ln.startswith("    - ")]
-        if problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            return Failure(f"the dataset has problems: {problems[0]}{more}",
+        if problems:  # every one, up to a screenful: a user fixes them all before the next try
+            shown = "; ".join(problems[:DATASET_PROBLEMS_SHOWN])
+            rest = len(problems) - DATASET_PROBLEMS_SHOWN
+            more = f"; and {rest} more in the log" if rest > 0 else ""
+            return Failure(f"the dataset has {len(problems)} problem{'s' if len(problems) > 1 else ''}: {shown}{more}",
                            "fix the captions or media listed in the log (or the dataset config), then run again", "dataset")
     line = _last_error_line(text)
     return Failure(f"exited with code {returncode}" + (f": {line}" if line else ""), "read the full log of this step", "unknown")
+
 
 
 def _last_error_line(text: str) -> str:

@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +23,8 @@ from .musubi_env import MusubiConfig, environment_facts
 from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, rename_resumed, resume_key,
                      shift_event_steps, snapshot_states, tag_new_states)
 from .runlock import RunLock, check_owner, claim
-from .watchdog import Watchdog
+from .runner import LocalRunner, Runner, StopReading
+from .schedule import Scheduler, check_gpus, gpu_pool
 from .state import (CANCELLED, FAILED, RUNNING, SUCCEEDED, StateFile, input_identities, made_by_plan,
                     missing_outputs, output_files, output_snapshot, sha256_file, stamp, state_path)
 
@@ -45,6 +44,8 @@ MACHINE_ROLES = ("gpu_ids", "machine_rank", "main_process_ip", "main_process_por
 # Environment a plan must not set: it would choose another program or inject code.
 FORBIDDEN_ENV = re.compile(r"^(PATH|PYTHON(?!UNBUFFERED$|IOENCODING$).*|LD_.*|DYLD_.*|ACCELERATE_CONFIG_FILE|"
                            r"BASH_ENV|ENV|SHELL|HOME|COMSPEC|PATHEXT)$", re.IGNORECASE)
+# Which GPUs a step sees is this machine's choice (its `gpus` pool), never a shared document's.
+DEVICE_ENV = re.compile(r"^(CUDA|HIP|ROCR)_VISIBLE_DEVICES$", re.IGNORECASE)
 SCRIPT_NAME = re.compile(r"^[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*\.py$")
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -89,6 +90,11 @@ def check_plan(plan: Plan, config: MusubiConfig) -> None:
             if FORBIDDEN_ENV.match(key):
                 problems.append(Problem(f"environment variable {key} may not be set by a pipeline", path=where + ".env",
                                         file=plan.source, fix="set it in your own shell if you really need it"))
+            elif DEVICE_ENV.match(key):
+                problems.append(Problem(f"environment variable {key} may not be set by a pipeline: which GPUs a step uses "
+                                        "is this machine's choice", path=where + ".env", file=plan.source,
+                                        fix="remove it; set the GPUs in your configuration: musubi-pipe init --gpus 0,1 "
+                                            "(or MUSUBI_PIPE_GPUS)"))
     for step in plan.steps:
         if step.launcher != LAUNCH_TOOL and SCRIPT_NAME.match(step.script):
             problems += _option_problems(plan, step, config)
@@ -252,9 +258,11 @@ def end_running_records(plan: Plan, cause: str) -> None:
 class LocalExecutor:
     """Runs plans on this machine. `cancel()` may be called from any thread or signal handler."""
 
-    def __init__(self, config: MusubiConfig, grace_s: float | None = None, sleep: Callable[[float], None] | None = None):
+    def __init__(self, config: MusubiConfig, grace_s: float | None = None, sleep: Callable[[float], None] | None = None,
+                 runner: Runner | None = None):
         self.config = config
         self.grace_s = config.cancel_grace_s if grace_s is None else grace_s
+        self.runner = runner or LocalRunner(self.grace_s)  # where step processes run (executors/runner.py)
         self._cancel = threading.Event()
         self._emit_lock = threading.Lock()
         self._events_file = None
@@ -285,8 +293,14 @@ class LocalExecutor:
 
     def run(self, plan: Plan, listeners: Iterable[ev.Listener] = (), force: bool = False,
             only: Iterable[str] | None = None, from_: str | None = None, until: str | None = None,
-            retry: RetryPolicy | None = None) -> RunResult:
-        """Run the plan, holding its workdir's lock: one run of a pipeline at a time."""
+            retry: RetryPolicy | None = None, jobs: int | None = None) -> RunResult:
+        """Run the plan, holding its workdir's lock: one run of a pipeline at a time.
+
+        `jobs`: run up to this many steps at once (`run --jobs N`), each whose dependencies
+        succeeded, pinned to its own GPUs from the configuration's `gpus` pool (executors/
+        schedule.py). A failed step skips its dependents; independent branches go on (a sweep
+        left overnight finishes every branch it can). None: one step at a time in plan order, and
+        the first step that does not succeed ends the run."""
         self.config.require()
         check_plan(plan, self.config)
         check_owner(plan)
@@ -295,13 +309,15 @@ class LocalExecutor:
             # holding the lock, a step still "running" belongs to a run that died (kill -9, power)
             end_running_records(plan, "the run that ran this step ended without recording how (killed, or the machine stopped)")
             try:
-                return self._run(plan, listeners, force, only, from_, until, retry)
+                return self._run(plan, listeners, force, only, from_, until, retry, jobs)
             except BaseException as exc:  # a crash or an interrupt: the step was stopped, say so in the state
                 end_running_records(plan, f"musubi-pipe stopped while this step ran: {type(exc).__name__}: {exc}")
                 raise
 
     def _run(self, plan: Plan, listeners: Iterable[ev.Listener], force: bool, only: Iterable[str] | None,
-             from_: str | None, until: str | None, retry: RetryPolicy | None) -> RunResult:
+             from_: str | None, until: str | None, retry: RetryPolicy | None, jobs: int | None = None) -> RunResult:
+        if jobs is not None and jobs < 1:
+            raise PipelineError([Problem(f"--jobs {jobs}: expected 1 or more", path="--jobs", fix="--jobs 4")])
         chosen = select_steps(plan, only, from_, until)
         self._cancel.clear()
         self._listeners = list(listeners)
@@ -311,6 +327,8 @@ class LocalExecutor:
         exclude = made_by_plan(plan)
 
         to_run, stale, reasons = decide(plan, self.state, chosen, force, exclude)
+        check_gpus([s for s in plan.steps if s.id in to_run], gpu_pool(self.config.gpus), plan.source,
+                   str(self.config.file or "") or "MUSUBI_PIPE_GPUS")
         result = RunResult(SUCCEEDED, None)
         self.run_dir = None
         try:
@@ -318,21 +336,10 @@ class LocalExecutor:
                 self._open_run_dir(plan)
             self._emit(ev.Event(ev.PLAN, data={"steps": to_run, "skipped": [s.id for s in plan.steps if s.id not in to_run],
                                                "reasons": reasons, "run_dir": str(self.run_dir or "")}))
-            stopped = ""
-            for step in plan.steps:
-                if step.id in to_run and not stopped and self._cancel.is_set():
-                    result.status, stopped = CANCELLED, "the run was cancelled"
-                if step.id not in to_run or stopped:
-                    why = f"not run: {stopped}" if step.id in to_run else (
-                        "up to date" if step.id not in stale else f"not selected ({reasons[step.id]})")
-                    result.steps[step.id] = "skipped"
-                    self._emit(ev.Event(ev.STEP_SKIPPED, step=step.id, data={"reason": why}))
-                    continue
-                status = self._run_step(step, exclude)
-                result.steps[step.id] = status
-                if status != SUCCEEDED:
-                    result.status = status
-                    stopped = f"{step.id} {status}"
+            if jobs is None:
+                self._run_in_order(plan, to_run, stale, reasons, exclude, result)
+            else:
+                self._run_parallel(plan, to_run, stale, reasons, exclude, result, jobs)
             result.run_dir = self.run_dir
             end = {"status": result.status, "run_dir": str(self.run_dir or ""), "files": final_files(plan, self.state)}
             if plan.sweeps and self.run_dir is not None:
@@ -343,6 +350,85 @@ class LocalExecutor:
                 self._events_file.close()
                 self._events_file = None
         return result
+
+    def _run_in_order(self, plan: Plan, to_run: list[str], stale: set[str], reasons: dict[str, str],
+                      exclude: list[str], result: RunResult) -> None:
+        stopped = ""
+        for step in plan.steps:
+            if step.id in to_run and not stopped and self._cancel.is_set():
+                result.status, stopped = CANCELLED, "the run was cancelled"
+            if step.id not in to_run or stopped:
+                why = f"not run: {stopped}" if step.id in to_run else (
+                    "up to date" if step.id not in stale else f"not selected ({reasons[step.id]})")
+                result.steps[step.id] = "skipped"
+                self._emit(ev.Event(ev.STEP_SKIPPED, step=step.id, data={"reason": why}))
+                continue
+            status = self._run_step(step, exclude)
+            result.steps[step.id] = status
+            if status != SUCCEEDED:
+                result.status = status
+                stopped = f"{step.id} {status}"
+
+    def _run_parallel(self, plan: Plan, to_run: list[str], stale: set[str], reasons: dict[str, str],
+                      exclude: list[str], result: RunResult, jobs: int) -> None:
+        """Steps in threads, as the scheduler allows; this thread only starts and collects them."""
+        import queue
+
+        for step in plan.steps:
+            if step.id not in to_run:
+                result.steps[step.id] = "skipped"
+                why = "up to date" if step.id not in stale else f"not selected ({reasons[step.id]})"
+                self._emit(ev.Event(ev.STEP_SKIPPED, step=step.id, data={"reason": why}))
+        sched = Scheduler([s for s in plan.steps if s.id in to_run], jobs, gpu_pool(self.config.gpus))
+        done: queue.Queue = queue.Queue()
+        crashed: list[BaseException] = []
+
+        def work(step: Step, devices: list[str] | None) -> None:
+            try:
+                status = self._run_step(step, exclude, devices)
+            except BaseException as exc:  # musubi-pipe's own error: stop the others, re-raise below
+                crashed.append(exc)
+                self._cancel.set()
+                status = FAILED
+                self._emit(ev.Event(ev.STEP_END, step=step.id, data={
+                    "status": FAILED, "cause": f"musubi-pipe error: {type(exc).__name__}: {exc}", "fix": "report it"}))
+            done.put((step.id, status))
+
+        def skip(sid: str, why: str) -> None:
+            result.steps[sid] = "skipped"
+            self._emit(ev.Event(ev.STEP_SKIPPED, step=sid, data={"reason": f"not run: {why}"}))
+
+        threads = []
+        while sched.waiting or sched.running:
+            try:
+                if self._cancel.is_set():
+                    for sid in sched.drop_waiting():
+                        skip(sid, "the run was cancelled")
+                for sid, why in sched.blocked():
+                    skip(sid, why)
+                for step, devices in sched.startable():
+                    t = threading.Thread(target=work, args=(step, devices), name=f"step-{step.id}", daemon=True)
+                    threads.append(t)
+                    t.start()
+                if not sched.running:
+                    if sched.waiting:  # nothing runs and nothing can start: the plan's needs form a loop
+                        raise PipelineError([Problem(f"steps {', '.join(sched.waiting)} wait on each other", path="needs",
+                                                     file=plan.source, fix="compile the pipeline again with this musubi-pipe")])
+                    continue
+                try:
+                    sid, status = done.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                sched.finish(sid, status)
+                result.steps[sid] = status
+            except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
+                self._cancel.set()
+        for t in threads:
+            t.join()
+        if crashed:
+            raise crashed[0]
+        ended = set(result.steps.values())
+        result.status = CANCELLED if CANCELLED in ended or self._cancel.is_set() else FAILED if FAILED in ended else SUCCEEDED
 
     def _compare(self, plan: Plan) -> str:
         """The sweep's comparison in the run folder (sweep.txt, .json, .png); its path, or "" when
@@ -402,12 +488,12 @@ class LocalExecutor:
         self._events_file = open(run_dir / "events.jsonl", "a", encoding="utf-8")
 
     def _note_command(self, step: Step, argv: list[str], env: dict, note: str) -> None:
-        with open(self.run_dir / "commands.txt", "a", encoding="utf-8") as f:
+        with self._emit_lock, open(self.run_dir / "commands.txt", "a", encoding="utf-8") as f:
             f.write(f"# {step.id}" + (f" ({note})" if note else "") + "\n")
             prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
             f.write((prefix + " " if prefix else "") + shlex.join(redact(argv)) + "\n\n")
 
-    def _run_step(self, step: Step, exclude: list[str]) -> str:
+    def _run_step(self, step: Step, exclude: list[str], devices: list[str] | None = None) -> str:
         log_path = self.run_dir / f"{step.id}.log"
         previous = self.state.record(step.id)
         changes = finish_leftovers(previous)  # what an earlier run that died could not finish
@@ -455,7 +541,7 @@ class LocalExecutor:
         attempt = 0
         while True:
             attempt += 1
-            status, rc = self._attempt(step, args, log_path, attempt, changes, record)
+            status, rc = self._attempt(step, args, log_path, attempt, changes, record, devices)
             if resume:
                 spe = (step.meta or {}).get("steps_per_epoch") or record["progress"].get("steps_per_epoch")
                 changes.extend(f"renamed {r}" for r in rename_resumed(resume, spe))
@@ -523,15 +609,21 @@ class LocalExecutor:
                               fix="run again: finished steps are skipped" + resumes)
 
     def _attempt(self, step: Step, args: list[str], log_path: Path, attempt: int, changes: list[str],
-                 record: dict) -> tuple[str, int]:
-        """One subprocess: start, pump output into log/parser/listeners, wait or cancel."""
+                 record: dict, devices: list[str] | None = None) -> tuple[str, int]:
+        """One command through the runner: start, pump output into log/parser/listeners, wait or cancel.
+        `devices`: the GPUs the parallel scheduler pinned the step to; None: the configuration's."""
         from .progress import ProgressParser
 
-        run_step = replace(step, args=args, launch_args=[*step.launch_args, *self.config.launch_args(step.launch_args)])
+        launch = self.config.launch_args(step.launch_args, devices)
+        run_step = replace(step, args=args, launch_args=[*step.launch_args, *launch])
         argv = run_step.command(str(self.config.python), str(self.config.musubi_dir))
-        env = step_environment({**self.config.step_env(), **step.env, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
+        # a pinned step's devices win over anything else (two steps must never share a GPU)
+        shown = {**self.config.step_env(), **step.env} if devices is None else {**step.env, **self.config.step_env(devices)}
+        env = step_environment({**shown, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         cwd = step.cwd or str(Path(self.run_dir).parent.parent)
-        self._note_command(step, argv, {**self.config.step_env(), **step.env}, "; ".join(changes) if changes else "")
+        if devices is None:  # the runner learns what the environment holds (see executors/runner.py)
+            devices = gpu_pool(env.get("CUDA_VISIBLE_DEVICES", "")) if self.config.gpus else []
+        self._note_command(step, argv, shown, "; ".join(changes) if changes else "")
         parser = ProgressParser(step.id, step.kind)
         with open(log_path, "ab") as log:
             header = f"=== musubi-pipe: {step.id} attempt {attempt}: {shlex.join(argv)}\n"
@@ -541,19 +633,15 @@ class LocalExecutor:
             log.flush()
             self._emit(ev.Event(ev.STEP_START, step=step.id, data={
                 "argv": redact(argv), "log": str(log_path), "attempt": attempt, "changes": list(changes), "kind": step.kind,
+                "devices": list(devices),
                 "output_dir": (step.meta or {}).get("output_dir", "")}))
-            popen_kw: dict = {}
-            if os.name == "nt":
-                popen_kw["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-            else:
-                popen_kw["start_new_session"] = True  # its own process group: one signal reaches the tree
             try:
-                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, **popen_kw)
+                proc = self.runner.start(argv, cwd, env, devices)
             except OSError as exc:
                 log.write(f"cannot start: {exc}\n".encode())
                 return FAILED, 127
             log_lock, parse_lock = threading.Lock(), threading.Lock()
+            decoders = {n: codecs.getincrementaldecoder("utf-8")("replace") for n in ("stdout", "stderr")}
 
             def deliver(parse: Callable[[], list[ev.Event]]) -> None:
                 # both streams feed one parser (its phase is shared): emit under the same lock, so
@@ -563,66 +651,49 @@ class LocalExecutor:
                         self._note_progress(record, e)
                         self._emit(e)
 
-            def pump(name: str, pipe) -> None:
-                decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                fd = pipe.fileno()
-                while True:
+            def on_chunk(name: str, chunk: bytes) -> None:
+                with log_lock:
                     try:
-                        chunk = os.read(fd, 65536)  # returns what is there: no waiting for a full line
-                    except OSError:
-                        break
-                    if not chunk:
-                        break
-                    with log_lock:
-                        try:
-                            log.write(chunk)
-                            log.flush()
-                        except ValueError:  # closed: musubi-pipe is failing and left the step
-                            break
-                    text = decoder.decode(chunk)
-                    if text:
-                        deliver(lambda: parser.feed(name, text))
-                rest = decoder.decode(b"", final=True)
-                if rest:
-                    deliver(lambda: parser.feed(name, rest))
+                        log.write(chunk)
+                        log.flush()
+                    except ValueError:  # closed: musubi-pipe is failing and left the step
+                        raise StopReading()
+                text = decoders[name].decode(chunk)
+                if text:
+                    deliver(lambda: parser.feed(name, text))
 
-            threads = [threading.Thread(target=pump, args=(n, p), daemon=True)
-                       for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-            for t in threads:
-                t.start()
-            watchdog = Watchdog.start(proc.pid, self.grace_s)
+            reader = threading.Thread(target=proc.stream, args=(on_chunk,), daemon=True)
+            reader.start()
             cancelled = ended = False
             try:
                 try:
                     while True:
-                        try:
-                            rc = proc.wait(timeout=0.05)
+                        rc = proc.wait(0.05)
+                        if rc is not None:
                             break
-                        except subprocess.TimeoutExpired:
-                            if self._cancel.is_set():
-                                cancelled = True
-                                rc = self._stop(proc)
-                                break
+                        if self._cancel.is_set():
+                            cancelled = True
+                            rc = proc.stop(self.grace_s)
+                            break
                 except KeyboardInterrupt:  # no signal handler installed by the caller: same as cancel()
                     self._cancel.set()
                     cancelled = True
-                    rc = self._stop(proc)
-                _kill_group(proc.pid)  # nothing the step started may outlive it
+                    rc = proc.stop(self.grace_s)
                 ended = True
             finally:
                 if not ended:  # musubi-pipe itself is failing: the step must not outlive the error
                     try:
-                        self._stop(proc)
-                        _kill_group(proc.pid)
+                        proc.stop(self.grace_s)
                         ended = True
-                    except BaseException:  # a second interrupt: the watchdog ends what is left
+                    except BaseException:  # a second interrupt: close(done=False) ends what is left
                         pass
-                watchdog.close(done=ended)
-            for t in threads:
-                t.join(timeout=5)
+                proc.close(done=ended)
+            reader.join(timeout=5)
+            for name, decoder in decoders.items():
+                rest = decoder.decode(b"", final=True)
+                if rest:
+                    deliver(lambda: parser.feed(name, rest))
             deliver(parser.flush)  # an unterminated last line is still a line
-            for pipe in (proc.stdout, proc.stderr):
-                pipe.close()
             log.write(f"\n=== musubi-pipe: exit code {rc}{' (cancelled)' if cancelled else ''}\n".encode())
         if cancelled:
             return CANCELLED, rc
@@ -659,33 +730,6 @@ class LocalExecutor:
         if e.step and not known and (record.get("progress") or {}).get("steps_per_epoch"):
             self.state.put(e.step, record)  # on disk now: a run killed later (kill -9) can still be resumed
 
-    def _stop(self, proc: subprocess.Popen) -> int:
-        """Polite signal to the whole process group, then SIGKILL after the grace period, also
-        for descendants that left the group."""
-        import psutil
-
-        try:
-            tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            tree = []
-        if os.name == "nt":
-            try:
-                proc.send_signal(signal.CTRL_BREAK_EVENT)
-            except OSError:
-                pass
-        else:
-            _signal_group(proc.pid, signal.SIGTERM)
-        alive = _wait_dead(tree, self.grace_s)
-        if alive:
-            _kill_group(proc.pid)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            _wait_dead(alive, 5.0)
-        return proc.wait()
-
 
 def _state_folders(step: Step) -> tuple[Path, str] | None:
     """Where a training step that saves state puts its `-state` folders, and under which name."""
@@ -719,37 +763,6 @@ def step_environment(extra: dict[str, str]) -> dict[str, str]:
         if not kept:
             del env["PYTHONPATH"]
     return env
-
-
-def _wait_dead(procs: list, timeout: float) -> list:
-    """Wait until every process has exited; a zombie counts as exited (it runs nothing, and
-    an orphan's zombie is reaped by init whenever init gets to it). Returns those still alive."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for p in procs:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.01)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_group(pid: int) -> None:
-    if os.name != "nt":
-        _signal_group(pid, signal.SIGKILL)
 
 
 def _tail(path: Path) -> str:

@@ -22,7 +22,7 @@ PYTHON_ENV = "MUSUBI_PIPE_PYTHON"
 GPUS_ENV = "MUSUBI_PIPE_GPUS"
 APP = "musubi-pipe"
 KEYS = ("musubi_tuner_dir", "python", "gpus", "allowed_output_roots", "cancel_grace_s", "allow_code", "allow_upload",
-        "allowed_imports", "machine_rank", "main_process_ip", "main_process_port")
+        "allowed_imports", "machine_rank", "main_process_ip", "main_process_port", "model_dirs")
 
 
 def config_path(environ: dict | None = None) -> Path:
@@ -55,8 +55,9 @@ class MusubiConfig:
 
     musubi_dir: Path | None = None
     python: Path | None = None
-    gpus: str = ""  # CUDA_VISIBLE_DEVICES for every step; "" leaves the environment's own
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES for every step ("" leaves the environment's own); with --jobs, the pool each step takes its own devices from
     allowed_output_roots: list[Path] = field(default_factory=list)
+    model_dirs: list[Path] = field(default_factory=list)  # where `musubi-pipe new` looks for model files
     cancel_grace_s: float = 5.0
     # What only this machine's owner may allow, never a shared pipeline: options that make musubi
     # load code a document names (config files, pickled states, dotted class paths), class paths
@@ -104,20 +105,27 @@ class MusubiConfig:
             raise PipelineError(problems)
         return self
 
-    def step_env(self) -> dict[str, str]:
-        """Environment entries the configuration adds to every step."""
+    def step_env(self, devices: list[str] | None = None) -> dict[str, str]:
+        """Environment entries the configuration adds to every step; with `devices` (the parallel
+        scheduler's choice from the `gpus` pool) the step sees only those ([]: no GPU at all)."""
+        if devices is not None:
+            return {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
         return {"CUDA_VISIBLE_DEVICES": self.gpus} if self.gpus else {}
 
-    def launch_args(self, planned: list[str]) -> list[str]:
-        """The accelerate flags this machine adds to a plan's: its GPUs for a multi-GPU step, and its
-        rank and the main process's address for a step on several machines. Raises PipelineError
-        (with the fix) when a multi-machine step meets a configuration without them."""
+    def launch_args(self, planned: list[str], devices: list[str] | None = None) -> list[str]:
+        """The accelerate flags this machine adds to a plan's: its GPUs for a multi-GPU step (the
+        step's `devices` when the scheduler pinned it), and its rank and the main process's address
+        for a step on several machines. Raises PipelineError (with the fix) when a multi-machine
+        step meets a configuration without them."""
         from ..pipelines import registry
 
         flag = {role: "--" + option for role, option in registry.launch_flags().items()}
         out: list[str] = []
-        if flag["multi_gpu"] in planned and self.gpus:
-            out += [flag["gpu_ids"], self.gpus]
+        gpus = self.gpus if devices is None else ",".join(devices)
+        if flag["multi_gpu"] in planned and gpus:
+            # accelerate writes --gpu_ids into the ranks' CUDA_VISIBLE_DEVICES as they are: the
+            # same physical ids as the step's own CUDA_VISIBLE_DEVICES, so the two agree
+            out += [flag["gpu_ids"], gpus]
         machines = _value_after(planned, flag["machines"])
         if machines is not None and machines != "1":
             where = str(self.file or config_path())
@@ -202,6 +210,11 @@ def load_config(environ: dict | None = None) -> MusubiConfig:
         raise PipelineError([Problem("expected a list of folder paths", path="allowed_output_roots",
                                      file=str(path), fix='allowed_output_roots = ["/data/loras"]')])
     cfg.allowed_output_roots = [Path(r).expanduser() for r in roots]
+    model_dirs = data.get("model_dirs", [])
+    if not isinstance(model_dirs, list) or not all(isinstance(r, str) for r in model_dirs):
+        raise PipelineError([Problem("expected a list of folder paths", path="model_dirs", file=str(path),
+                                     fix='model_dirs = ["/data/models"]')])
+    cfg.model_dirs = [Path(r).expanduser() for r in model_dirs]
     for key in ("allow_code", "allow_upload"):
         if key in data:
             if not isinstance(data[key], bool):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -223,10 +224,13 @@ def stamp(record: dict | None) -> str:
 
 
 class StateFile:
-    """Load, query and atomically rewrite the lock file. Not shared between processes."""
+    """Load, query and atomically rewrite the lock file. Not shared between processes; shared
+    between the threads of one run (parallel steps): `put` keeps a copy of the record, and writes
+    happen one at a time, so the file always holds whole records."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = threading.RLock()
         self.data: dict = {"version": VERSION, "steps": {}, "generated": {}}
         if self.path.exists():
             try:
@@ -248,12 +252,17 @@ class StateFile:
         return self.steps.get(step_id)
 
     def put(self, step_id: str, record: dict) -> None:
-        self.steps[step_id] = record
-        self.save()
+        # a copy: the step's thread goes on changing its record while another thread saves
+        copied = json.loads(json.dumps(record, ensure_ascii=False, default=str))
+        with self._lock:
+            self.steps[step_id] = copied
+            self.save()
 
     def save(self) -> None:
-        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        write_atomic(self.path, json.dumps(self.data, indent=1, ensure_ascii=False))
+        with self._lock:
+            self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            text = json.dumps(self.data, indent=1, ensure_ascii=False)
+            write_atomic(self.path, text)
 
     def why_stale(self, step: Step, exclude: list[str], stale_needs: set[str]) -> str | None:
         """None when the step is up to date, else the reason it must run, in the user's words."""

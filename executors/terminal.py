@@ -63,6 +63,15 @@ def end_text(e: ev.Event) -> list[str]:
     return [line for line in lines if line.strip()]
 
 
+def start_text(e: ev.Event) -> str:
+    """'▶ step (attempt 2) on GPU 2,3: log path': the GPUs tell steps that run side by side apart."""
+    extra = f" (attempt {e.data['attempt']})" if e.data.get("attempt", 1) > 1 else ""
+    if e.data.get("devices"):
+        extra += f" on GPU {','.join(e.data['devices'])}"
+    where = f"log {e.data['log']}" if e.data.get("log") else shlex.join(e.data.get("argv", []))
+    return f"▶ {e.step}{extra}: {where}"
+
+
 def run_end_text(e: ev.Event) -> list[str]:
     """The run's last lines: how it ended, its record folder, and where its results are."""
     lines = [f"run {e.data.get('status')}" + (f": {e.data['run_dir']}" if e.data.get("run_dir") else "")]
@@ -124,9 +133,7 @@ class TerminalDisplay:
         elif e.kind == ev.STEP_SKIPPED:
             self._print(f"- {e.step} skipped: {e.data.get('reason', '')}")
         elif e.kind == ev.STEP_START:
-            extra = f" (attempt {e.data['attempt']})" if e.data.get("attempt", 1) > 1 else ""
-            where = f"log {e.data['log']}" if e.data.get("log") else shlex.join(e.data.get("argv", []))
-            self._print(f"▶ {e.step}{extra}: {where}")
+            self._print(start_text(e))
             for change in e.data.get("changes", []):
                 self._print(f"  {change}")
         elif e.kind == ev.PROGRESS:
@@ -163,8 +170,7 @@ class TerminalDisplay:
         elif e.kind == ev.STEP_START:
             if e.step not in self._tasks:
                 self._tasks[e.step] = p.add_task("", total=None, step=e.step, info="starting")
-            where = f"log {e.data['log']}" if e.data.get("log") else shlex.join(e.data.get("argv", []))
-            p.console.print(Text(f"▶ {e.step}: {where}"))
+            p.console.print(Text(start_text(e)))
             for change in e.data.get("changes", []):
                 p.console.print(Text(f"  {change}", style="yellow"))
         elif e.kind == ev.PROGRESS and e.step in self._tasks:

@@ -38,6 +38,14 @@ class ModelSlot:
     folder: str  # ComfyUI's model folder
     help: str
     hub: bool = False  # a Hugging Face model ID is accepted too (kept as written when no such path exists)
+    download: str = ""  # the page its publisher offers it on
+    files: tuple[str, ...] = ()  # the file names it is published as (for any task)
+    task_files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> its own file names
+    task_download: dict[str, str] = field(default_factory=dict)  # task -> its own download page
+
+    def published(self, task: str | None) -> tuple[tuple[str, ...], str]:
+        """The file names this slot's model is published as for `task`, and where to download it."""
+        return self.task_files.get(task or "", self.files), self.task_download.get(task or "", self.download)
 
     def hub_id(self, value: str) -> bool:
         """Whether `value` reads as a Hugging Face model ID (owner/name) that this slot accepts."""
@@ -70,6 +78,7 @@ class StageSpec:
     one_frame_drops: tuple[str, ...] = ()  # defaults that do nothing in one-frame inference
     sections_drop: tuple[str, ...] = ()  # defaults that --video_sections replaces
     targets: dict[str, str] = field(default_factory=dict)  # convert: `to` -> --target value
+    gpus: int = 1  # GPUs the script uses (0: it never touches CUDA); training's count is accelerate's
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,19 @@ class Family:
         used = {slot for kind in kinds if kind in self.stages for slot in self.stages[kind].models}
         return tuple(slot for slot in self.models if slot in used)
 
+    def needed_slots(self, task: str | None, kinds: tuple[str, ...], sampling: bool = False) -> tuple[str, ...]:
+        """The model slots the stage kinds cannot run without for `task` (with `sampling`: also those
+        samples during training need), in the family file's order."""
+        props = self.task(task).switches
+        used = set()
+        for kind in kinds:
+            for slot, mode in (self.stages[kind].models.items() if kind in self.stages else ()):
+                when, _, cond = mode.partition(":")
+                if {"required": True, "sampling": sampling, "if_task": bool(props.get(cond)),
+                        "sampling_if_task": sampling and bool(props.get(cond))}.get(when, False):
+                    used.add(slot)
+        return tuple(slot for slot in self.models if slot in used)
+
 
 def _rungs(items: list[dict]) -> tuple[Rung, ...]:
     return tuple(Rung(dict(r["set"]), r["why"], bool(r.get("smaller"))) for r in items)
@@ -198,6 +220,11 @@ def _stage(spec: dict) -> StageSpec:
     for key in ("one_frame_drops", "sections_drop"):
         spec[key] = tuple(spec.get(key, ()))
     return StageSpec(**spec)
+
+
+def _slot(name: str, m: dict) -> ModelSlot:
+    return ModelSlot(name, m["folder"], m["help"], m.get("hub", False), m.get("download", ""), tuple(m.get("files", ())),
+                     {t: tuple(v) for t, v in m.get("task_files", {}).items()}, dict(m.get("task_download", {})))
 
 
 def _task(name: str, data: dict) -> Task:
@@ -239,7 +266,7 @@ def _load(name: str) -> Family:
         name=ident["name"], title=ident["title"], short=ident["short"], full=ident["full"],
         aliases=tuple(ident.get("aliases", ())), modelspec=tuple(ident.get("modelspec", ())),
         comfy_name=ident["comfy_name"], order=ident.get("order", 99), rules=data["rules"],
-        models={slot: ModelSlot(slot, m["folder"], m["help"], m.get("hub", False)) for slot, m in data["models"].items()},
+        models={slot: _slot(slot, m) for slot, m in data["models"].items()},
         tasks=tasks, default_task=default_task, model=model or tasks[default_task],
         experts=data.get("experts", {}), stages=stages, dits=dits, lora=data["lora"],
         memory={k: v for k, v in data["memory"].items() if k != "dits"}, flags=flags,
@@ -322,6 +349,14 @@ def policy() -> dict[str, list[str]]:
 def option(role: str) -> str:
     """A musubi option every family spells the same, as a flag ("--resume"), by its role."""
     return "--" + _common()["flags"][role]
+
+
+def stage_gpus(family_name: str, kind: str) -> int:
+    """GPUs one step of this stage kind uses (a training step's are accelerate's processes instead);
+    1 for what the registry does not know."""
+    name = canonical(family_name)
+    spec = family(name).stages.get(kind) if name else None
+    return spec.gpus if spec else 1
 
 
 def launch_flags() -> dict[str, str]:

@@ -31,6 +31,10 @@ CASES = {
                           [rf"child line -> listener event: 5 lines, median {NUMBER} ms",
                            rf"Ctrl-C -> every process of the step dead .*: {NUMBER} ms",
                            rf"fully skipped re-run, 6 steps.*median {NUMBER} ms"]),
+    "bench_parallel.py": (["--gpus", "2", "--lrs", "2", "--dims", "1", "--seconds", "0.2"],
+                          [rf"2-branch sweep on 2 GPUs, --jobs 4: 6 steps", rf"makespan {NUMBER} s vs ideal {NUMBER} s",
+                           rf"launch .*: median {NUMBER} ms", rf"dispatch .*: median {NUMBER} ms", rf"executor.s own part .*: median {NUMBER} ms",
+                           r"devices used: 2 of 2"]),
     "bench_comfy.py": (["--runs", "1"], [rf"pack import .*median {NUMBER} ms", r"COMFYUI_URL not set"]),
 }
 

@@ -175,7 +175,7 @@ def test_classifies_what_the_musubi_test_double_prints(tmp_path_factory, kind, c
     assert r.returncode != 0 and f.category == category, (f, r.stderr.decode()[-500:])
 
 
-def test_a_failed_dataset_check_names_the_first_problem():
+def test_a_failed_dataset_check_names_every_problem():
     log = """=== musubi-pipe: check attempt 1: python -c '...' dataset inspect d.toml
 [0] video dataset /data/clips
     4 found, 2 used, 2 without caption
@@ -185,7 +185,15 @@ def test_a_failed_dataset_check_names_the_first_problem():
 """
     f = classify(log, 1, "check_dataset", {})
     assert f.category == "dataset"
-    assert f.cause == "the dataset has problems: c1.mp4: no caption file c1.txt: musubi's caching stops with FileNotFoundError (+1 more)"
+    assert f.cause == ("the dataset has 2 problems: c1.mp4: no caption file c1.txt: musubi's caching stops with "
+                       "FileNotFoundError; c3.mp4: cannot be opened as a video")
+
+
+def test_a_failed_dataset_check_with_many_problems_stays_readable():
+    lines = "".join(f"    - c{i}.mp4: no caption file c{i}.txt\n" for i in range(30))
+    f = classify(f"[0] video dataset /data/clips\n{lines}=== musubi-pipe: exit code 1\n", 1, "check_dataset", {})
+    assert f.cause.startswith("the dataset has 30 problems: c0.mp4: no caption file c0.txt; c1.mp4")
+    assert "c19.mp4" in f.cause and "c20.mp4" not in f.cause and f.cause.endswith("; and 10 more in the log")
 
 
 def test_the_executors_own_log_lines_are_not_the_cause():

@@ -241,6 +241,7 @@ def test_generated_files_never_overwrite_a_users_file(double, tmp_path):
     ("launch_args", ["--no_python"], "accelerate launch flag '--no_python' is not allowed"),
     ("env", {"LD_PRELOAD": "/tmp/x.so"}, "LD_PRELOAD may not be set"),
     ("env", {"PYTHONPATH": "/tmp"}, "PYTHONPATH may not be set"),
+    ("env", {"CUDA_VISIBLE_DEVICES": "3"}, "CUDA_VISIBLE_DEVICES may not be set by a pipeline: which GPUs"),
 ])
 def test_a_plan_cannot_choose_another_program(double, tmp_path, field, value, message):
     plan = wan_plan(tmp_path)

@@ -221,3 +221,94 @@ def test_cli_monitor_writes_chart_and_json(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "c.png").size == (800, 400)
+
+
+def _run_folder(root, name, end="succeeded"):
+    """A run folder with a training step (epochs, TensorBoard) and a preview step (inference steps)."""
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    events = [
+        Event("plan", data={"steps": ["train", "preview"]}),
+        Event("step_start", step="train", time=100.0, data={"kind": "train", "argv": ["python", "t.py"]}),
+        Event("progress", step="train", time=101.0, phase="training", current=50, total=100, epoch=2, epochs=4, loss=0.3),
+        Event("step_end", step="train", data={"status": "succeeded"}),
+        Event("step_start", step="preview", time=150.0, data={"kind": "generate", "argv": ["python", "g.py"]}),
+        Event("progress", step="preview", time=151.0, phase="generating", current=20, total=20),
+    ]
+    if end:
+        events += [Event("step_end", step="preview", data={"status": "succeeded"}), Event("run_end", data={"status": end})]
+    (run / "events.jsonl").write_text("".join(json.dumps(e.to_dict()) + "\n" for e in events), encoding="utf-8")
+    w = M.EventFileWriter(run / "logs" / "events.out.tfevents.1")
+    for s in range(1, 11):
+        w.add_scalars(s, {"loss/current": 1.0 / s})
+    w.close()
+    return run
+
+
+def test_each_step_of_a_run_is_shown_on_its_own(tmp_path):
+    run = _run_folder(tmp_path, "20260101-120000")
+    train = M.TrainingMonitor(run, step="train").poll()
+    assert (train.current, train.total, train.epoch, train.epochs) == (50, 100, 2, 4)
+    assert len(train.series["loss/current"].values) == 10
+    preview = M.TrainingMonitor(run, step="preview").poll()
+    # the preview's 20 inference steps, never the training's epochs, losses or samples
+    assert (preview.current, preview.total, preview.epoch) == (20, 20, None)
+    assert not preview.series and "epoch" not in preview.summary_line() and "samples" not in preview.summary_line()
+    steps, ended = M.run_steps(run)
+    assert [(s.id, s.kind, s.status) for s in steps] == [("train", "train", "succeeded"), ("preview", "generate", "succeeded")]
+    assert ended == "succeeded" and M.current_step(steps).id == "train"
+    running = _run_folder(tmp_path / "b", "x", end="")
+    assert M.current_step(M.run_steps(running)[0]).id == "preview"
+
+
+def test_cli_monitor_shows_one_step_and_finds_runs_in_a_workdir(tmp_path):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    old = _run_folder(tmp_path, "20260101-100000", end="failed")
+    new = _run_folder(tmp_path, "20260102-100000")
+    res = CliRunner().invoke(main, ["monitor", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith(f"{new}: step train (train); other steps: preview (generate, succeeded)")
+    assert lines[1].startswith("train: training, step 50/100, epoch 2/4") and "20/20" not in res.output
+    res = CliRunner().invoke(main, ["monitor", str(new), "--step", "preview", "--json"])
+    data = json.loads(res.output)
+    assert res.exit_code == 0 and data["step"] == "preview" and data["total"] == 20 and data["epochs"] is None
+    res = CliRunner().invoke(main, ["monitor", str(tmp_path), "--list"])
+    assert res.exit_code == 0 and [line.split()[:2] for line in res.output.splitlines()] == [[str(old), "failed"], [str(new), "succeeded"]]
+    res = CliRunner().invoke(main, ["monitor", str(new), "--step", "nope"])
+    assert res.exit_code == 1 and "no step 'nope'" in res.output and "train, preview" in res.output
+
+
+def test_cli_monitor_on_a_folder_without_a_run_is_an_error(tmp_path):
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    (tmp_path / "runs").mkdir()
+    res = CliRunner().invoke(main, ["monitor", str(tmp_path)])
+    assert res.exit_code == 1 and "no run here" in res.output and "events.jsonl" in res.output
+    assert "samples" not in res.output
+    res = CliRunner().invoke(main, ["monitor", str(tmp_path), "--list"])
+    assert res.exit_code == 1 and "no runs" in res.output
+
+
+def test_a_training_step_reads_its_own_logging_dir_from_this_run_only(tmp_path):
+    import os
+
+    from musubi_pipe.pipelines.registry import option
+
+    logs = tmp_path / "logs"
+    for name, loss, mtime in (("old", 9.0, 1000.0), ("new", 0.5, 5000.0)):
+        w = M.EventFileWriter(logs / name / "events.out.tfevents.1")
+        w.add_scalars(1, {"loss/current": loss})
+        w.close()
+        os.utime(logs / name / "events.out.tfevents.1", (mtime, mtime))
+    run = tmp_path / "run"
+    run.mkdir()
+    start = Event("step_start", step="train", time=4000.0, data={"kind": "train", "argv": ["x.py", option("logging_dir"), str(logs)]})
+    (run / "events.jsonl").write_text(json.dumps(start.to_dict()) + "\n", encoding="utf-8")
+    st = M.TrainingMonitor(run, step="train").poll()
+    assert st.series["loss/current"].values == [0.5]  # the earlier run's log in the same folder is not this step's

@@ -122,3 +122,25 @@ def test_unreadable_and_truncated_files_give_clear_errors(tmp_path):
     with pytest.raises(V.MediaError, match="truncated"):
         V.read_frames(cut_webm)
     assert len(V.read_frames(cut_webm, allow_truncated=True)) == info.frames
+
+
+def test_cli_video_info_prints_a_table_and_json_on_request(tmp_path, clip):
+    import json
+
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+
+    other = make_video(tmp_path / "wide.mp4", n=12, fps=24, width=96, height=48)
+    res = CliRunner().invoke(main, ["video", "info", str(clip), str(other)])
+    assert res.exit_code == 0, res.output
+    head, first, second = res.output.splitlines()
+    assert head.split() == ["file", "size", "frames", "fps", "length", "codec"]
+    assert first.split()[:6] == [str(clip), "64x48", "30", "30", "1.00", "s"]
+    assert second.split()[:4] == [str(other), "96x48", "12", "24"]
+    assert head.index("codec") == first.index("h264") == second.index("h264")  # columns line up
+    assert json.loads(CliRunner().invoke(main, ["video", "info", str(clip), "--json"]).output)["frames"] == 30
+    bad = make_garbage(tmp_path / "bad.mp4")
+    res = CliRunner().invoke(main, ["video", "info", str(clip), str(bad)])
+    bad_line = next(line for line in res.output.splitlines() if line.startswith(str(bad)))
+    assert res.exit_code == 1 and bad_line.split()[1:6] == ["error:", "cannot", "be", "opened", "as"] and "64x48" in res.output

@@ -62,15 +62,48 @@ def video():
 
 
 @video.command("info")
-@click.argument("path", type=click.Path(dir_okay=False))
-def info(path):
-    """Size, frame count, frame rate and codec of a video."""
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the facts as JSON (one object; a list for several files)")
+def info(paths, as_json):
+    """Size, frame count, frame rate, length and codec of videos, as a table."""
     from .video import MediaError, probe
 
-    try:
-        click.echo(json.dumps(probe(path).to_dict(), indent=1))
-    except MediaError as exc:
-        _fail(str(exc))
+    rows, failed = [], False
+    for path in paths:
+        try:
+            rows.append(probe(path))
+        except MediaError as exc:
+            failed = True
+            rows.append(exc)
+    if as_json:
+        found = [r.to_dict() if not isinstance(r, MediaError) else {"path": r.path, "error": r.message, "fix": r.fix}
+                 for r in rows]
+        click.echo(json.dumps(found[0] if len(found) == 1 else found, indent=1))
+    else:
+        click.echo(video_table(rows))
+    sys.exit(1 if failed else 0)
+
+
+def video_table(rows: list) -> str:
+    """One line per video under a header; a file that cannot be read says why on its line."""
+    from .video import MediaError
+
+    head = ("file", "size", "frames", "fps", "length", "codec")
+    lines = []
+    for r in rows:
+        if isinstance(r, MediaError):
+            lines.append((r.path, f"error: {r.message}" + (f" (fix: {r.fix})" if r.fix else "")))
+            continue
+        frames = f"{r.frames}" + (f" of {r.declared_frames} (truncated)" if r.truncated else "")
+        lines.append((r.path, f"{r.width}x{r.height}", frames, f"{r.fps:g}", f"{r.duration_s:.2f} s", r.codec))
+    widths = [max(len(row[i]) for row in [head, *lines] if len(row) == len(head)) for i in range(len(head))]
+
+    def fmt(row):
+        if len(row) == 2 and row[1].startswith("error:"):
+            return f"{row[0]:<{widths[0]}}  {row[1]}"
+        return "  ".join(f"{v:<{w}}" if i in (0, 5) else f"{v:>{w}}" for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join(fmt(r) for r in [head, *lines])
 
 
 @video.command("extract")
@@ -127,21 +160,48 @@ def encode(frames_dir, output, fps, crf, codec):
 @click.option("--png", type=click.Path(dir_okay=False), help="write the loss/lr chart here (rewritten each poll)")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls with --follow")
 @click.option("--smoothing", type=click.FloatRange(0, 0.999), default=0.6, show_default=True, help="TensorBoard-style EMA weight")
-@click.option("--step", "step_id", default=None, help="only this plan step's events")
+@click.option("--step", "step_id", default=None, help="show this step of the run (default: the one running, else the training step)")
+@click.option("--list", "list_runs", is_flag=True, help="list the runs of a workdir (PATH/runs/) and their steps")
 @click.option("--json", "as_json", is_flag=True, help="print the status as JSON")
-def monitor(path, follow, png, interval, smoothing, step_id, as_json):
+def monitor(path, follow, png, interval, smoothing, step_id, list_runs, as_json):
     """Loss, learning rate, progress, ETA and samples of a run folder or a TensorBoard log folder."""
     from .contact_sheet import save_png
-    from .monitor import TrainingMonitor, draw_chart
+    from .monitor import TrainingMonitor, current_step, draw_chart, find_run, run_steps, runs_of
 
-    mon = TrainingMonitor(path, step=step_id)
+    root = Path(path)
+    if list_runs:
+        runs = runs_of(root)
+        if not runs:
+            _fail(f"{root}: no runs: expected a workdir with runs/<time>/events.jsonl (made by `musubi-pipe run`)")
+        for run in runs:
+            steps, ended = run_steps(run)
+            click.echo(f"{run}  {ended or 'running'}  " + ", ".join(f"{s.id} ({s.status or 'running'})" for s in steps))
+        return
+    try:
+        root = find_run(root)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    monitors: dict = {}
+    shown = None
     try:
         while True:
-            status = mon.poll()
+            steps, _ = run_steps(root) if (root / "events.jsonl").is_file() else ([], "")
+            if step_id and steps and step_id not in [s.id for s in steps]:
+                _fail(f"{root}: no step {step_id!r} in this run; its steps: {', '.join(s.id for s in steps)}")
+            step = next((s for s in steps if s.id == step_id), None) if step_id else current_step(steps)
+            key = step.id if step else step_id
+            if key not in monitors:
+                monitors[key] = TrainingMonitor(root, step=key)
+            status = monitors[key].poll()
+            if step and shown != step.id and not as_json:
+                others = [f"{s.id} ({s.kind or '?'}, {s.status or 'running'})" for s in steps if s.id != step.id]
+                click.echo(f"{root}: step {step.id} ({step.kind or '?'})"
+                           + (f"; other steps: {', '.join(others)} (--step ID shows one)" if others else ""))
+                shown = step.id
             if as_json:
-                click.echo(json.dumps(status.to_dict(smoothing)))
+                click.echo(json.dumps({"step": key, **status.to_dict(smoothing)}))
             else:
-                click.echo(status.summary_line())
+                click.echo((f"{step.id}: " if step else "") + status.summary_line())
             for warning in status.warnings:
                 click.echo(f"warning: {warning}", err=True)
             if png:

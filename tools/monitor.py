@@ -388,7 +388,7 @@ class TrainingStatus:
         }
 
     def summary_line(self) -> str:
-        parts = []
+        parts = [self.phase] if self.phase else []
         if self.current is not None:
             parts.append(f"step {self.current}" + (f"/{self.total}" if self.total else ""))
         if self.epoch is not None:
@@ -400,12 +400,93 @@ class TrainingStatus:
             parts.append(f"lr {self.series[LR_TAG].values[-1]:.3g}")
         if self.rate:
             parts.append(f"{self.rate:.2f} it/s")
-        if self.eta_s is not None:
+        if self.eta_s is not None and not self.finished:
             parts.append(f"ETA {_duration(self.eta_s)}")
-        parts.append(f"{len(self.samples)} samples")
+        if self.samples or self.epoch is not None or self.series:  # a training step's samples (none for others)
+            parts.append(f"{len(self.samples)} samples")
         if self.finished:
             parts.append(f"run {self.finished}")
         return ", ".join(parts)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _logging_dir(argv: list[str]) -> str | None:
+    from ..executors.resume import flag_value
+    from ..pipelines.registry import option
+
+    return flag_value(argv, option("logging_dir"))
+
+
+# ---- runs and their steps ------------------------------------------------------------------
+
+@dataclass
+class StepInfo:
+    id: str
+    kind: str = ""
+    status: str = ""  # "" while running; succeeded, failed, cancelled, skipped
+
+
+def run_steps(run_dir: Path) -> tuple[list[StepInfo], str]:
+    """The steps a run folder's events.jsonl names, in the order they started, and how the run ended ("" if running)."""
+    steps: dict[str, StepInfo] = {}
+    ended = ""
+    path = run_dir / "events.jsonl"
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                e = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(e, dict):
+                continue
+            kind, step, data = e.get("kind"), e.get("step") or "", e.get("data") or {}
+            if kind == "step_start" and step:
+                steps.setdefault(step, StepInfo(step)).kind = data.get("kind", "")
+                steps[step].status = ""
+            elif kind == "step_end" and step:
+                steps.setdefault(step, StepInfo(step)).status = data.get("status", "ended")
+            elif kind == "run_end":
+                ended = data.get("status", "ended")
+    return list(steps.values()), ended
+
+
+def current_step(steps: list[StepInfo]) -> StepInfo | None:
+    """The step to show: the one running, else the last training step, else the last one."""
+    from ..pipelines.registry import TRAINING_KINDS
+
+    running = [s for s in steps if not s.status]
+    training = [s for s in steps if s.kind in TRAINING_KINDS]
+    return (running or training or steps or [None])[-1]
+
+
+def runs_of(workdir: Path) -> list[Path]:
+    """A workdir's run folders (<workdir>/runs/<time>/), oldest first."""
+    folder = workdir / "runs"
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if (p / "events.jsonl").is_file()), key=lambda p: p.name)
+
+
+def find_run(path: Path) -> Path:
+    """What `monitor PATH` follows: a run folder, a TensorBoard log folder or file as given, or a
+    workdir's newest run. Anything else is refused, saying what was expected."""
+    if path.is_file() or (path / "events.jsonl").is_file():
+        return path
+    runs = runs_of(path)
+    if runs:
+        return runs[-1]
+    if any(path.rglob("events.out.tfevents*")):
+        return path
+    raise FileNotFoundError(
+        f"{path}: no run here. Expected a run folder (<workdir>/runs/<time>/ with events.jsonl), a workdir "
+        "with runs/ (made by `musubi-pipe run`), or a TensorBoard log folder (events.out.tfevents.* files, "
+        "musubi's --logging_dir)" + ("; runs/ holds no run with events.jsonl yet" if (path / "runs").is_dir() else ""))
 
 
 def _duration(seconds: float) -> str:
@@ -422,11 +503,21 @@ class TrainingMonitor:
         if not self.root.exists():
             raise FileNotFoundError(f"{self.root}: no such run folder or log folder (give the run folder or musubi's --logging_dir)")
         self.step = step  # only this step's events (a run may have several training steps)
+        self.kind = ""  # the step's stage kind, once its step_start is read
         self.status = TrainingStatus()
         self._readers: dict[Path, EventFileReader] = {}
         self._jsonl_offset = 0
         self._sample_dirs = {Path(d) for d in sample_dirs}
+        self._log_dirs: dict[Path, float] = {}  # the step's TensorBoard folder -> when the step started
         self._tags = frozenset((*LOSS_TAGS, LR_TAG))
+
+    @property
+    def training(self) -> bool:
+        """Whether losses, learning rates and samples can belong to what is followed: not for
+        one step of a run that is not a training step (a preview's inference steps are not epochs)."""
+        from ..pipelines.registry import TRAINING_KINDS
+
+        return not (self.step and self.kind) or self.kind in TRAINING_KINDS
 
     def _events_jsonl(self) -> Path | None:
         if self.root.is_file():
@@ -438,7 +529,7 @@ class TrainingMonitor:
         jsonl = self._events_jsonl()
         if jsonl is not None:
             self._read_jsonl(jsonl)
-        for path in self._event_files():
+        for path in self._event_files() if self.training else ():
             reader = self._readers.get(path)
             if reader is None:
                 reader = self._readers[path] = EventFileReader(path, self._tags)
@@ -447,14 +538,18 @@ class TrainingMonitor:
             if reader.corrupt and reader.corrupt not in self.status.warnings:
                 self.status.warnings.append(reader.corrupt)
         self._update_eta()
-        self._find_samples()
+        if self.training:
+            self._find_samples()
         return self.status
 
     def _event_files(self) -> list[Path]:
         if self.root.is_file():
             return [self.root] if "tfevents" in self.root.name else []
         # sorted by name: musubi's log folders carry a timestamp, so older runs come first
-        return sorted(self.root.rglob("events.out.tfevents*"))
+        found = set(self.root.rglob("events.out.tfevents*"))
+        for folder, started in self._log_dirs.items():  # the step's --logging_dir: this run's files only
+            found.update(p for p in folder.rglob("events.out.tfevents*") if _mtime(p) >= started - 2)
+        return sorted(found)
 
     def _read_jsonl(self, path: Path) -> None:
         with open(path, "rb") as f:
@@ -483,9 +578,14 @@ class TrainingMonitor:
                     st.outputs.append(p)
                     self._sample_dirs.add(Path(p).parent / "sample")
             elif kind == "step_start":
-                out_dir = (e.get("data") or {}).get("output_dir")
+                data = e.get("data") or {}
+                self.kind = data.get("kind") or self.kind
+                out_dir = data.get("output_dir")
                 if out_dir:  # musubi saves training samples in <output_dir>/sample
                     self._sample_dirs.add(Path(out_dir) / "sample")
+                logs = _logging_dir(data.get("argv") or [])
+                if self.step and logs:
+                    self._log_dirs.setdefault(Path(logs), float(e.get("time") or 0))
             elif kind == "run_end":
                 st.finished = (e.get("data") or {}).get("status", "ended")
 

@@ -19,7 +19,7 @@ PACK_NODES = FAMILY_NODES | {
     "MusubiTuner_FormatConverter", "MusubiTuner_LoRAMerger", "MusubiTuner_LoRAWeightedMerge", "MusubiTuner_PostHocEMA",
     "MusubiTuner_LoRAMergeStage",
     "MusubiTuner_VideoInput", "MusubiTuner_VideoOutput", "MusubiTuner_BatchProcessor",
-    "MusubiTuner_MemoryOptimizer", "MusubiTuner_TrainingMonitor", "MusubiTuner_ResourceMonitor",
+    "MusubiTuner_MemoryOptimizer", "MusubiTuner_TrainingMonitor", "MusubiTuner_ResourceMonitor", "MusubiTuner_NewPipeline",
 }
 
 

@@ -37,7 +37,12 @@ Environment variables read by the double:
   MUSUBI_DOUBLE_STEP_SECONDS  seconds per training step / cache batch / sampling step (default 0.01).
   MUSUBI_DOUBLE_ALLOW_ABBREV  ``1``: accept flag prefixes like real argparse; default off, so the
                             double rejects abbreviations as check_argv.py does.
-  MUSUBI_DOUBLE_RECORD      a file; each run appends one JSON line {script, argv, cwd, pid}.
+  MUSUBI_DOUBLE_RECORD      a file; each run appends one JSON line {script, argv, cwd, pid, devices
+                            (its CUDA_VISIBLE_DEVICES or null), rank, start (time.time())}.
+  MUSUBI_DOUBLE_TIMES       a file; each run that ends appends {script, pid, devices, rank, start, end}:
+                            step intervals, to see steps overlap.
+  MUSUBI_DOUBLE_RUN_SECONDS  seconds every script sleeps after parsing its arguments (default 0):
+                            a fixed cost per step, for the scheduler's tests and benchmark.
 """
 from __future__ import annotations
 
@@ -1322,15 +1327,31 @@ def merge_lora(script: str, args, fail: str | None) -> None:
 # ---------------------------------------------------------------- entry point
 
 def main(script_file: str) -> int:
+    started = time.time()
     script = os.path.splitext(os.path.basename(script_file))[0]
+    seen = {"script": script, "pid": os.getpid(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "rank": os.environ.get("RANK"), "start": started}
     record = os.environ.get("MUSUBI_DOUBLE_RECORD")
     if record:
         with open(record, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"script": script, "argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid()}) + "\n")
+            fh.write(json.dumps({**seen, "argv": sys.argv[1:], "cwd": os.getcwd()}) + "\n")
+    times = os.environ.get("MUSUBI_DOUBLE_TIMES")
+    try:
+        return _main(script, started)
+    finally:
+        if times:
+            with open(times, "a", encoding="utf-8") as fh:  # one short line: appends stay whole
+                fh.write(json.dumps({**seen, "end": time.time()}) + "\n")
+
+
+def _main(script: str, started: float) -> int:
     args = build_parser(script).parse_args()  # argparse: usage + error to stderr, exit 2
     if os.environ.get("MUSUBI_DOUBLE_SILENT_RANK") == "1":
         while True:  # a non-zero rank of a multi-GPU run: alive until the launcher ends it
             time.sleep(1)
+    fixed = float(os.environ.get("MUSUBI_DOUBLE_RUN_SECONDS", "0"))
+    if fixed:
+        time.sleep(max(0.0, started + fixed - time.time()))
     arch = next((a for p, a in ARCH_PREFIXES if script.startswith(p)), "hv")
     if arch == "qi":
         arch = QWEN_VERSION_ARCH.get((getattr(args, "model_version", None) or "").lower(), arch)
