@@ -65,7 +65,9 @@ def _model_edits(example: Example) -> tuple[list[Edit], list[str]]:
         name = f"**{files[0]}**" + "".join(f" (or {f})" for f in files[1:2]) if files else f"the {spec.help} file"
         where = f" from [its download page]({page})" if page else ""
         first = slot not in lines
-        lines.setdefault(slot, f"- **{spec.help}**: {name}{where} → ComfyUI/models/{spec.folder}/")
+        # with a file name to go by, the help's remarks (e.g. on another model version) only distract
+        label = spec.help.split(" (")[0] if files else spec.help
+        lines.setdefault(slot, f"- **{label}**: {name}{where} → ComfyUI/models/{spec.folder}/")
         what = f"pick {files[0] if files else 'the file'} (in models/{spec.folder})" if first else "pick the same file"
         edits.append(Edit(node, slot, what, f"model:{slot}"))
     return edits, list(lines.values())
