@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +19,7 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="musubi-cdp-")
         self.proc = subprocess.Popen(
             [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-             "--remote-debugging-port=0", f"--user-data-dir={self.profile}", "--window-size=1400,900", "about:blank"],
+             "--remote-debugging-port=0", f"--user-data-dir={self.profile}", "--window-size=1920,1080", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
@@ -65,19 +64,23 @@ class Browser:
             time.sleep(0.25)
         return False
 
-    def errors(self) -> list[str]:
-        """Console errors and uncaught exceptions seen so far."""
+    def messages(self, levels: tuple[str, ...] = ("error",)) -> list[str]:
+        """Console messages of these levels ("error", "warning", ...) and uncaught exceptions, so far."""
         out = []
         for e in self.events:
             method, params = e.get("method"), e.get("params", {})
             if method == "Runtime.exceptionThrown":
                 d = params["exceptionDetails"]
                 out.append(d.get("exception", {}).get("description") or d.get("text", ""))
-            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+            elif method == "Runtime.consoleAPICalled" and params.get("type") in levels:
                 out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
-            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+            elif method == "Log.entryAdded" and params["entry"]["level"] in levels:
                 out.append(params["entry"].get("text", "") + " " + params["entry"].get("url", ""))
         return out
+
+    def errors(self) -> list[str]:
+        """Console errors and uncaught exceptions seen so far."""
+        return self.messages(("error",))
 
     def close(self) -> None:
         try:

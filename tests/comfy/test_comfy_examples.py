@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from make_examples import REPO, rendered
+from make_examples import REPO, all_edits, api_prompt, examples, rendered
 
 EXAMPLES = REPO / "example_workflows"
 
@@ -16,7 +16,83 @@ def test_example_files_are_up_to_date():
 
 def test_examples_are_listed_as_templates(comfy):
     listed = comfy.get("/workflow_templates")
-    assert sorted(listed["musubi-pipe"]) == ["format_conversion", "inference_with_lora", "lora_training", "merge_loras"]
+    assert sorted(listed["musubi-pipe"]) == sorted(examples())
+
+
+# The test's stand-ins for the files a user downloads (tests/comfy/conftest.py puts them in the model folders).
+MODELS = {"dit": "musubi-test-dit_bf16.safetensors", "vae": "musubi-test-vae.safetensors", "t5": "musubi-test-t5.safetensors",
+          "text_encoder1": "musubi-test-te1.safetensors", "text_encoder2": "musubi-test-te2.safetensors"}
+
+
+def user_edits(name: str, **values) -> dict[tuple[str, str], object]:
+    """The edits the example's notes name, {(node id, widget): value}: models picked from MODELS,
+    the rest from `values` (by the edit's test_value key)."""
+    out = {}
+    for edit in all_edits(examples()[name]):
+        key = edit.test_value
+        out[(edit.node, edit.widget)] = MODELS[key.split(":", 1)[1]] if key.startswith("model:") else values[key]
+    return out
+
+
+# Not an edit a user needs: a pipeline name no earlier test used, so each test's run starts fresh
+# (LoRAs land in ComfyUI's shared loras folder). Everything else runs as shipped.
+FRESH_NAME = {"lora_training": ("1", "name")}
+
+
+def prepared(comfy, name: str, edits: dict, unique: str = "") -> dict:
+    """The example as the editor queues it after the notes' edits (and, with `unique`, a fresh name)."""
+    prompt = api_prompt(json.loads((EXAMPLES / f"{name}.json").read_text()), comfy.get("/object_info"))
+    changes = {**edits, **({FRESH_NAME[name]: unique} if unique and name in FRESH_NAME else {})}
+    for (node, widget), value in changes.items():
+        assert widget in prompt[node]["inputs"], f"{name}: node {node} has no widget {widget}"
+        prompt[node]["inputs"][widget] = value
+    return prompt
+
+
+def test_the_four_examples_run_after_the_edits_their_notes_name(comfy, comfy_dir, clips, record, unique):
+    training = prepared(comfy, "lora_training", user_edits("lora_training", clips=str(clips)), unique)
+    outcome = comfy.run(training, timeout=240)
+    assert outcome.ended == "execution_success", outcome.error()
+    lora = f"musubi-pipe/{unique}/{unique}.safetensors"
+    assert (comfy_dir / "models" / "loras" / lora).is_file()
+    assert outcome.outputs("8")["text"][0].endswith(f"{unique}.safetensors")  # "Your LoRA" shows its path
+
+    edits = user_edits("inference_with_lora", lora=lora, prompt="a fox in the trained style")
+    outcome = comfy.run(prepared(comfy, "inference_with_lora", edits), timeout=120)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert outcome.outputs("2")["images"][0]["filename"].endswith(".mp4")
+
+    outcome = comfy.run(prepared(comfy, "format_conversion", user_edits("format_conversion", lora=lora)), timeout=120)
+    assert outcome.ended == "execution_success", outcome.error()
+    from musubi_pipe.tools.lora import detect_format
+
+    converted = comfy_dir / "models" / "loras" / "musubi-pipe" / f"{unique}-comfyui.safetensors"
+    assert detect_format(converted) == "comfyui"
+
+    # The double's LoRAs have tiny tensors; merging checks real shapes, so merge two real-shaped ones.
+    names = [f"musubi-pipe/{unique}-style{i}.safetensors" for i in (1, 2)]
+    for i, name in enumerate(names):
+        _real_shaped_lora(comfy_dir / "models" / "loras" / name, seed=i)
+    edits = user_edits("merge_loras", lora_1=names[0], lora_2=names[1], mixed=f"{unique}-mixed.safetensors",
+                       merged=f"{unique}-merged.safetensors")
+    # The merger serves every family: a model the family does not use here is refused, by name.
+    vae = f"vae = {comfy_dir / 'models' / 'vae' / MODELS['vae']}"
+    outcome = comfy.run(prepared(comfy, "merge_loras", {**edits, ("2", "model_paths"): vae}), timeout=120)
+    assert outcome.ended == "execution_error"
+    assert outcome.error()["exception_message"].startswith(
+        "LoRA Merger (node 2): vae: HunyuanVideo does not use it here (merge); set vae to (none)"), outcome.error()
+    outcome = comfy.run(prepared(comfy, "merge_loras", edits), timeout=120)
+    assert outcome.ended == "execution_success", outcome.error()
+    assert (comfy_dir / "models" / "loras" / "musubi-pipe" / f"{unique}-mixed.safetensors").is_file()
+    assert (comfy_dir / "models" / "diffusion_models" / "musubi-pipe" / f"{unique}-merged.safetensors").is_file()
+
+
+def test_an_unedited_example_names_the_widget_to_edit(comfy, record):
+    """Queued as shipped, the training example fails before running anything, naming the edit its note asks for."""
+    outcome = comfy.run(prepared(comfy, "lora_training", {}), timeout=60)
+    assert outcome.ended == "execution_error"
+    assert "media_folder" in outcome.error()["exception_message"], outcome.error()
+    assert record.read_text() == ""
 
 
 def _fill(prompt: dict, models: Path, slots: tuple[str, ...] | None = None, **widgets) -> dict:
@@ -33,52 +109,6 @@ def _fill(prompt: dict, models: Path, slots: tuple[str, ...] | None = None, **wi
             if key in inputs:
                 inputs[key] = value
     return prompt
-
-
-def test_the_four_examples_run(comfy, comfy_dir, clips, record, unique, test_root):
-    from musubi_pipe.comfy_adapter.export import ui_to_api
-
-    def load(name):
-        return ui_to_api(json.loads((EXAMPLES / f"{name}.json").read_text()))
-
-    training = _fill(load("lora_training"), comfy_dir, media_folder=str(clips), name=unique, width=96, height=64,
-                     target_frames="1, 9", max_train_epochs=2, base_folder=str(test_root / "work" / unique))
-    outcome = comfy.run(training, timeout=240)
-    assert outcome.ended == "execution_success", outcome.error()
-    lora = f"musubi-pipe/{unique}/{unique}.safetensors"
-    assert (comfy_dir / "models" / "loras" / lora).is_file()
-
-    inference = _fill(load("inference_with_lora"), comfy_dir, lora_name=lora, width=96, height=64, video_length=9, infer_steps=2)
-    outcome = comfy.run(inference, timeout=120)
-    assert outcome.ended == "execution_success", outcome.error()
-    assert outcome.outputs("2")["images"][0]["filename"].endswith(".mp4")
-
-    conversion = _fill(load("format_conversion"), comfy_dir, lora_name=lora)
-    outcome = comfy.run(conversion, timeout=120)
-    assert outcome.ended == "execution_success", outcome.error()
-    from musubi_pipe.tools.lora import detect_format
-
-    converted = comfy_dir / "models" / "loras" / "musubi-pipe" / f"{unique}-comfyui.safetensors"
-    assert detect_format(converted) == "comfyui"
-
-    # The double's LoRAs have tiny tensors; merging checks real shapes, so merge two real-shaped ones.
-    names = [f"musubi-pipe/{unique}-style{i}.safetensors" for i in (1, 2)]
-    for i, name in enumerate(names):
-        _real_shaped_lora(comfy_dir / "models" / "loras" / name, seed=i)
-    # The merger serves every family: only the pipeline family's models may be set (HunyuanVideo merges need the DiT).
-    merging = _fill(load("merge_loras"), comfy_dir, lora_name_1=names[0], lora_name_2=names[1],
-                    output_name=f"{unique}-merged.safetensors")
-    merging["2"]["inputs"]["model_paths"] = f"vae = {comfy_dir / 'models' / 'vae' / 'musubi-test-vae.safetensors'}"
-    outcome = comfy.run(merging, timeout=120)
-    assert outcome.ended == "execution_error"
-    assert outcome.error()["exception_message"].startswith(
-        "LoRA Merger (node 2): vae: HunyuanVideo does not use it here (merge); set vae to (none)"), outcome.error()
-    merging = _fill(load("merge_loras"), comfy_dir, slots=("dit",), lora_name_1=names[0], lora_name_2=names[1],
-                    output_name=f"{unique}-merged.safetensors")
-    outcome = comfy.run(merging, timeout=120)
-    assert outcome.ended == "execution_success", outcome.error()
-    assert (comfy_dir / "models" / "loras" / "musubi-pipe" / f"{unique}-merged.safetensors").is_file()
-    assert (comfy_dir / "models" / "diffusion_models" / "musubi-pipe" / f"{unique}-merged.safetensors").is_file()
 
 
 def _real_shaped_lora(path: Path, seed: int) -> None:
