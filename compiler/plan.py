@@ -169,3 +169,13 @@ def fingerprint(*parts: Any) -> str:
     """A stable hash of JSON-serialisable parts."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value an argv gives `flag` (`--flag value` or `--flag=value`), None if it has none."""
+    for i, word in enumerate(args):
+        if word == flag and i + 1 < len(args):
+            return args[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None

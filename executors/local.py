@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, TOOL_COMMANDS, Plan, Step
+from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, TOOL_COMMANDS, Plan, Step, flag_value
 from ..errors import PipelineError, Problem
 from . import events as ev
 from ..files import write_atomic
 from ..pipelines import registry
 from .musubi_env import MusubiConfig, environment_facts
-from .resume import (Resume, event_files, finish_leftovers, flag_value, plan_resume, rename_resumed, resume_key,
+from .resume import (Resume, event_files, finish_leftovers, plan_resume, rename_resumed, resume_key,
                      shift_event_steps, snapshot_states, tag_new_states)
 from .runlock import RunLock, check_owner, claim
 from .runner import LocalRunner, Runner, StopReading
@@ -234,7 +234,7 @@ def decide(plan: Plan, state: StateFile, chosen: list[str], force: bool,
     return [s.id for s in plan.steps if s.id in chosen and s.id in stale], stale, reasons
 
 
-# argv edits (flag_value, set_flag, remove_flag) and resuming live in resume.py
+# argv edits (set_flag, remove_flag) and resuming live in resume.py; flag_value in compiler/plan.py
 
 
 # ---------------------------------------------------------------------------------- the run

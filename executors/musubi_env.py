@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..compiler.plan import SAFE_PATH
+from ..compiler.plan import SAFE_PATH, flag_value
 from ..errors import PipelineError, Problem
 from ..files import write_atomic
 
@@ -129,7 +129,7 @@ class MusubiConfig:
             # accelerate writes --gpu_ids into the ranks' CUDA_VISIBLE_DEVICES as they are: the
             # same physical ids as the step's own CUDA_VISIBLE_DEVICES, so the two agree
             out += [flag["gpu_ids"], gpus]
-        machines = _value_after(planned, flag["machines"])
+        machines = flag_value(planned, flag["machines"])
         if machines is not None and machines != "1":
             where = str(self.file or config_path())
             missing = [k for k in ("machine_rank", "main_process_ip", "main_process_port") if getattr(self, k) in (None, "")]
@@ -261,14 +261,6 @@ def _whole(value, key: str, path: Path, low: int, high: int, fix: str) -> int:
                                      file=str(path), fix=fix)])
     return value
 
-
-def _value_after(argv: list[str], flag: str) -> str | None:
-    for i, word in enumerate(argv):
-        if word == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith(flag + "="):
-            return word.split("=", 1)[1]
-    return None
 
 
 # ---------------------------------------------------------------------------------- init

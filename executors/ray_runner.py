@@ -12,11 +12,11 @@ import time
 from collections import deque
 from dataclasses import replace
 
-from ..compiler.plan import Plan
+from ..compiler.plan import Plan, flag_value
 from ..errors import PipelineError, Problem
 from . import events as ev
 from .local import LocalExecutor, check_plan
-from .musubi_env import MusubiConfig, _value_after, config_path, is_inside
+from .musubi_env import MusubiConfig, config_path, is_inside
 
 INSTALL = "pip install 'musubi-pipe[ray]'"
 CHUNK = 256 * 1024  # most output one read hands back: a flood of output still streams in pieces
@@ -54,7 +54,7 @@ def check_cluster_plan(plan: Plan, config: MusubiConfig) -> None:
                 for path, field in paths if not is_inside(path, root)]
     machines = "--" + registry.launch_flags()["machines"]
     for step in plan.steps:
-        n = _value_after(step.launch_args, machines)
+        n = flag_value(step.launch_args, machines)
         if n not in (None, "1"):
             problems.append(Problem(f"step {step.id} trains on {n} machines; the Ray executor runs each step on one node",
                                     path=f"steps.{step.id}", file=plan.source,

@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compiler.plan import Step, fingerprint
+from ..compiler.plan import Step, fingerprint, flag_value
 from ..files import atomic_path, write_atomic
 from ..pipelines import registry
 from ..pipelines.registry import option
@@ -66,14 +66,6 @@ class Resume:
 
 # ------------------------------------------------------------------------------ argv helpers
 
-
-def flag_value(args: list[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def remove_flag(args: list[str], flag: str, takes_value: bool = True) -> list[str]:

@@ -15,18 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, Step
+from ..compiler.plan import LAUNCH_ACCELERATE, LAUNCH_TOOL, Step, flag_value
 from ..errors import PipelineError, Problem
 from ..pipelines import registry
 
-
-def _value_after(argv: list[str], flag: str) -> str | None:
-    for i, word in enumerate(argv):
-        if word == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith(flag + "="):
-            return word.split("=", 1)[1]
-    return None
 
 
 def step_gpus(step: Step) -> int:
@@ -38,8 +30,8 @@ def step_gpus(step: Step) -> int:
     if step.launcher == LAUNCH_ACCELERATE:
         flag = registry.launch_flags()
         try:
-            processes = int(_value_after(step.launch_args, "--" + flag["processes"]) or 1)
-            machines = int(_value_after(step.launch_args, "--" + flag["machines"]) or 1)
+            processes = int(flag_value(step.launch_args, "--" + flag["processes"]) or 1)
+            machines = int(flag_value(step.launch_args, "--" + flag["machines"]) or 1)
         except ValueError:
             return 1
         return max(1, processes // max(1, machines))
