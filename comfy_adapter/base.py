@@ -761,8 +761,11 @@ class Run:
             self.run_dir = e.data.get("run_dir", "")
         elif e.kind == ev.OUTPUT:
             self.outputs.setdefault(e.step, []).append(e.data.get("path", ""))
-        elif e.kind == ev.STEP_END and e.data.get("status") not in ("succeeded", None):
-            self.failure = {"step": e.step, **e.data}
+        elif e.kind == ev.STEP_END:  # the text must not stay at the last progress line ("caching 2")
+            status, cause = e.data.get("status") or "ended", e.data.get("cause")
+            if e.data.get("status") not in ("succeeded", None):
+                self.failure = {"step": e.step, **e.data}
+            self._text(f"{e.step}: " + ("done" if status == "succeeded" else status + (f": {cause}" if cause else "")))
         elif e.kind == ev.PROGRESS:
             total = e.total or 0
             # ComfyUI's own bar and text messages, as bounded as ours: 4 a second, and the end.

@@ -626,3 +626,19 @@ def test_batch_prompts_carry_per_prompt_settings():
                        {"text": "a cat", "seed": 99}, {"text": "a dog", "seed": 7}]
     with pytest.raises(base.NodeError, match=r"^Batch Processor: prompts line 2: --s \(steps\): 'many' is not a number"):
         BatchProcessor().build("a fox\na cat --s many", -1)
+
+
+def test_a_nodes_text_ends_with_how_each_step_ended(monkeypatch):
+    """The node's progress text may not stay at the last progress line ("caching 2") once the step ended."""
+    from musubi_pipe.comfy_adapter import base
+    from musubi_pipe.executors import events as ev
+
+    shown = []
+    monkeypatch.setattr(base, "show_text", lambda node, text: shown.append(text))
+    run = base.Run("7")
+    run.listener(ev.Event(ev.STEP_START, step="cache_latents", data={}))
+    run.listener(ev.Event(ev.PROGRESS, step="cache_latents", phase="caching", current=2, total=None, data={}))
+    run.listener(ev.Event(ev.STEP_END, step="cache_latents", data={"status": "succeeded"}))
+    assert shown[-1] == "cache_latents: done"
+    run.listener(ev.Event(ev.STEP_END, step="train", data={"status": "failed", "cause": "out of GPU memory"}))
+    assert shown[-1] == "train: failed: out of GPU memory"
