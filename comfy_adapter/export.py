@@ -12,6 +12,10 @@ import click
 from .base import DEFAULT_TASK, FAMILY_NODE_SUFFIX, family_node_id, options_text, registry
 
 # The node that runs each stage kind; the kinds in FAMILY_NODE_SUFFIX have one node per family.
+# Where a workflow opens in ComfyUI's editor: at this zoom the first node's title clears the tab
+# bar, breadcrumb and Run bar (TOP) and the side bar (LEFT). The shipped examples use them too.
+TOP, LEFT, SCALE = 180.0, 90.0, 1.0
+
 KIND_NODES = {
     "ema": "MusubiTuner_PostHocEMA",
     "convert": "MusubiTuner_FormatConverter",
@@ -202,12 +206,12 @@ def to_ui(nodes: list[dict], links: list) -> dict:
     position: dict[str, list[float]] = {}
     sizes: dict[str, list[float]] = {}
     for column, generation in enumerate(nx.topological_generations(graph)):
-        y = 60.0
+        y = TOP
         for node_id in sorted(generation, key=int):
             cls = by_id[node_id]["class_type"]
             count = sum(1 for _, spec, _ in _inputs(cls) if _is_widget(spec))
             sizes[node_id] = [380.0, 80.0 + 26.0 * count]
-            position[node_id] = [60.0 + 440.0 * column, y]
+            position[node_id] = [LEFT + 440.0 * column, y]
             y += sizes[node_id][1] + 60.0
     ui_links, out_links, in_link = [], {}, {}
     for number, (src, slot, dst, name) in enumerate(links, start=1):
@@ -244,7 +248,7 @@ def to_ui(nodes: list[dict], links: list) -> dict:
         "id": str(identity), "revision": 0,
         "last_node_id": max(int(n["id"]) for n in nodes), "last_link_id": len(ui_links),
         "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "musubi_pipe": {"generated_by": "musubi-pipe export-comfy"}},
+        "extra": {"ds": {"scale": SCALE, "offset": [0, 0]}, "musubi_pipe": {"generated_by": "musubi-pipe export-comfy"}},
         "version": 0.4,
     }
 

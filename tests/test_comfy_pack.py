@@ -642,3 +642,26 @@ def test_a_nodes_text_ends_with_how_each_step_ended(monkeypatch):
     assert shown[-1] == "cache_latents: done"
     run.listener(ev.Event(ev.STEP_END, step="train", data={"status": "failed", "cause": "out of GPU memory"}))
     assert shown[-1] == "train: failed: out of GPU memory"
+
+
+def test_an_exported_workflow_opens_below_the_editors_bars_without_overlaps(tmp_path):
+    """ComfyUI draws a node's title above its position: at TOP and LEFT (the shipped examples' view,
+    which the browser checks look at) no title hides under the tab bar, and no two nodes overlap."""
+    import json
+
+    from click.testing import CliRunner
+
+    from musubi_pipe.cli import main
+    from musubi_pipe.comfy_adapter.export import LEFT, SCALE, TOP
+
+    out = tmp_path / "wf.json"
+    result = CliRunner().invoke(main, ["export-comfy", str(REPO / "pipelines/examples/wan21_t2v_1.3b_lora.toml"),
+                                       "-o", str(out), "--format", "ui"])
+    assert result.exit_code == 0, result.output
+    workflow = json.loads(out.read_text())
+    assert workflow["extra"]["ds"] == {"scale": SCALE, "offset": [0, 0]}
+    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in workflow["nodes"]]
+    assert min(b[1] for b in boxes) >= TOP and min(b[0] for b in boxes) >= LEFT
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)

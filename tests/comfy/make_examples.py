@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TOP = 180.0  # graph y of the first node: at the saved zoom its title clears ComfyUI's tab bar, breadcrumb and Run bar
-LEFT = 90.0  # clears the side bar
 COLUMN_GAP, ROW_GAP = 60.0, 70.0
 TITLE = 30.0  # LiteGraph's title bar, drawn above a node's position
 NOTE_WIDTH = 460.0
-SCALE = 1.0  # the saved zoom: the notes' 10-pixel text (ComfyUI's default) stays readable; the note and
-#               three columns fit a 1920-pixel window
+# Nodes start at export's TOP and LEFT, at its zoom (1.0): the notes' 10-pixel text (ComfyUI's
+# default) stays readable; the note and three columns fit a 1920-pixel window.
 
 
 @dataclass
@@ -190,7 +188,7 @@ def _note_height(text: str, width: float) -> float:
 
 def render(example: Example) -> dict:
     sys.path.insert(0, str(REPO.parent))
-    from musubi_pipe.comfy_adapter.export import to_ui
+    from musubi_pipe.comfy_adapter.export import LEFT, TOP, to_ui
 
     workflow = to_ui(example.nodes, example.links)
     by_id = {str(n["id"]): n for n in workflow["nodes"]}
@@ -229,7 +227,6 @@ def render(example: Example) -> dict:
     workflow["nodes"] = sorted(by_id.values(), key=lambda n: n["order"])
     workflow["last_node_id"] = max(n["id"] for n in workflow["nodes"])
     workflow["last_link_id"] = link_id
-    workflow["extra"]["ds"] = {"scale": SCALE, "offset": [0, 0]}
     workflow["extra"]["musubi_pipe"] = {"generated_by": "tests/comfy/make_examples.py"}
     return workflow
 
