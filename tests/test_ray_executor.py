@@ -343,7 +343,10 @@ def _cli(cluster, checkout, folder: Path, pipeline: Path, *extra: str) -> subpro
     config.write_text(f'musubi_tuner_dir = "{checkout}"\npython = "{double_python(checkout)}"\nshared_root = "{folder}"\n'
                       "cancel_grace_s = 2.0\n")
     env = {**os.environ, "MUSUBI_PIPE_CONFIG": str(config)}
-    env.pop("RAY_ADDRESS", None)
+    # the config file names the double: environment overrides (a real checkout's MUSUBI_TUNER_DIR
+    # when the real-checkout tests run) would beat it
+    for name in ("RAY_ADDRESS", "MUSUBI_TUNER_DIR", "MUSUBI_PIPE_PYTHON", "MUSUBI_PIPE_GPUS"):
+        env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "musubi_pipe.cli", "run", "--executor", "ray", "--address", cluster.address,
                              "--plain", *extra, str(pipeline)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
