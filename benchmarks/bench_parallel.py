@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from executor_plans import Recorder, config_for  # noqa: E402
+from executor_plans import SMALL_WAN, Recorder, config_for  # noqa: E402
 from media_factory import make_video  # noqa: E402
 from musubi_double import make_fake_checkout  # noqa: E402
 from musubi_pipe.compiler import compile_file  # noqa: E402
@@ -33,24 +33,7 @@ from musubi_pipe.executors.schedule import Scheduler, step_gpus  # noqa: E402
 
 PIPELINE = """
 name = "bench-parallel"
-family = "wan"
-task = "t2v-1.3B"
-[models]
-dit = "models/wan_bf16.safetensors"
-vae = "models/vae.safetensors"
-t5 = "models/t5.safetensors"
-[dataset.general]
-resolution = [96, 64]
-caption_extension = ".txt"
-[[dataset.datasets]]
-video_directory = "clips"
-cache_directory = "cache"
-target_frames = [1]
-[stages.latents]
-kind = "cache_latents"
-[stages.text]
-kind = "cache_text_encoder"
-[stages.train]
+""" + SMALL_WAN + """[stages.train]
 kind = "train"
 max_train_steps = 2
 sweep = {{ learning_rate = [{lrs}], network_dim = [{dims}] }}

@@ -8,6 +8,32 @@ from pathlib import Path
 from musubi_pipe.compiler.plan import GeneratedFile, Input, Output, Plan, Step, fingerprint
 from musubi_pipe.executors.musubi_env import MusubiConfig
 
+# The smallest Wan 2.1 1.3B pipeline the test double runs (clips/ beside the pipeline): its models,
+# its dataset and the two caches. Tests and benchmarks add a name and their own stages; no braces,
+# so it joins str.format templates as it is.
+SMALL_WAN_MODELS = """\
+family = "wan"
+task = "t2v-1.3B"
+[models]
+dit = "models/wan_bf16.safetensors"
+vae = "models/vae.safetensors"
+t5 = "models/t5.safetensors"
+"""
+SMALL_WAN_DATA = """\
+[dataset.general]
+resolution = [96, 64]
+caption_extension = ".txt"
+[[dataset.datasets]]
+video_directory = "clips"
+cache_directory = "cache"
+target_frames = [1]
+[stages.latents]
+kind = "cache_latents"
+[stages.text]
+kind = "cache_text_encoder"
+"""
+SMALL_WAN = SMALL_WAN_MODELS + SMALL_WAN_DATA
+
 
 def make_images(folder: Path, names=("a", "b")) -> None:
     from PIL import Image

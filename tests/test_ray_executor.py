@@ -26,7 +26,7 @@ if importlib.util.find_spec("ray") is None:
         raise ImportError("MUSUBI_PIPE_REQUIRE_RAY=1 and Ray is not installed: pip install -e '.[test,ray]'")
     pytest.skip("Ray is not installed: pip install -e '.[test,ray]'", allow_module_level=True)
 
-from executor_plans import Recorder, config_for
+from executor_plans import SMALL_WAN_DATA, SMALL_WAN_MODELS, Recorder, config_for
 from media_factory import make_video
 from musubi_double import make_fake_checkout
 from musubi_pipe.compiler import compile_file
@@ -37,28 +37,10 @@ from ray_cluster import LocalRayCluster, free_base_port
 STEP_SECONDS = 0.05  # the double's seconds per training step, on every node
 PLACED = "ray: step runs on node "  # the driver's note on where a step runs (events.jsonl)
 
-COMMON = """
-[dataset.general]
-resolution = [96, 64]
-caption_extension = ".txt"
-[[dataset.datasets]]
-video_directory = "clips"
-cache_directory = "cache"
-target_frames = [1]
-[stages.latents]
-kind = "cache_latents"
-[stages.text]
-kind = "cache_text_encoder"
-"""
+COMMON = "\n" + SMALL_WAN_DATA
 SWEEP = """
 name = "sweep"
-family = "wan"
-task = "t2v-1.3B"
-[models]
-dit = "models/wan_bf16.safetensors"
-vae = "models/vae.safetensors"
-t5 = "models/t5.safetensors"
-""" + COMMON + """
+""" + SMALL_WAN_MODELS + COMMON + """
 [stages.train]
 kind = "train"
 max_train_steps = {steps}

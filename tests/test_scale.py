@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from executor_plans import SMALL_WAN
 from media_factory import make_video
 from musubi_double import make_fake_checkout
 from musubi_pipe.compiler import compile_file
@@ -18,24 +19,7 @@ from musubi_pipe.executors.musubi_env import MusubiConfig
 
 PIPELINE = """
 name = "scale"
-family = "wan"
-task = "t2v-1.3B"
-[models]
-dit = "models/wan_bf16.safetensors"
-vae = "models/vae.safetensors"
-t5 = "models/t5.safetensors"
-[dataset.general]
-resolution = [96, 64]
-caption_extension = ".txt"
-[[dataset.datasets]]
-video_directory = "clips"
-cache_directory = "cache"
-target_frames = [1]
-[stages.latents]
-kind = "cache_latents"
-[stages.text]
-kind = "cache_text_encoder"
-[stages.train]
+""" + SMALL_WAN + """[stages.train]
 kind = "train"
 max_train_steps = 4
 sample_every_n_steps = 4
